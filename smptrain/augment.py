@@ -1,0 +1,110 @@
+"""Train-time augmentations on batched tensors, on the training device, with DARTS' (albumentations 2.0) defaults.
+
+They run after the batch reaches the device, so data workers stay pure readers, flips and rotations cost
+microseconds on a GPU, and the random draws come from a generator seeded by (seed, epoch, step, rank): a resumed
+run draws exactly the same augmentations. Geometric transforms move image and mask together; intensity transforms
+touch the image only (all channels, as in DARTS) and keep it in [0, 1].
+
+| name | probability | effect |
+|---|---|---|
+| HorizontalFlip, VerticalFlip | 0.5 | mirror left-right / up-down |
+| RandomRotate90 | 0.5 | rotate by k * 90 degrees, k uniform in 0..3 (square patches) |
+| D4 | 1 | one of the 8 symmetries of the square, uniformly |
+| Blur | 0.5 | box blur with an odd kernel in {3, 5, 7}, reflected borders |
+| RandomBrightnessContrast | 0.5 | x * (1 + U(-0.2, 0.2)) + U(-0.2, 0.2), clipped to [0, 1] |
+| MultiplicativeNoise | 0.5 | x * U(0.9, 1.1) per pixel and channel, clipped to [0, 1] |
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def augment_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one micro-batch's augmentations: a pure function of where it is in training."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(hash((seed, epoch, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return generator
+
+
+def augment(x: torch.Tensor, y: torch.Tensor, names, generator: torch.Generator):
+    """Apply `names` in order. x: (B, C, H, W) float in [0, 1]; y: (B, H, W). Returns new (x, y)."""
+    for name in names:
+        x, y = _TRANSFORMS[name](x, y, generator)
+    return x, y
+
+
+def _chance(x: torch.Tensor, generator, p: float = 0.5) -> torch.Tensor:
+    return torch.rand(x.shape[0], device=x.device, generator=generator) < p
+
+
+def _where(selected: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(selected.view(-1, *([1] * (old.dim() - 1))), new, old)
+
+
+def _flip(dim: int):
+    def transform(x, y, generator):
+        selected = _chance(x, generator)
+        return _where(selected, x.flip(dim), x), _where(selected, y.flip(dim), y)
+
+    return transform
+
+
+def _rotate(x, y, k: torch.Tensor):
+    x, y = x.clone(), y.clone()
+    for turns in (1, 2, 3):
+        index = (k == turns).nonzero().flatten()
+        if len(index):
+            x[index] = torch.rot90(x[index], turns, dims=(-2, -1))
+            y[index] = torch.rot90(y[index], turns, dims=(-2, -1))
+    return x, y
+
+
+def _rotate90(x, y, generator):
+    k = torch.randint(0, 4, (x.shape[0],), device=x.device, generator=generator)
+    return _rotate(x, y, torch.where(_chance(x, generator), k, torch.zeros_like(k)))
+
+
+def _d4(x, y, generator):
+    k = torch.randint(0, 4, (x.shape[0],), device=x.device, generator=generator)
+    x, y = _rotate(x, y, k)
+    selected = _chance(x, generator)
+    return _where(selected, x.flip(-1), x), _where(selected, y.flip(-1), y)
+
+
+def _blur(x, y, generator):
+    selected = _chance(x, generator)
+    size = 3 + 2 * torch.randint(0, 3, (x.shape[0],), device=x.device, generator=generator)
+    out = x.clone()
+    for k in (3, 5, 7):
+        index = (selected & (size == k)).nonzero().flatten()
+        if len(index):
+            padded = F.pad(x[index], (k // 2,) * 4, mode="reflect")
+            out[index] = F.avg_pool2d(padded, k, stride=1)
+    return out, y
+
+
+def _brightness_contrast(x, y, generator):
+    selected = _chance(x, generator)
+    shape = (x.shape[0], 1, 1, 1)
+    alpha = 1 + (torch.rand(shape, device=x.device, generator=generator) * 0.4 - 0.2)
+    beta = torch.rand(shape, device=x.device, generator=generator) * 0.4 - 0.2
+    return _where(selected, (x * alpha + beta).clamp(0, 1), x), y
+
+
+def _multiplicative_noise(x, y, generator):
+    selected = _chance(x, generator)
+    noise = 0.9 + 0.2 * torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+    return _where(selected, (x * noise).clamp(0, 1), x), y
+
+
+_TRANSFORMS = {
+    "HorizontalFlip": _flip(-1),
+    "VerticalFlip": _flip(-2),
+    "RandomRotate90": _rotate90,
+    "D4": _d4,
+    "Blur": _blur,
+    "RandomBrightnessContrast": _brightness_contrast,
+    "MultiplicativeNoise": _multiplicative_noise,
+}

@@ -1,0 +1,187 @@
+"""`smptrain-convert`: compile a checkpoint into the file the DARTS inference pipeline (`SMPSegmenter`) loads.
+
+    smptrain-convert CHECKPOINT --out-dir DIR --name NAME [--framework smp] [--which best|last] [--overwrite]
+                     [--trust-pickle] [--bands-from DATASET_DIR]
+
+CHECKPOINT is a run directory (its `best` checkpoint, or `--which last`), a checkpoint directory, or a DARTS
+Lightning `.ckpt`. The output `DIR/NAME_YYYY-MM-DD.ckpt` is a `torch.save` of
+
+    {"config": {"model": {"arch", "encoder_name", "in_channels", "classes": 1},
+                "bands": {"bands": [...], "band_factors": [...], "band_offsets": [...]},
+                "time": "YYYY-MM-DD", "name": NAME, "model_framework": "smp", "smptrain": {...extra, ignored by DARTS}},
+     "statedict": fp32 CPU state dict, no model./module./_orig_mod. prefixes}
+
+holding only plain Python types and tensors, so `torch.load(path, weights_only=True)` reads it. After writing,
+the file is reloaded the way the consumer does and its logits are compared with the source's; a mismatch removes
+the file and fails. Lightning checkpoints are pickles that can run code when loaded: they are read only with
+`--trust-pickle`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+from pathlib import Path
+
+import click
+import torch
+
+import smptrain
+from smptrain.checkpoint import clean_state_dict, load_weights, read_meta, resolve
+from smptrain.errors import UserError, report_user_errors
+from smptrain.inference import load_converted
+
+MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
+SELF_CHECK_TOLERANCE = 1e-5
+
+
+def from_smptrain(path: Path, which: str) -> tuple[dict, dict, dict]:
+    """(model config, bands, state dict, extra metadata) of one of our checkpoints; safetensors only."""
+    checkpoint = resolve(path, which)
+    meta = read_meta(checkpoint)
+    extra = {"smptrain_version": meta.get("smptrain_version", smptrain.__version__), "run_id": meta.get("run_id"),
+             "run_name": meta.get("run_name"), "checkpoint": checkpoint.name, "epoch": meta.get("epoch"),
+             "step": meta.get("step"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None},
+             "threshold": 0.5}
+    return dict(meta["model"]), dict(meta["bands"]), load_weights(checkpoint), extra
+
+
+def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dict, dict]:
+    """The same from a DARTS Lightning checkpoint (a pickle: call only when the user trusts the file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"{path} is not a readable Lightning checkpoint: {str(error)[:200]}") from None
+    try:
+        config = ckpt["hyper_parameters"]["config"]
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        model = {k: config["model"][k] for k in MODEL_KEYS}
+    except (KeyError, TypeError) as error:
+        raise UserError(f"{path} lacks {error} (expected a DARTS train-smp checkpoint with hyper_parameters.config)") from None
+    bands = config.get("bands")
+    if isinstance(bands, dict) and all(k in bands for k in ("bands", "band_factors", "band_offsets")):
+        bands = {k: list(bands[k]) for k in ("bands", "band_factors", "band_offsets")}
+    else:
+        names = list(bands.names if hasattr(bands, "names") else bands or [])
+        if bands_from is None:
+            raise UserError(f"{path} stores band names {names} without factors and offsets; pass --bands-from with the "
+                            f"training dataset directory whose config.toml holds them")
+        from smptrain.dataset import open_dataset
+
+        info = open_dataset(bands_from)
+        missing = [n for n in names if n not in info.bands]
+        if missing:
+            raise UserError(f"{bands_from}/config.toml lacks the band(s) {missing} of {path}")
+        idx = [info.bands.index(n) for n in names]
+        bands = {"bands": names, "band_factors": [float(info.band_factors[i]) for i in idx],
+                 "band_offsets": [float(info.band_offsets[i]) for i in idx]}
+    return model, bands, state, {"source": "lightning", "run_id": str(config.get("run_id", "")) or None}
+
+
+def build_converted(model: dict, bands: dict, state: dict, name: str, framework: str, extra: dict) -> dict:
+    """The converted dictionary, with plain Python values only."""
+    return {
+        "config": {
+            "model": {"arch": str(model["arch"]), "encoder_name": str(model["encoder_name"]),
+                      "in_channels": int(model["in_channels"]), "classes": 1},
+            "bands": {"bands": [str(b) for b in bands["bands"]],
+                      "band_factors": [float(f) for f in bands["band_factors"]],
+                      "band_offsets": [float(o) for o in bands["band_offsets"]]},
+            "time": datetime.date.today().isoformat(),
+            "name": name,
+            "model_framework": framework,
+            "smptrain": _plain(extra),
+        },
+        "statedict": clean_state_dict(state),
+    }
+
+
+def self_check(path: Path, model_config: dict, state: dict) -> float:
+    """Largest |logit difference| between the source weights and the file loaded as the consumer loads it."""
+    import segmentation_models_pytorch as smp
+
+    source = smp.create_model(**{**model_config, "encoder_weights": None}).eval()
+    source.load_state_dict(clean_state_dict(state))
+    loaded, _ = load_converted(path)
+    size = 64
+    x = torch.rand(2, int(model_config["in_channels"]), size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float((source(x) - loaded(x)).abs().max())
+
+
+def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", which: str = "best",
+            overwrite: bool = False, trust_pickle: bool = False, bands_from: Path | None = None) -> Path:
+    """Write the converted file and return its path (see the module docstring)."""
+    if not name or "/" in name:
+        raise UserError(f"--name must be a plain file name stem, got {name!r}")
+    if source.is_file() and source.suffix == ".ckpt":
+        if not trust_pickle:
+            raise UserError(f"{source} is a Lightning pickle, and loading a pickle can run code from its author; "
+                            f"pass --trust-pickle if you trust where this file comes from")
+        model, bands, state, extra = from_lightning(source, bands_from)
+    else:
+        model, bands, state, extra = from_smptrain(source, which)
+    converted = build_converted(model, bands, state, name, framework, extra)
+    target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out_dir)
+        os.close(handle)
+    except OSError as error:
+        raise UserError(f"cannot write to {out_dir}: {error.strerror or error}") from None
+    try:
+        torch.save(converted, tmp)
+        difference = self_check(Path(tmp), converted["config"]["model"], state)
+        if not difference <= SELF_CHECK_TOLERANCE:
+            raise UserError(f"self-check failed: the converted file's logits differ from the checkpoint's by "
+                            f"{difference:.3g} (> {SELF_CHECK_TOLERANCE}); nothing was written")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _plain(value):
+    """Only str/int/float/bool/None, lists and dicts: what a weights-only load accepts."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write NAME_DATE.ckpt.")
+@click.option("--name", required=True, help="Model name, written into config.name and the file name.")
+@click.option("--framework", default="smp", show_default=True, help="Written into config.model_framework.")
+@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Which checkpoint of a run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file of the same name and date.")
+@click.option("--trust-pickle", is_flag=True, help="Allow reading a Lightning .ckpt (a pickle that can run code).")
+@click.option("--bands-from", type=click.Path(file_okay=False), default=None,
+              help="Dataset directory whose config.toml gives band factors/offsets missing from a Lightning checkpoint.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@report_user_errors
+def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, debug):
+    """Convert CHECKPOINT (run dir, checkpoint dir or DARTS .ckpt) into the DARTS inference format."""
+    if debug:
+        os.environ["SMPTRAIN_DEBUG"] = "1"
+    source = Path(checkpoint)
+    if not source.exists():
+        raise UserError(f"checkpoint {source} does not exist")
+    target = convert(source, Path(out_dir), name, framework, which, overwrite, trust_pickle,
+                     Path(bands_from) if bands_from else None)
+    click.echo(f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,298 @@
+"""The DARTS training-data layout, read as it is, and the batches the loop consumes.
+
+Layout (darts-contract §2):
+
+    DIR/config.toml       [darts] bands, band_factors, band_offsets, patch_size (+ anything else)
+    DIR/data.zarr         group with x float32 [N, C, P, P] (already normalised to [0, 1]) and y uint8 [N, P, P]
+    DIR/metadata.parquet  one row per patch; its *index labels* are zarr row numbers; needs sample_id, region, empty
+
+Mask contract: y is 0 (background), 1 (positive) or 2 (ignored). The model sees x as stored (no normalisation at
+load time) and returns logits (N, 1, P, P).
+
+A batch is a tuple `(x float32 [B, C, P, P], y uint8 [B, P, P], positions int64 [B])`, positions being indices into
+the split (`dataset.rows[positions]` are the zarr rows). Samplers are ours, not
+Accelerate's: the training order is a pure function of (seed, epoch) so a resumed run sees the same batches, and
+evaluation hands whole batches to ranks without padding so that metrics do not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from smptrain.errors import UserError
+
+REQUIRED_COLUMNS = ("sample_id", "region", "empty")
+IGNORE_INDEX = 2
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What training needs to know about a dataset directory; `metadata` is indexed by zarr row."""
+
+    root: Path
+    bands: tuple[str, ...]
+    band_factors: tuple[float, ...]
+    band_offsets: tuple[float, ...]
+    patch_size: int
+    num_rows: int
+    metadata: pd.DataFrame
+
+    def band_indices(self, names) -> list[int]:
+        """Channel indices of a band subset, in the dataset's order (empty = all bands)."""
+        if not names:
+            return list(range(len(self.bands)))
+        unknown = [n for n in names if n not in self.bands]
+        if unknown:
+            raise UserError(
+                f"band(s) {unknown} are not in {self.root / 'config.toml'}; the dataset has: {', '.join(self.bands)}"
+            )
+        return [i for i, name in enumerate(self.bands) if name in names]
+
+    def band_meta(self, indices) -> dict:
+        """The three-list band description stored in checkpoints and converted files."""
+        return {
+            "bands": [self.bands[i] for i in indices],
+            "band_factors": [float(self.band_factors[i]) for i in indices],
+            "band_offsets": [float(self.band_offsets[i]) for i in indices],
+        }
+
+
+def open_dataset(root: str | Path) -> DatasetInfo:
+    """Check the layout, shapes, dtypes and metadata of a DARTS training dataset; values are checked later."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"dataset directory {root} does not exist (set data.dir)")
+    for name in ("config.toml", "data.zarr", "metadata.parquet"):
+        if not (root / name).exists():
+            raise UserError(f"dataset directory {root} has no {name}; a DARTS dataset holds config.toml, data.zarr and metadata.parquet")
+    darts = _read_darts_config(root / "config.toml")
+    x, y = open_arrays(root)
+    if x.ndim != 4 or y.ndim != 3:
+        raise UserError(f"{root / 'data.zarr'}: x must be [N, C, P, P] and y [N, P, P], got shapes {x.shape} and {y.shape}")
+    n, c, h, w = x.shape
+    if y.shape[0] != n or tuple(y.shape[1:]) != (h, w):
+        raise UserError(f"{root / 'data.zarr'}: x has shape {x.shape} but y has {y.shape}; they must have the same N and patch size")
+    if h != w or h != darts["patch_size"]:
+        raise UserError(f"{root / 'data.zarr'}: x patches are {h}x{w} but config.toml says patch_size = {darts['patch_size']}")
+    if c != len(darts["bands"]):
+        raise UserError(f"{root / 'data.zarr'}: x has {c} channels but config.toml lists {len(darts['bands'])} bands")
+    if not np.issubdtype(np.dtype(str(x.dtype)), np.floating) or not np.issubdtype(np.dtype(str(y.dtype)), np.integer):
+        raise UserError(f"{root / 'data.zarr'}: x must be float and y integer, got {x.dtype} and {y.dtype}")
+    metadata = _read_metadata(root / "metadata.parquet", n)
+    return DatasetInfo(root, tuple(darts["bands"]), tuple(darts["band_factors"]), tuple(darts["band_offsets"]),
+                       int(darts["patch_size"]), n, metadata)
+
+
+def open_arrays(root: Path):
+    """Open x and y of `root/data.zarr` read-only (zarr format v3 or v2)."""
+    import zarr
+
+    try:
+        group = zarr.open_group(str(root / "data.zarr"), mode="r")
+        return group["x"], group["y"]
+    except KeyError as error:
+        raise UserError(f"{root / 'data.zarr'} has no array {error}; it must hold arrays x and y") from None
+    except Exception as error:  # zarr raises several types for a broken store
+        raise UserError(f"{root / 'data.zarr'} is not a readable zarr group: {error}") from None
+
+
+def _read_darts_config(path: Path) -> dict:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UserError(f"{path} is not valid TOML: {error}") from None
+    darts = raw.get("darts")
+    if not isinstance(darts, dict):
+        raise UserError(f"{path} has no [darts] table")
+    for key in ("bands", "band_factors", "band_offsets", "patch_size"):
+        if key not in darts:
+            raise UserError(f"{path} lacks [darts] {key}")
+    bands, factors, offsets = darts["bands"], darts["band_factors"], darts["band_offsets"]
+    if not (isinstance(bands, list) and all(isinstance(b, str) for b in bands) and bands):
+        raise UserError(f"{path}: [darts] bands must be a non-empty list of names")
+    for key, values in (("band_factors", factors), ("band_offsets", offsets)):
+        if not (isinstance(values, list) and len(values) == len(bands)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise UserError(f"{path}: [darts] {key} must be a list of {len(bands)} numbers, one per band")
+    if not isinstance(darts["patch_size"], int) or darts["patch_size"] < 1:
+        raise UserError(f"{path}: [darts] patch_size must be a positive integer")
+    return darts
+
+
+def _read_metadata(path: Path, num_rows: int) -> pd.DataFrame:
+    try:
+        metadata = pd.read_parquet(path)
+    except Exception as error:
+        raise UserError(f"{path} is not a readable parquet file: {error}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in metadata.columns]
+    if missing:
+        raise UserError(f"{path} lacks the column(s) {missing}; DARTS metadata needs {', '.join(REQUIRED_COLUMNS)}")
+    index = metadata.index
+    if not pd.api.types.is_integer_dtype(index.dtype):
+        raise UserError(f"{path}: the index must be integer zarr row numbers, got {index.dtype}")
+    if not index.is_unique:
+        raise UserError(f"{path}: the index labels (zarr rows) must be unique; {int(index.duplicated().sum())} repeat")
+    outside = index[(index < 0) | (index >= num_rows)]
+    if len(outside):
+        raise UserError(
+            f"{path}: {len(outside)} index label(s) point outside the {num_rows} zarr rows (e.g. {int(outside[0])})"
+        )
+    if len(metadata) == 0:
+        raise UserError(f"{path} has no rows")
+    return metadata[list(REQUIRED_COLUMNS)]
+
+
+def check_values(x: np.ndarray, y: np.ndarray, rows, source: str) -> None:
+    """Fail on labels outside {0, 1, 2} or non-finite inputs, naming the affected zarr rows."""
+    bad_y = np.asarray(rows)[(y > IGNORE_INDEX).reshape(len(y), -1).any(1)]
+    if len(bad_y):
+        raise UserError(f"{source}: y holds values outside {{0, 1, 2}} in {len(bad_y)} patch(es), zarr rows {_few(bad_y)}")
+    bad_x = np.asarray(rows)[~np.isfinite(x).reshape(len(x), -1).all(1)]
+    if len(bad_x):
+        raise UserError(
+            f"{source}: x holds NaN or inf in {len(bad_x)} patch(es) of this batch, zarr rows {_few(bad_x)}; "
+            f"DARTS data must be finite (run smptrain-inspect to count all affected patches)"
+        )
+
+
+def _few(rows) -> str:
+    rows = [int(r) for r in rows]
+    return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+
+
+class PatchDataset(torch.utils.data.Dataset):
+    """Patches of some zarr rows, fetched a whole batch at a time (`__getitems__`).
+
+    From zarr, each worker opens the arrays lazily and reads the batch's rows in one orthogonal selection (zarr
+    fetches the chunks concurrently). In memory, the rows are read once and a batch is an index into a tensor.
+    """
+
+    def __init__(self, info: DatasetInfo, rows, band_indices, in_memory: bool = False):
+        self.root = info.root
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.band_indices = list(band_indices)
+        self.all_bands = self.band_indices == list(range(len(info.bands)))
+        self._arrays = None
+        self.memory = None
+        if in_memory:
+            x, y = self._read(self.rows)
+            check_values(x, y, self.rows, str(self.root / "data.zarr"))
+            self.memory = (torch.from_numpy(x), torch.from_numpy(y))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitems__(self, positions):
+        positions = np.asarray(positions, dtype=np.int64)
+        index = torch.from_numpy(positions)
+        if self.memory is not None:
+            return self.memory[0][index], self.memory[1][index], index
+        x, y = self._read(self.rows[positions])
+        check_values(x, y, self.rows[positions], str(self.root / "data.zarr"))
+        return torch.from_numpy(x), torch.from_numpy(y), index
+
+    def __getitem__(self, position):
+        x, y, index = self.__getitems__([position])
+        return x[0], y[0], index[0]
+
+    def _read(self, rows: np.ndarray, block: int = 256):
+        if self._arrays is None:
+            self._arrays = open_arrays(self.root)
+        xa, ya = self._arrays
+        order = np.argsort(rows, kind="stable")
+        xs, ys = [], []
+        for start in range(0, len(rows), block):
+            part = rows[order[start:start + block]]
+            xs.append(xa.oindex[part] if self.all_bands else xa.oindex[part, self.band_indices])
+            ys.append(ya.oindex[part])
+        x = np.concatenate(xs).astype(np.float32, copy=False)
+        y = np.concatenate(ys).astype(np.uint8, copy=False)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return np.ascontiguousarray(x[inverse]), np.ascontiguousarray(y[inverse])
+
+    def __getstate__(self):
+        # zarr arrays are reopened in each worker instead of being pickled across the fork/spawn boundary.
+        return {**self.__dict__, "_arrays": None}
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of one epoch: a seeded permutation of (seed, epoch), dealt batch by batch.
+
+    Global batch j goes to rank j % world_size. Every epoch has the same number of optimizer steps
+    (incomplete batches and an incomplete accumulation group at the end are dropped, like DARTS' drop_last).
+    `start` skips this rank's first micro-batches, which is how a run resumes mid-epoch without reading them.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, accum: int = 1):
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed, self.accum = seed, accum
+        self.steps_per_epoch = num_samples // (batch_size * world_size * accum)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.accum - self.start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        for i in range(self.start, self.steps_per_epoch * self.accum):
+            j = i * self.world_size + self.rank
+            yield order[j * self.batch_size:(j + 1) * self.batch_size]
+
+
+class EvalBatches(torch.utils.data.Sampler):
+    """Sequential batches of the whole set, batch i to rank i % world_size: no padding, no duplicates, and each
+    sample sits in the same batch whatever the number of processes."""
+
+    def __init__(self, num_samples: int, batch_size: int, world_size: int = 1, rank: int = 0):
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+
+    def __len__(self) -> int:
+        total = math.ceil(self.num_samples / self.batch_size)
+        return len(range(self.rank, total, self.world_size))
+
+    def __iter__(self):
+        total = math.ceil(self.num_samples / self.batch_size)
+        for i in range(self.rank, total, self.world_size):
+            yield list(range(i * self.batch_size, min((i + 1) * self.batch_size, self.num_samples)))
+
+
+def _batch(items):
+    return items
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Workers only read data, but seed them anyway (distinct per rank and worker) so that any randomness a user
+    # adds to a dataset is reproducible.
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bool, seed: int, rank: int):
+    """A DataLoader over whole batches; workers only for zarr reads, persistent so an epoch starts at once."""
+    workers = 0 if dataset.memory is not None else num_workers
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=_batch,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=_seed_worker if workers > 0 else None,
+        generator=generator,
+    )

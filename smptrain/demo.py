@@ -1,0 +1,146 @@
+"""A small, learnable dataset in the DARTS layout: the built-in default the demo trains on.
+
+Each patch is a smooth multi-band landscape (blue, green, red, nir, ndvi, relative_elevation, slope) whose
+statistics depend on its region. Thaw-slump-like objects are irregular blobs that change several bands jointly:
+brighter bare soil, lower nir and ndvi, a depression in relative elevation and a steep rim in slope. Look-alike
+distractors copy part of that signature (bright bare rock without a depression, dark lakes without a rim), so a
+model has to combine bands. Some patches have no object; some have cloud-like invalid areas, labelled 2 and
+zeroed in x like DARTS' NaN handling. The metadata rows are stored shuffled, as nothing in the layout promises order.
+
+Usage: `smptrain-demo-data DIR [--patches N] [--patch-size P] [--seed S]`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+
+from smptrain.errors import UserError, report_user_errors
+
+BANDS = ("blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope")
+FACTORS = (1 / 3000, 1 / 3000, 1 / 3000, 1 / 3000, 1 / 20000, 1 / 30000, 1 / 90)
+OFFSETS = (0.0, 0.0, 0.0, 0.0, 0.5, 0.5, 0.0)
+REGIONS = ("Banks Island", "Herschel Island", "Yamal", "Lena Delta")
+
+
+def _blob(rng: np.random.Generator, size: int, radius: float) -> np.ndarray:
+    """An irregular, slump-like boolean mask: a few overlapping smoothed ellipses."""
+    from scipy.ndimage import gaussian_filter
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cy, cx = rng.uniform(radius, size - radius, 2)
+    field = np.zeros((size, size), np.float32)
+    for _ in range(rng.integers(2, 5)):
+        oy, ox = rng.normal(0, radius * 0.45, 2)
+        ry, rx = radius * rng.uniform(0.5, 1.0, 2)
+        field += np.exp(-(((yy - cy - oy) / ry) ** 2 + ((xx - cx - ox) / rx) ** 2))
+    field += gaussian_filter(rng.normal(0, 0.35, (size, size)).astype(np.float32), 2)
+    return field > 0.8
+
+
+def make_patch(rng: np.random.Generator, size: int, region: int):
+    """One patch: x float32 [C, size, size] in [0, 1], y uint8 [size, size] in {0, 1, 2}, and whether it has a slump."""
+    from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
+
+    base = np.array([0.25, 0.3, 0.3, 0.5, 0.65, 0.5, 0.1], np.float32) + 0.05 * (region - 1.5) * np.array(
+        [1, 1, 1, -1, -1, 0, 0], np.float32)
+    x = np.stack([b + gaussian_filter(rng.normal(0, 0.12, (size, size)), 6) for b in base]).astype(np.float32)
+    y = np.zeros((size, size), np.uint8)
+    radius = size / 8
+    has_slump = rng.random() < 0.55
+    for _ in range(rng.integers(1, 3) if has_slump else 0):
+        mask = _blob(rng, size, radius * rng.uniform(0.8, 1.4))
+        rim = binary_dilation(mask, iterations=2) & ~binary_erosion(mask, iterations=2)
+        x[0:3, mask] += 0.15
+        x[3, mask] -= 0.12
+        x[4, mask] -= 0.25
+        x[5, mask] -= 0.18
+        x[6, rim] += 0.35
+        y[mask] = 1
+    for _ in range(rng.integers(0, 3)):  # distractors: bare rock (bright, flat) or lakes (dark, flat)
+        mask = _blob(rng, size, radius * rng.uniform(0.7, 1.3)) & (y == 0)
+        if rng.random() < 0.5:
+            x[0:3, mask] += 0.15
+            x[4, mask] -= 0.2
+        else:
+            x[0:4, mask] -= 0.12
+            x[4, mask] -= 0.2
+    x += rng.normal(0, 0.02, x.shape).astype(np.float32)
+    x = np.clip(x, 0, 1)
+    if rng.random() < 0.25:  # a cloud: invalid pixels are ignored (2) and zeroed in x
+        cloud = _blob(rng, size, radius * 1.5)
+        y[cloud] = 2
+        x[:, cloud] = 0
+    return x, y, bool((y == 1).any())
+
+
+def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: int = 0) -> Path:
+    """Write the demo dataset to `out` (data.zarr, metadata.parquet, config.toml) and return its path."""
+    import pandas as pd
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    xs, ys, rows = [], [], []
+    for i in range(patches):
+        region = i * len(REGIONS) // patches
+        x, y, positive = make_patch(rng, patch_size, region)
+        xs.append(x)
+        ys.append(y)
+        rows.append({
+            "sample_id": f"{REGIONS[region].split()[0].lower()}-{(i * 12 // patches) % 3}",
+            "region": REGIONS[region],
+            "empty": not positive,
+            "patch_id": i % 16,
+            "x": (i % 4) * patch_size,
+            "y": (i // 4 % 4) * patch_size,
+        })
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    group = zarr.open_group(str(tmp / "data.zarr"), mode="w", zarr_format=3)
+    codec = BloscCodec(cname="lz4", clevel=9)
+    # DARTS chunks: one chunk per sample and band
+    xa = group.create_array("x", shape=(patches, len(BANDS), patch_size, patch_size), dtype="float32",
+                            chunks=(1, 1, patch_size, patch_size), compressors=codec)
+    ya = group.create_array("y", shape=(patches, patch_size, patch_size), dtype="uint8",
+                            chunks=(1, patch_size, patch_size), compressors=codec)
+    xa[:] = np.stack(xs)
+    ya[:] = np.stack(ys)
+    metadata = pd.DataFrame(rows)
+    metadata = metadata.iloc[rng.permutation(patches)]  # stored order != zarr order; index labels are zarr rows
+    metadata.to_parquet(tmp / "metadata.parquet")
+    lines = ["[darts]", f'train_data_dir = "{out}"', f"patch_size = {patch_size}", "overlap = 0",
+             f"n_bands = {len(BANDS)}", "exclude_nopositive = false", "exclude_nan = true", "mask_erosion_size = 3",
+             f"n_patches = {patches}", "bands = [" + ", ".join(f'"{b}"' for b in BANDS) + "]",
+             "band_factors = [" + ", ".join(repr(f) for f in FACTORS) + "]",
+             "band_offsets = [" + ", ".join(repr(o) for o in OFFSETS) + "]", ""]
+    (tmp / "config.toml").write_text("\n".join(lines))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--patches", default=192, show_default=True, help="Number of patches.")
+@click.option("--patch-size", default=64, show_default=True, help="Patch side in pixels (a multiple of 32).")
+@click.option("--seed", default=0, show_default=True, help="Generator seed.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
+@report_user_errors
+def main(out, patches, patch_size, seed, overwrite):
+    """Write a learnable demo dataset in the DARTS layout to OUT."""
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    if patches < 8 or patch_size < 32:
+        raise UserError("--patches must be at least 8 and --patch-size at least 32")
+    path = make_demo(out, patches, patch_size, seed)
+    click.echo(f"wrote {patches} patches of {patch_size}x{patch_size} ({len(BANDS)} bands) to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Inference as the DARTS pipeline does it: load a converted file, normalise bands, predict a tile in patches.
+
+`load_converted` follows `SMPSegmenter.__init__` (darts-contract §6.3): a weights-only `torch.load`,
+`smp.create_model(**config["model"], encoder_weights=None)` (no activation: the model returns logits) and a strict
+`load_state_dict`. `predict_in_patches` has the semantics of DARTS' function of the same name: reflect padding by
+1 + `reflection` pixels, a grid with step `patch_size - overlap` whose last row and column are moved inward, a
+batch of patches predicted as 0 when some pixel is NaN in all of its patches (other NaNs become 0), the sigmoid of
+the logits, overlaps blended as a weighted mean with a separable linear ramp of width `overlap`, padding cropped.
+
+    smptrain-predict CONVERTED.ckpt TILE.npy OUT.npy [--patch-size 1024] [--overlap 16] [--batch-size 8]
+
+TILE.npy holds raw band values (C, H, W) in the file's band order; OUT.npy gets probabilities (H, W).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from smptrain.errors import UserError, report_user_errors
+
+
+def load_converted(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, config) from a converted file, loaded without unpickling any object."""
+    import segmentation_models_pytorch as smp
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"converted checkpoint {path} does not exist") from None
+    except Exception as error:
+        raise UserError(f"{path} cannot be loaded weights-only as a converted checkpoint: {str(error)[:200]}") from None
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "statedict" not in ckpt:
+        raise UserError(f"{path} is not a converted checkpoint (expected the keys 'config' and 'statedict')")
+    config = ckpt["config"]
+    model = smp.create_model(**{**config["model"], "encoder_weights": None})
+    model.load_state_dict(ckpt["statedict"])  # strict, as SMPSegmenter
+    return model.to(device).eval(), config
+
+
+def normalise(raw: np.ndarray | torch.Tensor, bands: dict) -> torch.Tensor:
+    """clip(raw * factor + offset, 0, 1) per band; raw is (C, H, W) or (B, C, H, W) in the config's band order.
+    NaN stays NaN (predict_in_patches handles it)."""
+    x = torch.as_tensor(np.asarray(raw), dtype=torch.float32)
+    factors = torch.tensor(bands["band_factors"], dtype=torch.float32).view(-1, 1, 1)
+    offsets = torch.tensor(bands["band_offsets"], dtype=torch.float32).view(-1, 1, 1)
+    if x.shape[-3] != len(factors):
+        raise UserError(f"the tile has {x.shape[-3]} bands but the model expects {len(factors)}: {bands['bands']}")
+    return (x * factors + offsets).clamp(0, 1)
+
+
+def patch_origins(size: int, patch_size: int, overlap: int) -> list[int]:
+    """Top-left coordinates along one axis; the last patch is moved inward so it ends at the border."""
+    step = patch_size - overlap
+    return [min(start, size - patch_size) for start in range(0, size - overlap, step)]
+
+
+def soft_margin(patch_size: int, overlap: int) -> torch.Tensor:
+    """(P, P) blending weights: a linear ramp 0 -> 1 over `overlap` pixels at every edge, 1 inside."""
+    ramp = torch.cat([torch.linspace(0, 1, overlap), torch.ones(patch_size - 2 * overlap), torch.linspace(1, 0, overlap)])
+    return ramp.view(patch_size, 1) * ramp.view(1, patch_size)
+
+
+@torch.no_grad()
+def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int, batch_size: int = 8,
+                       reflection: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Probabilities (B, H, W) of normalised tiles (B, C, H, W), blended from overlapping patches."""
+    if tiles.dim() != 4:
+        raise UserError(f"tiles must be (B, C, H, W), got shape {tuple(tiles.shape)}")
+    pad = 1 + reflection
+    tiles = torch.nn.functional.pad(tiles, (pad,) * 4, mode="reflect")
+    b, c, h, w = tiles.shape
+    if not (h > patch_size > overlap and w > patch_size > overlap):
+        raise UserError(f"a padded tile of {h}x{w} needs height and width > patch_size ({patch_size}) > overlap ({overlap})")
+    ys, xs = patch_origins(h, patch_size, overlap), patch_origins(w, patch_size, overlap)
+    coords = [(t, y, x) for t in range(b) for y in ys for x in xs]  # DARTS' patch order: tile, row, column
+    margin = soft_margin(patch_size, overlap).to(tiles.device)
+    prediction = torch.zeros(b, h, w, device=tiles.device)
+    weights = torch.zeros(b, h, w, device=tiles.device)
+    # Batches are consecutive runs of that order, which matters for the NaN rule.
+    for start in range(0, len(coords), batch_size):
+        chosen = coords[start:start + batch_size]
+        batch = torch.stack([tiles[t, :, y:y + patch_size, x:x + patch_size] for t, y, x in chosen])
+        if torch.isnan(batch).all(0).any():
+            probs = torch.zeros(len(chosen), patch_size, patch_size, device=tiles.device)
+        else:
+            batch = torch.nan_to_num(batch, nan=0.0)
+            probs = torch.sigmoid(model(batch.to(device))).squeeze(1).float().to(tiles.device)
+        for (t, y, x), p in zip(chosen, probs):
+            prediction[t, y:y + patch_size, x:x + patch_size] += p * margin
+            weights[t, y:y + patch_size, x:x + patch_size] += margin
+    prediction = prediction / torch.where(weights == 0, torch.ones_like(weights), weights)
+    return prediction[:, pad:-pad, pad:-pad]
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("tile", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--patch-size", default=1024, show_default=True)
+@click.option("--overlap", default=16, show_default=True)
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--reflection", default=0, show_default=True)
+@report_user_errors
+def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection):
+    """Predict probabilities for a raw tile (.npy, C x H x W) with a converted checkpoint."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, config = load_converted(checkpoint, device)
+    try:
+        raw = np.load(tile, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise UserError(f"{tile} is not a readable .npy array: {error}") from None
+    probs = predict_in_patches(model, normalise(raw, config["bands"]).reshape(1, *raw.shape[-3:]), patch_size,
+                               overlap, batch_size, reflection, device)[0]
+    np.save(out, probs.cpu().numpy())
+    click.echo(f"wrote {out}: probabilities {tuple(probs.shape)}, {float((probs > 0.5).float().mean()):.2%} above 0.5")
+

@@ -1,0 +1,102 @@
+"""`smptrain-inspect`: validate a DARTS dataset and show what each split and fold would hold.
+
+    smptrain-inspect --config FILE [--set section.key=value ...] [--json OUT]
+
+It checks the layout (files, shapes, dtypes, band names, metadata index), scans every value (labels in {0, 1, 2},
+finite inputs, the `empty` column agreeing with the labels), then prints per-split and per-fold statistics.
+`--json OUT` writes the split manifest {"train", "val", "test"} of sorted zarr row numbers, the same file training
+writes as `splits.json`. Exit status 2 when the dataset cannot be trained on.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+from tqdm.auto import tqdm
+
+from smptrain.cli import config_options, resolve_config
+from smptrain.dataset import open_arrays, open_dataset
+from smptrain.errors import UserError, report_user_errors
+from smptrain.splits import make_splits, split_fold, split_stats, split_test
+
+
+def scan_values(info, block: int = 64) -> dict:
+    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], and `empty` mismatches."""
+    x, y = open_arrays(info.root)
+    rows = np.sort(info.metadata.index.to_numpy())
+    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
+    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
+        part = rows[start:start + block]
+        xb, yb = x.oindex[part], y.oindex[part]
+        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
+        bad_labels += part[(flat_y > 2).any(1)].tolist()
+        finite = np.isfinite(flat_x).all(1)
+        non_finite += part[~finite].tolist()
+        with np.errstate(invalid="ignore"):
+            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
+        has_positive.update(zip(part.tolist(), (flat_y == 1).any(1).tolist()))
+    empty = info.metadata["empty"].astype(bool)
+    mismatched = [int(r) for r in empty.index if bool(empty[r]) == has_positive[int(r)]]
+    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
+            "empty_mismatch": mismatched, "unreferenced_rows": int(info.num_rows - len(rows))}
+
+
+def describe(name: str, stats: dict) -> str:
+    regions = ", ".join(stats["regions"][:6]) + (" ..." if len(stats["regions"]) > 6 else "")
+    return (f"  {name:<6} {stats['patches']:>7} patches  {stats['positive_patches']:>7} with positives  "
+            f"{stats['sample_ids']:>5} sample ids  regions: {regions}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the split manifest {train, val, test} (sorted zarr rows) to this file.")
+@config_options
+@report_user_errors
+def main(json_out, config_path, overrides, debug):
+    """Validate the dataset of a config and print split and fold statistics."""
+    cfg = resolve_config(config_path, overrides, debug)
+    info = open_dataset(cfg.data.dir)
+    bands = [info.bands[i] for i in info.band_indices(cfg.data.bands)]
+    click.echo(f"dataset {info.root}: {info.num_rows} zarr rows, {len(info.metadata)} in metadata, "
+               f"patch size {info.patch_size}, {len(info.bands)} bands ({', '.join(info.bands)})")
+    click.echo(f"training bands: {', '.join(bands)}")
+    found = scan_values(info)
+    problems = []
+    if found["bad_labels"]:
+        problems.append(f"{len(found['bad_labels'])} patch(es) have labels outside {{0, 1, 2}} (zarr rows {found['bad_labels'][:10]})")
+    if found["non_finite"]:
+        problems.append(f"{len(found['non_finite'])} patch(es) hold NaN or inf in x (zarr rows {found['non_finite'][:10]})")
+    for key, text in (("out_of_range", "have inputs outside [0, 1] (DARTS data is normalised to [0, 1])"),
+                      ("empty_mismatch", "have an 'empty' flag that disagrees with their labels")):
+        if found[key]:
+            click.echo(f"warning: {len(found[key])} patch(es) {text}: zarr rows {found[key][:10]}")
+    if found["unreferenced_rows"]:
+        click.echo(f"note: {found['unreferenced_rows']} zarr row(s) have no metadata row and are never used")
+
+    splits = make_splits(info.metadata, cfg.data, cfg.train.seed)
+    click.echo(f"split: data.split_method = {cfg.data.split_method}, split_by = {list(cfg.data.split_by)}; "
+               f"fold: {cfg.data.fold_method}, fold {cfg.data.fold} of {cfg.data.total_folds}")
+    for name in ("train", "val", "test"):
+        click.echo(describe(name, split_stats(info.metadata, splits[name])))
+    if cfg.data.fold_method != "none":
+        trainval, _ = split_test(info.metadata, cfg.data.split_method, cfg.data.split_by)
+        part = info.metadata.loc[trainval]
+        click.echo(f"all {cfg.data.total_folds} folds ({cfg.data.fold_method}):")
+        for fold in range(cfg.data.total_folds):
+            train, val = split_fold(part, cfg.data.fold_method, cfg.data.total_folds, fold, cfg.train.seed)
+            s = split_stats(info.metadata, list(val))
+            click.echo(f"  fold {fold}: train {len(train):>6}, val {s['patches']:>6} ({s['positive_patches']} with "
+                       f"positives; regions: {', '.join(s['regions'][:6])})")
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(splits) + "\n")
+        click.echo(f"wrote the split manifest to {json_out}")
+    if problems:
+        raise UserError(f"{info.root / 'data.zarr'}: " + "; ".join(problems) + "; training stops on such patches")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The network and the loss. The model knows nothing about training; it returns logits (N, 1, H, W).
+
+DARTS builds the model with `activation="sigmoid"` and feeds its probabilities to a focal loss that expects logits
+(a double sigmoid, darts-contract §4). smptrain builds it without an activation and trains on logits; inference
+(ours and DARTS' `SMPSegmenter`) applies one sigmoid. The weights are interchangeable: the activation has none.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from smptrain.dataset import IGNORE_INDEX
+from smptrain.errors import UserError
+
+
+def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str = "none") -> torch.nn.Module:
+    """`smp.create_model(arch, encoder, in_channels=..., classes=1)`, randomly initialised or with local encoder
+    weights (`encoder_weights` = path of a .safetensors or .pth encoder state dict; never downloaded)."""
+    import segmentation_models_pytorch as smp
+
+    local = None if encoder_weights.lower() in ("none", "") else Path(encoder_weights)
+    if local is not None and not local.is_file():
+        raise UserError(
+            f"model.encoder_weights = {encoder_weights!r} is neither 'none' nor an existing file; weights are never "
+            f"downloaded, give the path of an encoder state dict"
+        )
+    try:
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        message = str(error).strip("'\"").split("\n")[0]
+        raise UserError(f"model.arch = {arch!r} with model.encoder = {encoder!r} cannot be built: {message}") from None
+    if local is not None:
+        load_encoder_weights(model, local, encoder, in_channels)
+    return model
+
+
+def load_encoder_weights(model: torch.nn.Module, path: Path, encoder_name: str, in_channels: int) -> None:
+    """Load an encoder state dict (keys may carry an `encoder.` prefix). A first convolution made for another number
+    of input channels is adapted the way smp adapts ImageNet weights (repeated and rescaled)."""
+    state = read_state_dict(path)
+    state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(("decoder.", "segmentation_head."))}
+    encoder = model.encoder
+    own = encoder.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched and hasattr(encoder, "set_in_channels"):
+        # Load into a 3-channel copy of the first layer, then let smp patch it to `in_channels`.
+        import segmentation_models_pytorch as smp
+
+        encoder3 = smp.encoders.get_encoder(encoder_name, in_channels=3, weights=None)
+        _strict_load(encoder3, state, path)
+        encoder3.set_in_channels(in_channels, pretrained=True)
+        state = encoder3.state_dict()
+    _strict_load(encoder, state, path)
+
+
+def _strict_load(module: torch.nn.Module, state: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)
+        raise UserError(f"{path} does not fit this encoder: {first}") from None
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a .safetensors file, or from a torch file loaded weights-only (never unpickles objects)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise UserError(f"{path} is not a readable state dict (safetensors, or a weights-only torch file): {error}") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def check_patch_size(model: torch.nn.Module, arch: str, patch_size: int) -> None:
+    """Fail early when the architecture cannot take this patch size (Unet needs a multiple of 32)."""
+    stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32) or 32)
+    if patch_size % stride:
+        raise UserError(
+            f"patch size {patch_size} is not divisible by {stride}, the output stride of {arch} with this encoder; "
+            f"use patches of {patch_size // stride * stride or stride} or {(patch_size // stride + 1) * stride} pixels"
+        )
+
+
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float | None, gamma: float):
+    """Binary focal loss on logits with label-2 pixels ignored (smp's `focal_loss_with_logits` per pixel).
+
+    Args:
+        logits: (B, 1, H, W) or (B, H, W) raw model outputs (any float dtype; computed in fp32).
+        y: (B, H, W) uint8 labels in {0, 1, 2}.
+    Returns:
+        (mean over the batch's valid pixels, per-sample loss sums (B,), per-sample valid-pixel counts (B,)).
+        A batch without valid pixels gives a loss of exactly 0 with zero gradients instead of NaN.
+    """
+    from segmentation_models_pytorch.losses._functional import focal_loss_with_logits
+
+    logits = logits.reshape(y.shape).float()
+    valid = y != IGNORE_INDEX
+    target = (y == 1).float()
+    per_pixel = focal_loss_with_logits(logits, target, gamma=gamma, alpha=alpha, reduction="none")
+    per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
+    sums = per_pixel.flatten(1).sum(1)
+    counts = valid.flatten(1).sum(1)
+    return sums.sum() / counts.sum().clamp(min=1), sums, counts
+
+
+def segmentation_logits(model: torch.nn.Module, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Forward pass returning fp32 logits (B, H, W)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return model(x).float().squeeze(1)
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(logits.float())
+

@@ -1,0 +1,114 @@
+"""Figures: sample grids (image, label, prediction, errors), the confusion matrix, ROC and precision-recall curves.
+
+Matplotlib with the Agg backend; every function writes one PNG and returns its path. Colours in overlays:
+green = true positive, red = false positive, blue = false negative (missed), grey = ignored (label 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def composite(x: np.ndarray, bands) -> np.ndarray:
+    """An RGB (H, W, 3) view of a (C, H, W) patch: red/green/blue bands if present, else the first band in grey;
+    stretched per patch between the 2nd and 98th percentile."""
+    bands = list(bands)
+    if all(b in bands for b in ("red", "green", "blue")):
+        rgb = np.stack([x[bands.index(b)] for b in ("red", "green", "blue")], -1)
+    else:
+        rgb = np.repeat(x[0][..., None], 3, -1)
+    low, high = np.percentile(rgb, 2), np.percentile(rgb, 98)
+    return np.clip((rgb - low) / max(high - low, 1e-6), 0, 1) ** (1 / 1.4)
+
+
+def error_overlay(image: np.ndarray, prob: np.ndarray, y: np.ndarray) -> np.ndarray:
+    pred, target = prob > 0.5, y == 1
+    out = image * 0.55
+    colours = {(1, 1): (0.1, 0.9, 0.1), (1, 0): (0.95, 0.1, 0.1), (0, 1): (0.1, 0.4, 1.0)}
+    for (p, t), colour in colours.items():
+        mask = (pred == bool(p)) & (target == bool(t)) & (y != 2)
+        out[mask] = colour
+    out[y == 2] = (0.6, 0.6, 0.6)
+    return out
+
+
+def sample_grid(xs, ys, probs, bands, titles, path: Path, heading: str) -> Path:
+    """One row per sample: composite, label, probability, TP/FP/FN overlay."""
+    plt = _pyplot()
+    rows = len(xs)
+    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.6), squeeze=False)
+    for i in range(rows):
+        image = composite(xs[i], bands)
+        label = np.where(ys[i] == 2, 0.5, ys[i] == 1)
+        panels = [(image, None, "image"), (label, "gray", "label (grey = ignored)"),
+                  (probs[i], "magma", "probability"), (error_overlay(image, probs[i], ys[i]), None, "TP / FP / FN")]
+        for j, (data, cmap, name) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(data, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+        axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: str) -> Path:
+    """Confusion matrix normalised by the true class (rows sum to 1), with raw counts."""
+    plt = _pyplot()
+    counts = np.array([[tn, fp], [fn, tp]], dtype=float)
+    norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{norm[i, j]:.3f}\n({int(counts[i, j]):,})", ha="center", va="center",
+                    color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
+    ax.set_xticks([0, 1], ["background", "positive"])
+    ax.set_yticks([0, 1], ["background", "positive"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("label")
+    ax.set_title(heading, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def curve(x, y, path: Path, heading: str, xlabel: str, ylabel: str, score_name: str, score: float,
+          diagonal: bool = False) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 4))
+    ax.plot(x, y, marker=".", lw=1.5, label=f"{score_name} = {score:.4f}")
+    if diagonal:
+        ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(heading, fontsize=10)
+    ax.legend(loc="lower right" if diagonal else "lower left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

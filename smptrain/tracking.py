@@ -1,0 +1,93 @@
+"""Run identity and records: readable run names, `metrics.jsonl`, and wandb through Accelerate's tracker.
+
+Only the main process writes. Every record goes to `metrics.jsonl` (one JSON object per line with `step`, `epoch`
+and metric keys) and, when `log.wandb_project` is set, to the same wandb run with the same keys. wandb honours
+WANDB_MODE (offline works without network) and writes under `{artifact_dir}/wandb`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import string
+from pathlib import Path
+
+ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
+              "steady", "gentle", "bold", "crisp", "distant")
+NOUNS = ("pingo", "tundra", "slump", "delta", "ridge", "lake", "taiga", "ice-wedge", "moraine", "fjord", "esker",
+         "permafrost", "headwall", "lowland", "thermokarst", "polygon")
+
+
+def new_run_id() -> str:
+    """8 random characters from [a-z0-9], as DARTS; also the wandb run id."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def new_run_name(artifact_dir: Path) -> str:
+    """`adjective-noun-N`, N = number of existing runs + 1, never the name of an existing directory."""
+    existing = [p for p in Path(artifact_dir).iterdir() if p.is_dir()] if Path(artifact_dir).is_dir() else []
+    count = len(existing) + 1
+    while True:
+        name = f"{secrets.choice(ADJECTIVES)}-{secrets.choice(NOUNS)}-{count}"
+        if not (Path(artifact_dir) / name).exists():
+            return name
+        count += 1
+
+
+def clean_number(value):
+    """JSON-friendly float (NaN and inf become None)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class Recorder:
+    """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks."""
+
+    def __init__(self, accelerator, run_dir: Path, wandb_project: str, wandb_entity: str, run_name: str, run_id: str,
+                 config: dict, artifact_dir: Path, resume_step: int | None = None, job: str = "train"):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.wandb = bool(wandb_project)
+        if self.main and resume_step is not None and self.path.exists():
+            # Drop records past the checkpoint we resume from: they will be produced again.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        if self.wandb:
+            (Path(artifact_dir) / "wandb").mkdir(parents=True, exist_ok=True) if self.main else None
+            init = {"name": run_name, "id": run_id, "resume": "allow", "dir": str(artifact_dir), "job_type": job}
+            if wandb_entity:
+                init["entity"] = wandb_entity
+            accelerator.init_trackers(wandb_project, config=config, init_kwargs={"wandb": init})
+
+    def log(self, record: dict, step: int | None, write_jsonl: bool = True) -> None:
+        if not self.main:
+            return
+        record = {k: clean_number(v) for k, v in record.items()}
+        if write_jsonl:
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **record}) + "\n")
+        if self.wandb:
+            self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
+
+    def image(self, key: str, path: Path, step: int | None) -> None:
+        if self.main and self.wandb:
+            import wandb
+
+            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))}, step=step)
+
+    def summary(self, values: dict) -> None:
+        if self.main and self.wandb:
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            for key, value in values.items():
+                run.summary[key] = clean_number(value)
+
+    def finish(self) -> None:
+        if self.wandb:
+            self.accelerator.end_training()
