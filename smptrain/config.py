@@ -25,6 +25,18 @@ AUGMENTATIONS = (
     "MultiplicativeNoise",
 )
 MIXED_PRECISION = ("no", "bf16", "fp16")
+# DARTS train-smp flag names (hyphens as underscores) -> our section.key, for "did you mean" messages.
+DARTS_NAMES = {
+    "train_data_dir": "data.dir", "data_split_method": "data.split_method", "data_split_by": "data.split_by",
+    "fold_method": "data.fold_method", "total_folds": "data.total_folds", "num_workers": "data.num_workers",
+    "model_arch": "model.arch", "model_encoder": "model.encoder", "model_encoder_weights": "model.encoder_weights",
+    "learning_rate": "train.lr", "focal_loss_alpha": "train.focal_alpha", "focal_loss_gamma": "train.focal_gamma",
+    "check_val_every_n_epoch": "train.val_every_n_epochs", "random_seed": "train.seed",
+    "plot_every_n_val_epochs": "log.preview_every_n_val", "run_name": "log.run_name", "artifact_dir": "log.artifact_dir",
+    "max_epochs": "train.max_epochs", "batch_size": "train.batch_size", "augment": "train.augment",
+    "early_stopping_patience": "train.early_stopping_patience", "log_every_n_steps": "log.log_every_n_steps",
+    "wandb_project": "log.wandb_project", "wandb_entity": "log.wandb_entity", "bands": "data.bands",
+}
 
 
 @dataclass(frozen=True)
@@ -219,6 +231,9 @@ def _coerce(value, annotation, key: str, source: str):
 
 
 def _suggest(name: str, valid, section: str | None = None) -> str:
+    darts = DARTS_NAMES.get(name.replace("-", "_"))
+    if darts and section is not None:
+        return f"; did you mean {darts} (DARTS' --{name.replace('_', '-')})?"
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     if not close:
         return f"; valid: {', '.join(valid)}"

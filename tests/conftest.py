@@ -1,0 +1,137 @@
+"""Shared fixtures: real zarr/parquet datasets on disk, a CLI runner (real subprocesses), one trained run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def cli_env(**extra) -> dict:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
+           "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    env.pop("SMPTRAIN_DEBUG", None)
+    env.update(extra)
+    return env
+
+
+def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: bool = False, **env):
+    """Run a command (console script name or python -m) in a subprocess; returns CompletedProcess with text."""
+    if args[0].startswith("smptrain-") or args[0] == "accelerate":
+        args = [str(BIN / args[0]), *args[1:]]
+    elif args[0] == "python":
+        args = [sys.executable, *args[1:]]
+    result = subprocess.run(args, cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def launch_two(args: list[str], timeout: float = 600, **env):
+    """`accelerate launch` with 2 real CPU processes (gloo), as environment.md §3 measured it."""
+    return run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", *args],
+               timeout=timeout, **env)
+
+
+def write_toml(path: Path, sections: dict) -> Path:
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return repr(v)
+
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {value(v)}" for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_config(tmp: Path, data_dir: Path, name: str = "tiny.toml", **sections) -> Path:
+    """configs/tiny.toml plus a data dir, an artifact dir under tmp and any section overrides."""
+    import tomllib
+
+    cfg = tomllib.loads((ROOT / "configs" / "tiny.toml").read_text())
+    cfg["data"]["dir"] = str(data_dir)
+    cfg["data"]["in_memory"] = True
+    cfg["log"]["artifact_dir"] = str(tmp / "artifacts")
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    return write_toml(tmp / name, cfg)
+
+
+def write_foreign_dataset(root: Path, n: int = 40, patch: int = 64, seed: int = 1) -> Path:
+    """A DARTS-layout dataset not made by smptrain's generator: zarr format 2, one chunk per sample and band,
+    metadata rows stored shuffled with extra columns (geometry as WKB-like bytes, planet_id, fpath)."""
+    import pandas as pd
+    import zarr
+
+    rng = np.random.default_rng(seed)
+    bands = ["red", "green", "blue", "nir"]
+    x = rng.random((n, len(bands), patch, patch), dtype=np.float32) * 0.5
+    y = np.zeros((n, patch, patch), np.uint8)
+    regions = ["North", "South", "West", "East"]
+    for i in range(n):
+        if i % 3:
+            r, c = rng.integers(4, patch - 20, 2)
+            y[i, r:r + 14, c:c + 10] = 1
+            x[i, :, r:r + 14, c:c + 10] += 0.4
+        if i % 5 == 0:
+            y[i, :6] = 2
+    root.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=2)
+    group.create_array("x", shape=x.shape, dtype="float32", chunks=(1, 1, patch, patch))[:] = x
+    group.create_array("y", shape=y.shape, dtype="uint8", chunks=(1, patch, patch))[:] = y
+    order = rng.permutation(n)
+    metadata = pd.DataFrame({
+        "patch_id": order % 7,
+        "region": [regions[i % 4] for i in order],
+        "sample_id": [f"2019{i % 8:02d}_PS" for i in order],
+        "empty": [not (y[i] == 1).any() for i in order],
+        "planet_id": [f"p{i}" for i in order],
+        "fpath": [f"/data/tile_{i}.tif" for i in order],
+        "geometry": [b"\x01\x03\x00" + bytes([i % 256]) for i in order],
+    }, index=pd.Index(order, name=None))
+    metadata.to_parquet(root / "metadata.parquet")
+    (root / "config.toml").write_text(
+        "[darts]\n"
+        f'train_data_dir = "{root}"\npatch_size = {patch}\noverlap = 8\nn_bands = 4\nexclude_nopositive = false\n'
+        'bands = ["red", "green", "blue", "nir"]\nband_factors = [0.0003333, 0.0003333, 0.0003333, 0.0003333]\n'
+        'band_offsets = [0.0, 0.0, 0.0, 0.0]\ndata_dir = "/data/planet"\ntpi_outer_radius = 100\n'
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    from smptrain.demo import make_demo
+
+    return make_demo(tmp_path_factory.mktemp("demo") / "data", patches=64, patch_size=64, seed=3)
+
+
+@pytest.fixture(scope="session")
+def foreign_dir(tmp_path_factory) -> Path:
+    return write_foreign_dataset(tmp_path_factory.mktemp("foreign") / "dataset")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, demo_dir) -> Path:
+    """One finished 2-epoch run on the demo data, with wandb in offline mode; shared by test/convert tests."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = tiny_config(tmp, demo_dir, log={"run_name": "shared", "wandb_project": "smptrain-tests",
+                                             "artifact_dir": str(tmp / "artifacts")})
+    run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
+    return tmp / "artifacts" / "shared"

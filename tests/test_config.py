@@ -1,0 +1,63 @@
+import tomllib
+
+import pytest
+
+from conftest import ROOT
+from smptrain.config import Config, dump_toml, load_config, to_dict
+from smptrain.errors import UserError
+
+
+def test_base_toml_documents_every_key_with_its_default():
+    base = tomllib.loads((ROOT / "configs" / "base.toml").read_text())
+    defaults = to_dict(Config())
+    assert {s: set(v) for s, v in base.items()} == {s: set(v) for s, v in defaults.items()}
+    assert load_config(ROOT / "configs" / "base.toml") == Config()
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "tiny.toml", "base.toml"])
+def test_shipped_configs_load(name):
+    load_config(ROOT / "configs" / name)
+
+
+def test_overrides_are_typed_and_strict():
+    cfg = load_config(None, ["train.lr=3e-4", "data.split_method=region", "data.split_by=['East', 'West']",
+                             "train.focal_alpha=none", "train.augment=['D4', 'Blur']", "train.max_epochs=7"])
+    assert cfg.train.lr == 3e-4 and cfg.train.max_epochs == 7 and cfg.train.focal_alpha is None
+    assert cfg.data.split_by == ("East", "West") and cfg.train.augment == ("D4", "Blur")
+    assert load_config(None, ["train.lr=1"]).train.lr == 1.0  # an int is a valid float
+    assert load_config(None, ["data.split_by=[0.2]"]).data.split_by == (0.2,)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("train.learning_rate=1e-3", ["train.learning_rate", "did you mean train.lr"]),
+    ("trian.lr=1e-3", ["[trian]", "did you mean train"]),
+    ("train.max_epochs=ten", ["train.max_epochs", "int", "'ten'"]),
+    ("train.max_epochs=2.5", ["train.max_epochs", "int"]),
+    ("data.in_memory=1", ["data.in_memory", "bool"]),
+    ("data.split_method=randm", ["data.split_method", "random, region, sample, none"]),
+    ("train.augment=['Flip']", ["train.augment", "HorizontalFlip"]),
+    ("data.fold=5", ["data.fold", "between 0 and"]),
+    ("train.lr", ["section.key=value"]),
+])
+def test_bad_overrides_name_the_key(override, words):
+    with pytest.raises(UserError) as error:
+        load_config(None, [override])
+    for word in words:
+        assert word in str(error.value)
+
+
+def test_toml_errors_name_file_and_position(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = = 3\n")
+    with pytest.raises(UserError, match=r"bad.toml is not valid TOML.*line 2"):
+        load_config(bad)
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+
+
+def test_dump_toml_round_trips(tmp_path):
+    cfg = load_config(None, ["train.focal_alpha=0.25", "data.split_by=[0.3]", "log.run_name=a \"quoted\" name",
+                             "train.augment=['D4']"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(dump_toml(cfg))
+    assert load_config(path) == cfg
