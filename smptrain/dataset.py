@@ -274,6 +274,11 @@ def _batch(items):
 
 
 def _seed_worker(worker_id: int) -> None:
+    # Ctrl-C is handled by the main process, which stops at a step boundary and writes a checkpoint; a worker
+    # dying on the same SIGINT would break that.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Workers only read data, but seed them anyway (distinct per rank and worker) so that any randomness a user
     # adds to a dataset is reproducible.
     seed = torch.initial_seed() % 2**32

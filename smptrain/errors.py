@@ -29,7 +29,10 @@ def report_user_errors(main):
         except UserError as error:
             if os.environ.get("SMPTRAIN_DEBUG"):
                 raise
-            print(f"error: {error}", file=sys.stderr, flush=True)
+            text = str(error)
+            if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own sentence
+                text = text.strip().splitlines()[-1].split("Error: ", 1)[-1]
+            print(f"error: {text}", file=sys.stderr, flush=True)
             sys.exit(2)
 
     return wrapper

@@ -193,7 +193,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
         name = checkpoint_name(epoch, state.step, value)
         save_checkpoint(accelerator, model, run_dir, name,
                         {**describe, "epoch": epoch, "step": state.step, "metrics": evaluation.metrics,
-                         **checkpoint_info(state)})
+                         **checkpoint_info(accelerator, model, state)})
         if accelerator.is_main_process:
             point(run_dir, "last", name)
             point(run_dir, "best", state.top_k[0][1] if state.top_k else None)
@@ -304,9 +304,16 @@ def update_selection(state: TrainState, value: float, top_k: int, name: str) -> 
     return improved
 
 
-def checkpoint_info(state: TrainState) -> dict:
+def checkpoint_info(accelerator, model, state: TrainState) -> dict:
     return {"train_state": asdict(state), "time": now(), "smptrain_version": smptrain.__version__,
-            "versions": library_versions()}
+            "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
+
+
+def parameter_checksums(accelerator, model) -> list[float]:
+    """Every rank's sum of its parameters (one small gather, all ranks): equal values prove the replicas agree."""
+    with torch.no_grad():
+        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    return [float(v) for v in accelerator.gather(total.to(accelerator.device)).cpu()]
 
 
 def write_previews(accelerator, model, val_set, positions, evaluation, run_dir: Path, step: int, recorder, bands,
@@ -330,7 +337,7 @@ def interrupted(accelerator, model, run_dir: Path, state: TrainState, describe: 
     """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch), close wandb, say how to continue."""
     name = checkpoint_name(epoch, state.step, None)
     save_checkpoint(accelerator, model, run_dir, name,
-                    {**describe, "epoch": epoch, "step": state.step, "metrics": {}, **checkpoint_info(state)})
+                    {**describe, "epoch": epoch, "step": state.step, "metrics": {}, **checkpoint_info(accelerator, model, state)})
     if accelerator.is_main_process:
         point(run_dir, "last", name)
         prune(run_dir, {entry[1] for entry in state.top_k})

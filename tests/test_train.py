@@ -1,0 +1,191 @@
+"""Training end to end, through the real CLI in subprocesses: run layout, exact resume, signals, divergence."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import cli_env, run, tiny_config
+from smptrain.dataset import open_dataset
+
+PIXEL_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
+              "HammingDistance", "AUROC", "AveragePrecision", "loss"]
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run_dir: Path, link: str = "last") -> dict:
+    return load_file(str(run_dir / "checkpoints" / link / "model.safetensors"))
+
+
+def assert_same_weights(a: Path, b: Path):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k].double() - wb[k].double()).abs().max()) for k in wa)
+    assert worst <= 1e-6, f"weights differ by {worst}"
+
+
+def val_records(run_dir: Path) -> list[dict]:
+    return [r for r in records(run_dir) if "val/JaccardIndex" in r]
+
+
+def test_run_directory_holds_everything(trained_run):
+    for name in ("config.toml", "splits.json", "run.json", "metrics.jsonl"):
+        assert (trained_run / name).is_file(), name
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert set(splits) == {"train", "val", "test"} and all(splits.values())
+    lines = records(trained_run)
+    train_lines = [r for r in lines if "train/loss" in r]
+    assert train_lines and all({"step", "epoch", "learning_rate"} <= set(r) for r in train_lines)
+    val = val_records(trained_run)
+    assert len(val) == 2 and all(f"val/{k}" in val[0] for k in PIXEL_KEYS)
+    last = (trained_run / "checkpoints" / "last").resolve()
+    meta = json.loads((last / "meta.json").read_text())
+    assert meta["step"] == val[-1]["step"] and meta["metrics"]["val/JaccardIndex"] == val[-1]["val/JaccardIndex"]
+    assert meta["model"] == {"arch": "Unet", "encoder_name": "resnet18", "in_channels": 7, "classes": 1}
+    assert meta["bands"]["bands"][0] == "blue" and len(meta["bands"]["band_factors"]) == 7
+    assert meta["world_size"] == 1 and meta["config"]["model"]["encoder"] == "resnet18" and meta["versions"]["torch"]
+    assert not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in weights(trained_run))
+    assert (trained_run / "checkpoints" / "best" / "meta.json").is_file()
+    assert list((trained_run / "previews").glob("val_step*.png")) and list((trained_run / "previews").glob("roc_*.png"))
+    # wandb ran offline, from the main process only, with the run's id
+    offline = list((trained_run.parent / "wandb").glob(f"offline-run-*-{meta['run_id']}"))
+    assert len(offline) == 1
+
+
+def test_demo_config_learns(tmp_path):
+    """configs/demo.toml on the demo data beats the all-background baseline (IoU 0) by far, in half its epochs."""
+    from smptrain.demo import make_demo
+
+    data = make_demo(tmp_path / "data")
+    run(["python", "-m", "smptrain.train", "--config", "configs/demo.toml", "--set", f"data.dir='{data}'",
+         "--set", f"log.artifact_dir='{tmp_path / 'artifacts'}'", "--set", "log.run_name=learns",
+         "--set", "train.max_epochs=6", "--set", "train.val_every_n_epochs=3", "--set", "log.preview_every_n_val=0"],
+        check=True)
+    assert val_records(tmp_path / "artifacts" / "learns")[-1]["val/JaccardIndex"] > 0.5
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory, demo_dir):
+    """An uninterrupted 4-epoch run with augmentations (the reference for every resume test)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    config = tiny_config(tmp, demo_dir, train={"max_epochs": 4, "augment": ["D4", "Blur", "MultiplicativeNoise"],
+                                               "gamma": 0.7},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 2})
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
+    return tmp, config, tmp / "artifacts" / "straight"
+
+
+def test_resume_is_exact(resume_setup):
+    tmp, config, straight = resume_setup
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
+         "--set", "train.max_epochs=2"], check=True)
+    split = tmp / "artifacts" / "split"
+    result = run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
+    assert "resuming split at epoch 2" in result.stdout + result.stderr
+    assert_same_weights(straight, split)
+    assert val_records(straight) == val_records(split)  # same metrics, same steps, metrics.jsonl appended
+    assert json.loads((split / "checkpoints/last/meta.json").read_text())["run_id"] == \
+        json.loads((split / "run.json").read_text())["run_id"]
+
+
+def wait_for(predicate, timeout: float = 300, what: str = ""):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start(config: Path, name: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "smptrain.train", "--config", str(config), "--set",
+                             f"log.run_name={name}"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def logged_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return max([json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()] or [0]) if path.exists() else 0
+
+
+def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(resume_setup):
+    tmp, config, straight = resume_setup
+    run_dir = tmp / "artifacts" / "interrupted"
+    process = start(config, "interrupted")
+    wait_for(lambda: logged_steps(run_dir) >= 11, what="step 11")
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err[-2000:]
+    assert "continue with: python -m smptrain.train --resume" in out + err and "Traceback" not in err
+    meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["train_state"]["micro_step"] > 0, "expected a mid-epoch checkpoint"
+    run(["python", "-m", "smptrain.train", "--resume", str(run_dir)], check=True)
+    assert_same_weights(straight, run_dir)
+    assert val_records(straight) == val_records(run_dir)
+
+
+def test_sigkill_during_checkpoint_write_loses_nothing(resume_setup):
+    tmp, config, straight = resume_setup
+    run_dir = tmp / "artifacts" / "killed"
+    process = start(config, "killed")
+    checkpoints = run_dir / "checkpoints"
+    # kill while the second checkpoint is being assembled (a .tmp- directory exists), or as close to it as we see
+    wait_for(lambda: (checkpoints / "last").is_symlink(), what="the first checkpoint")
+    first = os.readlink(checkpoints / "last")
+    wait_for(lambda: any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+             or os.readlink(checkpoints / "last") != first, what="the second checkpoint write")
+    process.kill()
+    process.communicate()
+    assert (checkpoints / "last" / "meta.json").is_file()  # last still points to a complete checkpoint
+    run(["python", "-m", "smptrain.train", "--resume", str(run_dir)], check=True)
+    assert not any(p.name.startswith(".tmp-") for p in checkpoints.iterdir())
+    assert_same_weights(straight, run_dir)
+
+
+def test_diverging_loss_stops_with_a_clear_message(demo_dir, tmp_path):
+    config = tiny_config(tmp_path, demo_dir, log={"run_name": "diverge"}, train={"lr": 1e30, "max_epochs": 3})
+    result = run(["python", "-m", "smptrain.train", "--config", str(config)])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "not finite" in message and "training stopped at step" in message and "--resume" in message
+
+
+def test_early_stopping_counts_validations(demo_dir, tmp_path):
+    config = tiny_config(tmp_path, demo_dir, log={"run_name": "patience"},
+                         train={"lr": 1e-12, "max_epochs": 8, "early_stopping_patience": 1})
+    result = run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
+    assert "early stopping" in result.stdout + result.stderr
+    assert len(val_records(tmp_path / "artifacts" / "patience")) < 8
+
+
+def test_learning_rate_follows_gamma_per_epoch(trained_run):
+    lrs = {r["epoch"]: r["learning_rate"] for r in records(trained_run) if "learning_rate" in r}
+    assert lrs == {0: 1e-3, 1: 1e-3 * 0.9}
+
+
+def test_torch_compile_wrapper_keys_are_cleaned():
+    from smptrain.checkpoint import clean_state_dict
+    from smptrain.model import build_model
+
+    model = build_model("Unet", "resnet18", 3)
+    compiled = torch.compile(model)  # lazy: nothing is compiled until a forward pass
+    prefixed = {f"module.{k}": v for k, v in compiled.state_dict().items()}
+    assert any(k.startswith("module._orig_mod.") for k in prefixed)
+    assert clean_state_dict(prefixed).keys() == model.state_dict().keys()
+
+
+def test_dataset_reader_sees_the_demo_layout(demo_dir):
+    info = open_dataset(demo_dir)
+    assert info.patch_size == 64 and len(info.bands) == 7 and info.num_rows == 64
