@@ -226,6 +226,7 @@ def main(run_dir, checkpoint, batch_size, json_out, config_path, overrides, debu
                 recorder.image(f"test/{key}", path, step=None)
             recorder.finish()
     accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -89,5 +89,9 @@ class Recorder:
                 run.summary[key] = clean_number(value)
 
     def finish(self) -> None:
-        if self.wandb:
-            self.accelerator.end_training()
+        """Close wandb. Not `end_training()`: that also tears down the process group, which only the end of a
+        command, on every rank, may do."""
+        if self.main and self.wandb:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []

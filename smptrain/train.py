@@ -180,6 +180,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
 
         if (epoch + 1) % cfg.train.val_every_n_epochs and epoch + 1 != cfg.train.max_epochs:
             continue
+        average_buffers(accelerator, model)  # every rank validates, and saves, the same BatchNorm statistics
         evaluation = evaluate(model, val_loader, accelerator, len(val_set), cfg.train.focal_alpha,
                               cfg.train.focal_gamma, "val", channels_last=cfg.train.channels_last)
         value = evaluation.metrics[MONITOR]
@@ -207,6 +208,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                 if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
 
     finish(accelerator, run_dir, state, recorder)
+    accelerator.end_training()  # every rank: closes the process group
     return run_dir
 
 
@@ -263,6 +265,17 @@ def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int 
     return pos + neg
 
 
+def average_buffers(accelerator, model) -> None:
+    """Average float buffers (BatchNorm running statistics) over ranks, as timm's distribute_bn: each rank updated
+    its own from its own batches, so without this rank 1 would validate a model that is not the one saved."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        for buffer in accelerator.unwrap_model(model).buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(accelerator.reduce(buffer.detach().clone(), "mean"))
+
+
 def gradient_norm(accelerator, model, clip: float) -> torch.Tensor:
     if clip > 0:
         return accelerator.clip_grad_norm_(model.parameters(), clip)
@@ -310,9 +323,11 @@ def checkpoint_info(accelerator, model, state: TrainState) -> dict:
 
 
 def parameter_checksums(accelerator, model) -> list[float]:
-    """Every rank's sum of its parameters (one small gather, all ranks): equal values prove the replicas agree."""
+    """Every rank's sum of its parameters and buffers (one small gather, all ranks): equal values prove the
+    replicas agree."""
     with torch.no_grad():
-        total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        total = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
     return [float(v) for v in accelerator.gather(total.to(accelerator.device)).cpu()]
 
 
@@ -342,6 +357,7 @@ def interrupted(accelerator, model, run_dir: Path, state: TrainState, describe: 
         point(run_dir, "last", name)
         prune(run_dir, {entry[1] for entry in state.top_k})
     recorder.finish()
+    accelerator.end_training()
     accelerator.print(f"stopped at step {state.step} (epoch {epoch}); saved {run_dir / 'checkpoints' / 'last'}.\n"
                       f"continue with: python -m smptrain.train --resume {run_dir}")
     raise SystemExit(130)
