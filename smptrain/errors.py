@@ -29,6 +29,7 @@ def report_user_errors(main):
         except UserError as error:
             if os.environ.get("SMPTRAIN_DEBUG"):
                 raise
+            _close_progress_bars()
             text = str(error)
             if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own sentence
                 text = text.strip().splitlines()[-1].split("Error: ", 1)[-1]
@@ -36,3 +37,11 @@ def report_user_errors(main):
             sys.exit(2)
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """Clear open tqdm bars so the error starts on its own line."""
+    tqdm_module = sys.modules.get("tqdm")
+    if tqdm_module is not None:
+        for bar in list(getattr(tqdm_module.tqdm, "_instances", ())):
+            bar.close()

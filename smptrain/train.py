@@ -107,7 +107,11 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
 
     if meta:
         # Weights, optimizer, grad scaler and every rank's RNG, loaded weights-only by Accelerate.
-        accelerator.load_state(str(run_dir / "checkpoints" / "last" / "state"))
+        state_dir = run_dir / "checkpoints" / "last" / "state"
+        try:
+            accelerator.load_state(str(state_dir))
+        except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
+            raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
         say(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
     recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
                         to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None)

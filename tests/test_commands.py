@@ -1,0 +1,150 @@
+"""smptrain-test, smptrain-convert, smptrain-inspect and smptrain-predict on real runs and datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import segmentation_models_pytorch as smp
+import torch
+
+from conftest import run, tiny_config
+from smptrain.checkpoint import load_weights
+from smptrain.splits import make_splits
+from smptrain.config import load_config
+from smptrain.dataset import open_dataset
+
+TEST_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
+             "HammingDistance", "AUROC", "AveragePrecision", "loss", "InstanceAccuracy", "InstancePrecision",
+             "InstanceRecall", "InstanceF1Score", "InstanceAveragePrecision", "BoundaryIoU"]
+
+
+def test_smptrain_test_needs_no_split_flags(trained_run, tmp_path):
+    result = run(["smptrain-test", str(trained_run)], check=True)
+    report = json.loads((trained_run / "test" / "metrics.json").read_text())
+    assert sorted(report["metrics"]) == sorted(f"test/{k}" for k in TEST_KEYS)
+    assert report["split"].endswith("splits.json")
+    assert report["test_patches"] == len(json.loads((trained_run / "splits.json").read_text())["test"])
+    assert "test/JaccardIndex" in result.stdout and "test/InstanceF1Score" in result.stdout
+    for figure in ("confusion_matrix.png", "roc.png", "precision_recall.png", "samples_best.png", "samples_worst.png"):
+        assert (trained_run / "test" / figure).is_file(), figure
+    # appended to the training run in wandb: a second offline run directory with the same id
+    run_id = json.loads((trained_run / "run.json").read_text())["run_id"]
+    assert len(list((trained_run.parent / "wandb").glob(f"offline-run-*-{run_id}"))) >= 2
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_smptrain_test_reports_the_chosen_checkpoint(trained_run, tmp_path, which):
+    out = tmp_path / f"{which}.json"
+    run(["smptrain-test", str(trained_run), "--checkpoint", which, "--json", str(out)], check=True)
+    report = json.loads(out.read_text())
+    assert os.path.basename(report["checkpoint"]) == os.readlink(trained_run / "checkpoints" / which)
+
+
+def test_smptrain_test_recomputes_a_changed_split(trained_run, tmp_path):
+    out = tmp_path / "east.json"
+    run(["smptrain-test", str(trained_run), "--set", "data.split_method=region", "--set", "data.split_by=['Lena Delta']",
+         "--json", str(out)], check=True)
+    report = json.loads(out.read_text())
+    assert report["split"] == "recomputed from the data.* settings" and report["test_patches"] > 0
+
+
+def test_inspect_on_a_foreign_dataset_reports_and_writes_the_manifest(foreign_dir, tmp_path):
+    for method, by in (("region", ["East"]), ("sample", ["201903_PS", "201905_PS"]), ("random", [0.25]), ("none", [])):
+        config = tiny_config(tmp_path, foreign_dir, name=f"{method}.toml",
+                             data={"split_method": method, "split_by": by, "fold_method": "stratified"})
+        out = tmp_path / f"{method}.json"
+        result = run(["smptrain-inspect", "--config", str(config), "--json", str(out)], check=True)
+        assert "40 zarr rows" in result.stdout and "fold 2" in result.stdout
+        manifest = json.loads(out.read_text())
+        info = open_dataset(foreign_dir)
+        assert manifest == make_splits(info.metadata, load_config(config).data, 42)
+        if method == "region":
+            assert set(info.metadata.loc[manifest["test"], "region"]) == {"East"} and len(manifest["test"]) == 10
+        if method == "random":
+            assert len(manifest["test"]) == 10
+        if method == "none":
+            assert manifest["test"] == list(range(40))
+
+
+def test_training_on_a_foreign_dataset(foreign_dir, tmp_path):
+    config = tiny_config(tmp_path, foreign_dir, log={"run_name": "foreign"},
+                         data={"in_memory": False, "num_workers": 2, "split_method": "region", "split_by": ["East"],
+                               "bands": ["nir", "red"]})
+    run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
+    run_dir = tmp_path / "artifacts" / "foreign"
+    meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["bands"]["bands"] == ["red", "nir"]  # the dataset's order
+    assert meta["bands"]["band_factors"] == [0.0003333, 0.0003333]
+    run(["smptrain-test", str(run_dir)], check=True)
+
+
+def test_convert_produces_the_darts_file(trained_run, tmp_path):
+    result = run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "rts-v1"], check=True)
+    files = list(tmp_path.glob("rts-v1_*.ckpt"))
+    assert len(files) == 1 and str(files[0]) in result.stdout
+    ckpt = torch.load(files[0], weights_only=True)  # plain types and tensors only
+    config = ckpt["config"]
+    assert config["model"] == {"arch": "Unet", "encoder_name": "resnet18", "in_channels": 7, "classes": 1}
+    assert set(config["bands"]) == {"bands", "band_factors", "band_offsets"} and len(config["bands"]["bands"]) == 7
+    assert config["name"] == "rts-v1" and config["model_framework"] == "smp" and len(config["time"]) == 10
+    # what SMPSegmenter does: create_model with encoder_weights None, strict load, logits
+    model = smp.create_model(**config["model"], encoder_weights=None)
+    model.load_state_dict(ckpt["statedict"])
+    reference = smp.create_model(**config["model"], encoder_weights=None)
+    reference.load_state_dict(load_weights(trained_run / "checkpoints" / "best"))
+    x = torch.rand(2, 7, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), reference.eval()(x), atol=1e-5)
+    again = run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "rts-v1"])
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "rts-v1", "--overwrite"], check=True)
+
+
+def fake_lightning_checkpoint(path, trained_run, bands):
+    """A DARTS train-smp checkpoint: hyper_parameters.config and a state_dict with the model. prefix."""
+    weights = load_weights(trained_run / "checkpoints" / "best")
+    torch.save({
+        "epoch": 3, "global_step": 40,
+        "hyper_parameters": {"config": {"model": {"arch": "Unet", "encoder_name": "resnet18", "encoder_weights": None,
+                                                  "in_channels": 7, "classes": 1}, "bands": bands},
+                             "learning_rate": 1e-3, "run_id": "abcd1234"},
+        "state_dict": {f"model.{k}": v for k, v in weights.items()},
+    }, path)
+    return weights
+
+
+def test_convert_lightning_checkpoints_only_with_trust(trained_run, demo_dir, tmp_path):
+    from smptrain.demo import BANDS, FACTORS, OFFSETS
+
+    source = tmp_path / "darts.ckpt"
+    weights = fake_lightning_checkpoint(source, trained_run, {"bands": list(BANDS), "band_factors": list(FACTORS),
+                                                              "band_offsets": list(OFFSETS)})
+    refused = run(["smptrain-convert", str(source), "--out-dir", str(tmp_path / "out"), "--name", "old"])
+    assert refused.returncode == 2 and "--trust-pickle" in refused.stderr and "Traceback" not in refused.stderr
+    run(["smptrain-convert", str(source), "--out-dir", str(tmp_path / "out"), "--name", "old", "--trust-pickle"],
+        check=True)
+    converted = torch.load(next((tmp_path / "out").glob("old_*.ckpt")), weights_only=True)
+    assert converted["statedict"].keys() == weights.keys()
+    # HEAD-style bands (names only) need factors from a dataset
+    names_only = tmp_path / "head.ckpt"
+    fake_lightning_checkpoint(names_only, trained_run, list(BANDS))
+    missing = run(["smptrain-convert", str(names_only), "--out-dir", str(tmp_path / "o2"), "--name", "h", "--trust-pickle"])
+    assert missing.returncode == 2 and "--bands-from" in missing.stderr
+    run(["smptrain-convert", str(names_only), "--out-dir", str(tmp_path / "o2"), "--name", "h", "--trust-pickle",
+         "--bands-from", str(demo_dir)], check=True)
+    head = torch.load(next((tmp_path / "o2").glob("h_*.ckpt")), weights_only=True)
+    assert head["config"]["bands"]["band_factors"] == list(FACTORS)
+
+
+def test_converted_checkpoint_predicts_a_large_tile(trained_run, tmp_path):
+    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "tile"], check=True)
+    converted = next(tmp_path.glob("tile_*.ckpt"))
+    raw = np.random.default_rng(0).uniform(0, 3000, (7, 150, 170)).astype(np.float32)
+    np.save(tmp_path / "tile.npy", raw)
+    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "probs.npy"),
+         "--patch-size", "64", "--overlap", "16"], check=True)
+    probs = np.load(tmp_path / "probs.npy")
+    assert probs.shape == (150, 170) and probs.min() >= 0 and probs.max() <= 1
