@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -71,9 +70,9 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     # Data as it is on disk, the split manifest, and the run directory (named once by the main process).
     info = open_dataset(cfg.data.dir)
     band_indices = info.band_indices(cfg.data.bands)
-    splits = json.loads((resume / "splits.json").read_text()) if resume else make_splits(info.metadata, cfg.data, cfg.train.seed)
-    if not splits["train"] or not splits["val"]:
-        raise UserError(f"the split leaves {len(splits['train'])} training and {len(splits['val'])} validation patches; both must be non-empty")
+    # make_splits refuses empty sets; a resumed run keeps the manifest it started with
+    splits = (json.loads((resume / "splits.json").read_text()) if resume
+              else make_splits(info.metadata, cfg.data, cfg.train.seed))
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits)
     state = TrainState(**meta["train_state"]) if meta else TrainState()
     say(f"run directory: {run_dir}")
@@ -122,7 +121,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                     bands=info.band_meta(band_indices), config=to_dict(cfg))
     if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
         state.early_stopped = False  # the patience was raised on resume
-    skipped_in_row = 0
+    skipped_in_row = skipped_total = 0
 
     while state.epoch < cfg.train.max_epochs and not state.early_stopped:
         epoch = state.epoch
@@ -160,6 +159,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                 state.step += 1
                 if precision == "fp16":  # the scaler skips overflowing steps; many in a row means divergence
                     skipped_in_row = skipped_in_row + 1 if optimizer.step_was_skipped else 0
+                    skipped_total += int(optimizer.step_was_skipped)
                     if skipped_in_row >= MAX_SKIPPED_FP16_STEPS:
                         raise diverged(state, run_dir, epoch, f"{skipped_in_row} consecutive fp16 steps", x, batch, train_set)
                 if state.step % cfg.log.log_every_n_steps == 0:
@@ -167,7 +167,8 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                     mean_loss, stopping = reduce_window(accelerator, loss_sum, loss_count, stop.raised)
                     record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": lr,
                               "perf/samples_per_s": loss_count * cfg.train.batch_size * world / max(elapsed, 1e-9),
-                              "perf/data_wait_share": wait / max(elapsed, 1e-9)}
+                              "perf/data_wait_share": wait / max(elapsed, 1e-9),
+                              **({"perf/fp16_skipped_steps": skipped_total} if precision == "fp16" else {})}
                     recorder.log(record, state.step)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['perf/samples_per_s']:.1f}",
                                     data=f"{record['perf/data_wait_share']:.0%}")

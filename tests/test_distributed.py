@@ -92,3 +92,11 @@ def test_non_finite_loss_stops_both_ranks_without_hanging(demo_dir, tmp_path):
     result = launch_two(["-m", "smptrain.train", "--config", str(config)], timeout=400)
     assert result.returncode != 0
     assert "not finite" in result.stderr
+
+
+def test_two_process_checkpoint_converts_to_the_same_keys(ddp_run, trained_run, tmp_path):
+    run(["smptrain-convert", str(ddp_run), "--out-dir", str(tmp_path / "ddp"), "--name", "ddp"], check=True)
+    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path / "one"), "--name", "one"], check=True)
+    ddp = torch.load(next((tmp_path / "ddp").glob("*.ckpt")), weights_only=True)["statedict"]
+    one = torch.load(next((tmp_path / "one").glob("*.ckpt")), weights_only=True)["statedict"]
+    assert ddp.keys() == one.keys()

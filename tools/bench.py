@@ -34,7 +34,7 @@ from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, make_loade
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluate import evaluate  # noqa: E402
 from smptrain.model import build_model, focal_loss  # noqa: E402
-from smptrain.runtime import make_accelerator, to_device  # noqa: E402
+from smptrain.runtime import make_accelerator  # noqa: E402
 
 
 def sync(device):
