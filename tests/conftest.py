@@ -35,10 +35,10 @@ def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: b
     return result
 
 
-def launch_two(args: list[str], timeout: float = 600, **env):
+def launch_two(args: list[str], timeout: float = 600, precision: str = "no", **env):
     """`accelerate launch` with 2 real CPU processes (gloo), as environment.md §3 measured it."""
     return run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", *args],
+                "--mixed_precision", precision, "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", *args],
                timeout=timeout, **env)
 
 

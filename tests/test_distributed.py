@@ -79,12 +79,14 @@ def test_two_process_test_equals_one_process_test(trained_run, tmp_path):
     assert a["test_patches"] == b["test_patches"] and a["metrics"] == b["metrics"]
 
 
-def test_early_stopping_stops_both_ranks(demo_dir, tmp_path):
+def test_early_stopping_stops_both_ranks_and_the_launcher_sets_precision(demo_dir, tmp_path):
     config = tiny_config(tmp_path, demo_dir, log={"run_name": "patient"},
-                         train={"lr": 1e-12, "max_epochs": 6, "early_stopping_patience": 1})
-    result = launch_two(["-m", "smptrain.train", "--config", str(config)], timeout=400)
+                         train={"lr": 1e-12, "max_epochs": 6, "early_stopping_patience": 1, "mixed_precision": "no"})
+    result = launch_two(["-m", "smptrain.train", "--config", str(config)], timeout=400, precision="bf16")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "early stopping" in result.stdout + result.stderr
+    meta = json.loads((tmp_path / "artifacts" / "patient" / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["mixed_precision"] == "bf16"  # accelerate launch --mixed_precision wins over the config
 
 
 def test_non_finite_loss_stops_both_ranks_without_hanging(demo_dir, tmp_path):
