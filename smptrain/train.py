@@ -390,7 +390,7 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         self.raised = True
-        print(f"\n{signal.Signals(signum).name}: finishing the current step, writing checkpoints/last "
+        print(f"\n{signal.Signals(signum).name}: stopping at the next logging step, writing checkpoints/last "
               f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

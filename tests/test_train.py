@@ -164,10 +164,10 @@ def test_diverging_loss_stops_with_a_clear_message(demo_dir, tmp_path):
 
 def test_early_stopping_counts_validations(demo_dir, tmp_path):
     config = tiny_config(tmp_path, demo_dir, log={"run_name": "patience"},
-                         train={"lr": 1e-12, "max_epochs": 8, "early_stopping_patience": 1})
+                         train={"lr": 1e-12, "max_epochs": 4, "early_stopping_patience": 1})
     result = run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
     assert "early stopping" in result.stdout + result.stderr
-    assert len(val_records(tmp_path / "artifacts" / "patience")) < 8
+    assert len(val_records(tmp_path / "artifacts" / "patience")) < 4
 
 
 def test_learning_rate_follows_gamma_per_epoch(trained_run):
