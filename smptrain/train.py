@@ -67,15 +67,11 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps)
     rank, world, device, say = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.print
 
-    # Data as it is on disk, the split manifest, and the run directory (named once by the main process).
+    # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir)
     band_indices = info.band_indices(cfg.data.bands)
-    # make_splits refuses empty sets; a resumed run keeps the manifest it started with
     splits = (json.loads((resume / "splits.json").read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
-    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits)
-    state = TrainState(**meta["train_state"]) if meta else TrainState()
-    say(f"run directory: {run_dir}")
 
     # The model is initialised from the same seed on every rank; afterwards each rank gets its own stream.
     from accelerate.utils import set_seed
@@ -104,6 +100,10 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                              cfg.data.num_workers, pin, cfg.train.seed, rank)
     preview_positions = pick_previews(info, splits["val"])
 
+    # Only now, with data and model checked, the run directory (named once by the main process).
+    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits)
+    state = TrainState(**meta["train_state"]) if meta else TrainState()
+    say(f"run directory: {run_dir}")
     if meta:
         # Weights, optimizer, grad scaler and every rank's RNG, loaded weights-only by Accelerate.
         state_dir = run_dir / "checkpoints" / "last" / "state"

@@ -87,6 +87,8 @@ def test_toml_syntax_error(tmp_path):
 ])
 def test_bad_settings(base, tmp_path, override, words):
     assert_clear_error(train(tiny_config(tmp_path, base), *override), *words)
+    artifacts = tmp_path / "artifacts"
+    assert not artifacts.exists() or not any(artifacts.iterdir())  # no half-made run directory left behind
 
 
 @pytest.mark.parametrize("missing", ["data.zarr", "metadata.parquet", "config.toml"])
