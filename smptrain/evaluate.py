@@ -156,7 +156,8 @@ def main(run_dir, checkpoint, batch_size, json_out, config_path, overrides, debu
         raise UserError(f"the checkpoint was trained on band(s) {missing}, which {info.root / 'config.toml'} lacks")
     band_indices = [info.bands.index(b) for b in meta["bands"]["bands"]]
     splits_file = run_dir / "splits.json"
-    same_data = to_dict(cfg)["data"] == meta["config"]["data"]
+    split_keys = ("dir", "split_method", "split_by")  # what defines the test split
+    same_data = all(to_dict(cfg)["data"][k] == meta["config"]["data"].get(k) for k in split_keys)
     if same_data and splits_file.is_file():
         test_rows, split_source = json.loads(splits_file.read_text())["test"], str(splits_file)
     else:
