@@ -64,7 +64,13 @@ class Recorder:
             init = {"name": run_name, "id": run_id, "resume": "allow", "dir": str(artifact_dir), "job_type": job}
             if wandb_entity:
                 init["entity"] = wandb_entity
-            accelerator.init_trackers(wandb_project, config=config, init_kwargs={"wandb": init})
+            try:
+                accelerator.init_trackers(wandb_project, config=config, init_kwargs={"wandb": init})
+            except Exception as error:  # e.g. online mode without an API key
+                from smptrain.errors import UserError
+
+                raise UserError(f"wandb could not start for log.wandb_project = {wandb_project!r}: "
+                                f"{str(error).splitlines()[0]} (run `wandb login`, or set WANDB_MODE=offline)") from None
 
     def log(self, record: dict, step: int | None, write_jsonl: bool = True) -> None:
         if not self.main:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -112,8 +113,13 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
         except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
             raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
         say(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
-    recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
-                        to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None)
+    try:
+        recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
+                            to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None)
+    except UserError:
+        if not meta and accelerator.is_main_process:
+            shutil.rmtree(run_dir)  # made a moment ago by this run (config and splits only): leave no debris
+        raise
     stop = StopSignal()
     describe = dict(run_name=run_name, run_id=run_id, world_size=world, mixed_precision=precision,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),

@@ -177,3 +177,11 @@ def test_converting_to_an_unwritable_directory(trained_run, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run(["python", "-m", "smptrain.train", "--config", str(tmp_path / "nope.toml"), "--debug"])
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_wandb_that_cannot_start_is_a_clear_error(base, tmp_path):
+    config = tiny_config(tmp_path, base, log={"wandb_project": "needs-login", "run_name": "online"})
+    result = run(["python", "-m", "smptrain.train", "--config", str(config)], WANDB_MODE="online",
+                 HOME=str(tmp_path), WANDB_API_KEY="", WANDB_DIR=str(tmp_path))
+    assert_clear_error(result, "wandb could not start", "WANDB_MODE=offline")
+    assert not (tmp_path / "artifacts" / "online").exists()  # no half-made run directory

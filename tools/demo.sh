@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 export WANDB_MODE=${WANDB_MODE:-offline}
 RUN=${RUN:-demo-$(date +%Y%m%d-%H%M%S)}
-.venv/bin/smptrain-demo-data .demo/data --overwrite
+.venv/bin/smptrain-demo-data data/demo --overwrite
 .venv/bin/smptrain-inspect --config configs/demo.toml --json .demo/splits.json
 .venv/bin/python -m smptrain.train --config configs/demo.toml --set log.run_name="$RUN"
 .venv/bin/smptrain-test ".demo/artifacts/$RUN"
