@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in default: set up, generate demo data, train, test and convert (about 3 minutes on 2 CPU cores).
+# The main job on the built-in default: set up, generate demo data, train, test and convert (about 70 s on 2 CPU cores after the first install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
