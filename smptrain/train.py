@@ -301,7 +301,7 @@ def diverged(state: TrainState, run_dir: Path, epoch: int, what: str, x, batch, 
     cause = f" the batch holds non-finite inputs in zarr rows {rows[:10]};" if rows else ""
     return TrainingStopped(
         f"training stopped at step {state.step + 1} (epoch {epoch}): {what} is not finite;{cause} the weights were not "
-        f"updated. The last good checkpoint is {where}; lower train.lr (now diverging) or fix the data, then "
+        f"updated. The last good checkpoint is {where}; lower train.lr or fix the data, then "
         f"resume with --resume {run_dir}"
     )
 
