@@ -52,12 +52,12 @@ def _flip(dim: int):
 
 
 def _rotate(x, y, k: torch.Tensor):
-    x, y = x.clone(), y.clone()
+    """Rotate sample i by k[i] quarter turns. Every rotation of the whole batch is computed and selected per sample,
+    which costs a few copies but no host sync (selecting a subset would need its size on the host)."""
     for turns in (1, 2, 3):
-        index = (k == turns).nonzero().flatten()
-        if len(index):
-            x[index] = torch.rot90(x[index], turns, dims=(-2, -1))
-            y[index] = torch.rot90(y[index], turns, dims=(-2, -1))
+        selected = k == turns
+        x = _where(selected, torch.rot90(x, turns, dims=(-2, -1)), x)
+        y = _where(selected, torch.rot90(y, turns, dims=(-2, -1)), y)
     return x, y
 
 
@@ -76,12 +76,10 @@ def _d4(x, y, generator):
 def _blur(x, y, generator):
     selected = _chance(x, generator)
     size = 3 + 2 * torch.randint(0, 3, (x.shape[0],), device=x.device, generator=generator)
-    out = x.clone()
-    for k in (3, 5, 7):
-        index = (selected & (size == k)).nonzero().flatten()
-        if len(index):
-            padded = F.pad(x[index], (k // 2,) * 4, mode="reflect")
-            out[index] = F.avg_pool2d(padded, k, stride=1)
+    out = x
+    for k in (3, 5, 7):  # the whole batch at each size, selected per sample (no host sync, as in _rotate)
+        blurred = F.avg_pool2d(F.pad(x, (k // 2,) * 4, mode="reflect"), k, stride=1)
+        out = _where(selected & (size == k), blurred, out)
     return out, y
 
 
@@ -99,7 +97,7 @@ def _multiplicative_noise(x, y, generator):
     return _where(selected, (x * noise).clamp(0, 1), x), y
 
 
-_TRANSFORMS = {
+_TRANSFORMS = {  # the names train.augment accepts (AUGMENTATIONS, below)
     "HorizontalFlip": _flip(-1),
     "VerticalFlip": _flip(-2),
     "RandomRotate90": _rotate90,
@@ -108,3 +106,4 @@ _TRANSFORMS = {
     "RandomBrightnessContrast": _brightness_contrast,
     "MultiplicativeNoise": _multiplicative_noise,
 }
+AUGMENTATIONS = tuple(_TRANSFORMS)

@@ -15,17 +15,106 @@ weights are safetensors, metadata JSON, and Accelerate loads optimizer and RNG s
 
 from __future__ import annotations
 
+import datetime
 import json
+import math
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+import smptrain
 from smptrain.errors import UserError
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MONITOR = "val/JaccardIndex"
+
+
+@dataclass
+class TrainState:
+    """Counters that make a run resumable; stored as JSON in every checkpoint's meta.json."""
+
+    epoch: int = 0  # epoch in progress (or next to run)
+    micro_step: int = 0  # micro-batches of `epoch` already done (non-zero only for a mid-epoch checkpoint)
+    step: int = 0  # optimizer steps so far
+    validations: int = 0
+    best: float | None = None  # best val/JaccardIndex
+    bad_validations: int = 0  # validations since the best one
+    top_k: list = field(default_factory=list)  # [[val/JaccardIndex, checkpoint name]], best first
+    early_stopped: bool = False
+
+
+class CheckpointKeeper:
+    """A run's checkpoints, as timm's CheckpointSaver keeps them: which are kept (the top-k by val/JaccardIndex),
+    which is `best` and which `last`, the metadata written with each, and the one save -> link -> prune sequence.
+
+    All ranks call `save_*` (Accelerate's save_state and the checksum gather are collective); only the main process
+    touches files.
+    """
+
+    def __init__(self, accelerator, run_dir: Path, describe: dict, top_k: int, state: TrainState):
+        self.accelerator, self.run_dir, self.describe, self.top_k, self.state = accelerator, run_dir, describe, top_k, state
+
+    def select(self, value: float, name: str) -> bool:
+        """Early-stopping and top-k bookkeeping after a validation; returns whether `value` is a new best."""
+        state = self.state
+        state.validations += 1
+        finite = math.isfinite(value)
+        improved = finite and (state.best is None or value > state.best)  # strictly, as Lightning's EarlyStopping
+        if improved:
+            state.best, state.bad_validations = value, 0
+        else:
+            state.bad_validations += 1
+        if finite and self.top_k > 0 and (len(state.top_k) < self.top_k or value > state.top_k[-1][0]):
+            state.top_k = sorted([*state.top_k, [value, name]], key=lambda entry: -entry[0])[:self.top_k]
+        return improved
+
+    def save_interrupted(self, model, epoch: int) -> None:
+        """`last` at the current step, mid-epoch if need be (Ctrl-C / SIGTERM)."""
+        self.save(model, epoch, {}, checkpoint_name(epoch, self.state.step, None))
+
+    @property
+    def best_name(self) -> str | None:
+        return self.state.top_k[0][1] if self.state.top_k else None
+
+    def save(self, model, epoch: int, metrics: dict, name: str) -> None:
+        """Write checkpoint `name` with its metadata, make it `last` (and `best` the top of the top-k), prune."""
+        accelerator = self.accelerator
+        meta = {**self.describe, "epoch": epoch, "step": self.state.step, "metrics": metrics,
+                "train_state": asdict(self.state), "time": now(), "smptrain_version": smptrain.__version__,
+                "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
+        save_checkpoint(accelerator, model, self.run_dir, name, meta)
+        if accelerator.is_main_process:
+            point(self.run_dir, "last", name)
+            point(self.run_dir, "best", self.best_name)
+            prune(self.run_dir, {entry[1] for entry in self.state.top_k})
+
+
+def parameter_checksums(accelerator, model) -> list[float]:
+    """Every rank's sum of its parameters and buffers (one small gather, all ranks): equal values prove the
+    replicas agree."""
+    with torch.no_grad():
+        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
+        total = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
+    return [float(v) for v in accelerator.gather(total.to(accelerator.device)).cpu()]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "segmentation-models-pytorch", "timm", "accelerate", "numpy", "zarr", "tensorstore"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,15 +16,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smptrain.augment import AUGMENTATIONS
+from smptrain.dataset import READERS
 from smptrain.errors import UserError
-
-SPLIT_METHODS = ("random", "region", "sample", "none")
-FOLD_METHODS = ("kfold", "shuffle", "stratified", "region", "region-stratified", "none")
-AUGMENTATIONS = (
-    "HorizontalFlip", "VerticalFlip", "RandomRotate90", "D4", "Blur", "RandomBrightnessContrast",
-    "MultiplicativeNoise",
-)
-MIXED_PRECISION = ("no", "bf16", "fp16")
+from smptrain.feed import MEMORY_DEVICES
+from smptrain.losses import LOSSES
+from smptrain.runtime import PRECISION_CHOICES
+from smptrain.splits import FOLD_METHODS, SPLIT_METHODS
 # DARTS train-smp flag names (hyphens as underscores) -> our section.key, for "did you mean" messages.
 DARTS_NAMES = {
     "train_data_dir": "data.dir", "data_split_method": "data.split_method", "data_split_by": "data.split_by",
@@ -50,6 +48,8 @@ class DataConfig:
     fold: int = 0  # which fold is the validation set (0-based)
     num_workers: int = 2  # DataLoader worker processes for zarr reads (ignored when in_memory)
     in_memory: bool = False  # read the train/val/test patches into RAM once instead of from zarr every epoch
+    memory_device: str = "auto"  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
+    reader: str = "auto"  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
 
 
 @dataclass(frozen=True)
@@ -66,18 +66,22 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate of epoch 0
     weight_decay: float = 0.01  # AdamW decoupled weight decay (torch default)
     gamma: float = 0.9  # the learning rate of epoch e is lr * gamma**e
+    loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
     focal_alpha: float | None = None  # focal loss positive-class weight in [0, 1]; none = no class weighting
     focal_gamma: float = 2.0  # focal loss focusing exponent
+    tversky_alpha: float = 0.5  # Tversky loss weight of false positives (0.5 and 0.5 = Dice)
+    tversky_beta: float = 0.5  # Tversky loss weight of false negatives
     augment: tuple[str, ...] = ()  # train-only augmentations in order, from the DARTS list (see README)
     val_every_n_epochs: int = 3  # validate after every n-th epoch (and after the last one)
     early_stopping_patience: int = 5  # stop after this many validations without a better val/JaccardIndex; 0 = off
     save_top_k: int = 1  # how many best checkpoints (by val/JaccardIndex) to keep besides last
-    mixed_precision: str = "no"  # no | bf16 | fp16 (fp16 needs a CUDA GPU); `accelerate launch --mixed_precision` wins
+    mixed_precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | no | bf16 | fp16 (CUDA only); `accelerate launch --mixed_precision` wins
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip_norm: float = 0.0  # clip the global gradient norm to this value; 0 = off
     seed: int = 42  # seeds python, numpy, torch, the data order and the augmentations
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (exported weights stay prefix-free)
+    deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS kernels, so a resumed run is bitwise exact (slower)
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,7 @@ class LogConfig:
     preview_every_n_val: int = 5  # write a preview grid every n-th validation; 0 = never
     wandb_project: str = ""  # log to this Weights & Biases project; empty = no wandb (WANDB_MODE is honoured)
     wandb_entity: str = ""  # wandb entity (team or user); empty = your default entity
+    wandb_group: str = ""  # wandb group of the run (cross-validation and tuning set it); empty = none
 
 
 @dataclass(frozen=True)
@@ -183,6 +188,8 @@ def _toml_value(value) -> str:
         return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return str(value)
@@ -210,6 +217,11 @@ def _coerce(value, annotation, key: str, source: str):
                 errors.append(error)
         names = " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
         raise UserError(f"{key} in {source} must be {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict) or not value:
+            raise UserError(f"{key} in {source} must be a name or a table such as {{focal = 1.0, dice = 0.5}}, got {value!r}")
+        key_type, value_type = args
+        return {_coerce(k, key_type, key, source): _coerce(v, value_type, f"{key}.{k}", source) for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key} in {source} must be a list, got {value!r}")
@@ -253,7 +265,19 @@ def _check_choices(cfg: Config, source: str) -> None:
 
     choice("data.split_method", cfg.data.split_method, SPLIT_METHODS)
     choice("data.fold_method", cfg.data.fold_method, FOLD_METHODS)
-    choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    choice("train.mixed_precision", cfg.train.mixed_precision, PRECISION_CHOICES)
+    losses = {cfg.train.loss: 1.0} if isinstance(cfg.train.loss, str) else cfg.train.loss
+    for name, weight in losses.items():
+        choice("train.loss", name, LOSSES)
+        if not (weight >= 0 and math.isfinite(weight)):
+            raise UserError(f"train.loss.{name} in {source} must be a non-negative weight, got {weight!r}")
+    if not any(losses.values()):
+        raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
+    for key in ("tversky_alpha", "tversky_beta"):
+        if not 0 <= getattr(cfg.train, key) <= 1:
+            raise UserError(f"train.{key} in {source} must be in [0, 1], got {getattr(cfg.train, key)!r}")
+    choice("data.memory_device", cfg.data.memory_device, MEMORY_DEVICES)
+    choice("data.reader", cfg.data.reader, READERS)
     for name in cfg.train.augment:
         choice("train.augment", name, AUGMENTATIONS)
     positive("data.total_folds", cfg.data.total_folds, 2 if cfg.data.fold_method != "none" else 1)

@@ -31,6 +31,7 @@ import smptrain
 from smptrain.checkpoint import clean_state_dict, load_weights, read_meta, resolve
 from smptrain.errors import UserError, report_user_errors
 from smptrain.inference import load_converted
+from smptrain.labels import OUTPUT_CLASSES
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5
@@ -70,10 +71,7 @@ def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dic
         from smptrain.dataset import open_dataset
 
         info = open_dataset(bands_from)
-        missing = [n for n in names if n not in info.bands]
-        if missing:
-            raise UserError(f"{bands_from}/config.toml lacks the band(s) {missing} of {path}")
-        idx = [info.bands.index(n) for n in names]
+        idx = info.indices_of(names, f"{path} was trained on")
         bands = {"bands": names, "band_factors": [float(info.band_factors[i]) for i in idx],
                  "band_offsets": [float(info.band_offsets[i]) for i in idx]}
     return model, bands, state, {"source": "lightning", "run_id": str(config.get("run_id", "")) or None}
@@ -84,7 +82,7 @@ def build_converted(model: dict, bands: dict, state: dict, name: str, framework:
     return {
         "config": {
             "model": {"arch": str(model["arch"]), "encoder_name": str(model["encoder_name"]),
-                      "in_channels": int(model["in_channels"]), "classes": 1},
+                      "in_channels": int(model["in_channels"]), "classes": OUTPUT_CLASSES},
             "bands": {"bands": [str(b) for b in bands["bands"]],
                       "band_factors": [float(f) for f in bands["band_factors"]],
                       "band_offsets": [float(o) for o in bands["band_offsets"]]},

@@ -18,6 +18,7 @@ evaluation hands whole batches to ranks without padding so that metrics do not d
 from __future__ import annotations
 
 import math
+import os
 import random
 import tomllib
 from dataclasses import dataclass
@@ -28,9 +29,11 @@ import pandas as pd
 import torch
 
 from smptrain.errors import UserError
+from smptrain.labels import IGNORE, POSITIVE
 
 REQUIRED_COLUMNS = ("sample_id", "region", "empty")
-IGNORE_INDEX = 2
+READERS = ("auto", "tensorstore", "zarr")  # what data.reader accepts
+_TENSORSTORE_PID = None  # the process that used tensorstore; its forked children must not (tensorstore aborts)
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,14 @@ class DatasetInfo:
                 f"band(s) {unknown} are not in {self.root / 'config.toml'}; the dataset has: {', '.join(self.bands)}"
             )
         return [i for i, name in enumerate(self.bands) if name in names]
+
+    def indices_of(self, names, what: str = "the model uses") -> list[int]:
+        """Channel indices of bands by name, in the order given (a checkpoint's own order)."""
+        missing = [n for n in names if n not in self.bands]
+        if missing:
+            raise UserError(f"{what} band(s) {missing}, which {self.root / 'config.toml'} lacks; it has: "
+                            f"{', '.join(self.bands)}")
+        return [self.bands.index(n) for n in names]
 
     def band_meta(self, indices) -> dict:
         """The three-list band description stored in checkpoints and converted files."""
@@ -152,7 +163,7 @@ def _read_metadata(path: Path, num_rows: int) -> pd.DataFrame:
 
 def check_values(x: np.ndarray, y: np.ndarray, rows, source: str) -> None:
     """Fail on labels outside {0, 1, 2} or non-finite inputs, naming the affected zarr rows."""
-    bad_y = np.asarray(rows)[(y > IGNORE_INDEX).reshape(len(y), -1).any(1)]
+    bad_y = np.asarray(rows)[(y > IGNORE).reshape(len(y), -1).any(1)]
     if len(bad_y):
         raise UserError(f"{source}: y holds values outside {{0, 1, 2}} in {len(bad_y)} patch(es), zarr rows {_few(bad_y)}")
     bad_x = np.asarray(rows)[~np.isfinite(x).reshape(len(x), -1).all(1)]
@@ -163,24 +174,111 @@ def check_values(x: np.ndarray, y: np.ndarray, rows, source: str) -> None:
         )
 
 
+def scan_values(info, block: int = 64) -> dict:
+    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], and `empty` mismatches."""
+    from tqdm.auto import tqdm
+
+    x, y = open_arrays(info.root)
+    rows = np.sort(info.metadata.index.to_numpy())
+    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
+    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
+        part = rows[start:start + block]
+        xb, yb = x.oindex[part], y.oindex[part]
+        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
+        bad_labels += part[(flat_y > IGNORE).any(1)].tolist()
+        finite = np.isfinite(flat_x).all(1)
+        non_finite += part[~finite].tolist()
+        with np.errstate(invalid="ignore"):
+            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
+        has_positive.update(zip(part.tolist(), (flat_y == POSITIVE).any(1).tolist()))
+    empty = info.metadata["empty"].astype(bool)
+    mismatched = [int(r) for r in empty.index if bool(empty[r]) == has_positive[int(r)]]
+    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
+            "empty_mismatch": mismatched, "unreferenced_rows": int(info.num_rows - len(rows))}
+
+
 def _few(rows) -> str:
     rows = [int(r) for r in rows]
     return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
 
 
+class ZarrReader:
+    """Reads rows of `x` (all bands or a subset) and `y` from `root/data.zarr`, with the chunks decoded by
+    tensorstore (C++, concurrent; about 4x zarr-python's rate per process on DARTS' one-chunk-per-band layout) or
+    zarr-python. Same bytes, same values.
+
+    tensorstore cannot be used in a process forked from one that used it (it aborts), so a DataLoader worker whose
+    parent already read with tensorstore falls back to zarr-python; smptrain's own processes read in the main
+    process only where no worker is forked afterwards (in-memory loads, preview samples).
+    """
+
+    def __init__(self, root: Path, reader: str = "auto", threads: int | None = None):
+        self.root, self.threads, self.requested = Path(root), threads, reader
+        self.pid = os.getpid()
+        self.kind = reader if reader != "auto" else ("tensorstore" if _tensorstore_usable() else "zarr")
+        if self.kind == "tensorstore" and not _tensorstore_usable():
+            raise UserError("data.reader = 'tensorstore' but tensorstore cannot be used in this process "
+                            "(not installed, or forked from a process that used it); use data.reader = 'auto'")
+        self.x, self.y = self._open_tensorstore() if self.kind == "tensorstore" else open_arrays(self.root)
+
+    def _open_tensorstore(self):
+        import tensorstore as ts
+
+        global _TENSORSTORE_PID
+        _TENSORSTORE_PID = os.getpid()
+        context = {"data_copy_concurrency": {"limit": self.threads}} if self.threads else {}
+        arrays = []
+        for name in ("x", "y"):
+            path = self.root / "data.zarr" / name
+            driver = "zarr3" if (path / "zarr.json").is_file() else "zarr"
+            try:
+                arrays.append(ts.open({"driver": driver, "kvstore": {"driver": "file", "path": str(path)},
+                                       "context": context}, read=True).result())
+            except Exception as error:  # an array tensorstore cannot open (an unusual codec): zarr-python can
+                if self.requested == "tensorstore":
+                    raise UserError(f"{path} cannot be opened with tensorstore: {str(error)[:200]}") from None
+                self.kind = "zarr"
+                return open_arrays(self.root)
+        return arrays
+
+    def read(self, rows: np.ndarray, bands: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
+        """x float32 [len(rows), C, P, P] and y uint8 [len(rows), P, P] for increasing zarr `rows`."""
+        try:
+            x = self.x.oindex[rows] if bands is None else self.x.oindex[rows, bands]
+            y = self.y.oindex[rows]
+            if self.kind == "tensorstore":
+                x, y = x.read().result(), y.read().result()
+        except Exception as error:
+            raise UserError(f"{self.root / 'data.zarr'}: zarr rows {_few(rows)} cannot be read: "
+                            f"{str(error).splitlines()[0][:200]}") from None
+        return np.asarray(x).astype(np.float32, copy=False), np.asarray(y).astype(np.uint8, copy=False)
+
+
+def _tensorstore_usable() -> bool:
+    if _TENSORSTORE_PID not in (None, os.getpid()):
+        return False
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of some zarr rows, fetched a whole batch at a time (`__getitems__`).
 
-    From zarr, each worker opens the arrays lazily and reads the batch's rows in one orthogonal selection (zarr
-    fetches the chunks concurrently). In memory, the rows are read once and a batch is an index into a tensor.
+    From zarr, each worker opens the arrays lazily and reads the batch's rows in one orthogonal selection. In
+    memory, the rows are read once and a batch is an index into a tensor, which `to_device` may move to the GPU.
     """
 
-    def __init__(self, info: DatasetInfo, rows, band_indices, in_memory: bool = False):
+    def __init__(self, info: DatasetInfo, rows, band_indices, in_memory: bool = False, reader: str = "auto"):
         self.root = info.root
         self.rows = np.asarray(rows, dtype=np.int64)
         self.band_indices = list(band_indices)
         self.all_bands = self.band_indices == list(range(len(info.bands)))
-        self._arrays = None
+        self.reader_kind = reader
+        self.read_threads = None  # tensorstore threads per process; make_loader divides the cores among workers
+        self._reader = None
         self.memory = None
         if in_memory:
             x, y = self._read(self.rows)
@@ -190,11 +288,20 @@ class PatchDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.memory) if self.memory is not None else 0
+
+    def to_device(self, device: torch.device) -> None:
+        """Hold the in-memory patches on `device` (batches are then gathered there, with no host work)."""
+        self.memory = tuple(t.to(device) for t in self.memory)
+
     def __getitems__(self, positions):
         positions = np.asarray(positions, dtype=np.int64)
         index = torch.from_numpy(positions)
         if self.memory is not None:
-            return self.memory[0][index], self.memory[1][index], index
+            index_on = index.to(self.memory[0].device)
+            return self.memory[0][index_on].cpu(), self.memory[1][index_on].cpu(), index
         x, y = self._read(self.rows[positions])
         check_values(x, y, self.rows[positions], str(self.root / "data.zarr"))
         return torch.from_numpy(x), torch.from_numpy(y), index
@@ -204,24 +311,23 @@ class PatchDataset(torch.utils.data.Dataset):
         return x[0], y[0], index[0]
 
     def _read(self, rows: np.ndarray, block: int = 256):
-        if self._arrays is None:
-            self._arrays = open_arrays(self.root)
-        xa, ya = self._arrays
+        if self._reader is None or self._reader.pid != os.getpid():  # a forked worker opens its own
+            self._reader = ZarrReader(self.root, self.reader_kind, self.read_threads)
         order = np.argsort(rows, kind="stable")
         xs, ys = [], []
         for start in range(0, len(rows), block):
             part = rows[order[start:start + block]]
-            xs.append(xa.oindex[part] if self.all_bands else xa.oindex[part, self.band_indices])
-            ys.append(ya.oindex[part])
-        x = np.concatenate(xs).astype(np.float32, copy=False)
-        y = np.concatenate(ys).astype(np.uint8, copy=False)
+            x, y = self._reader.read(part, None if self.all_bands else self.band_indices)
+            xs.append(x)
+            ys.append(y)
+        x, y = np.concatenate(xs), np.concatenate(ys)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return np.ascontiguousarray(x[inverse]), np.ascontiguousarray(y[inverse])
 
     def __getstate__(self):
-        # zarr arrays are reopened in each worker instead of being pickled across the fork/spawn boundary.
-        return {**self.__dict__, "_arrays": None}
+        # Arrays are reopened in each worker instead of being pickled across the fork/spawn boundary.
+        return {**self.__dict__, "_reader": None}
 
 
 class TrainBatches(torch.utils.data.Sampler):
@@ -274,11 +380,12 @@ def _batch(items):
 
 
 def _seed_worker(worker_id: int) -> None:
-    # Ctrl-C is handled by the main process, which stops at a step boundary and writes a checkpoint; a worker
-    # dying on the same SIGINT would break that.
+    # Ctrl-C and SIGTERM (SLURM sends it to every process of the job) are handled by the main process, which stops
+    # at a step boundary, writes a checkpoint and then shuts its workers down; a worker dying first would break that.
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Workers only read data, but seed them anyway (distinct per rank and worker) so that any randomness a user
     # adds to a dataset is reproducible.
     seed = torch.initial_seed() % 2**32
@@ -286,16 +393,34 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
 
 
+def _kill_leftover_workers() -> None:
+    """At exit, SIGKILL DataLoader workers still alive (they only read). Workers ignore SIGTERM, which is what
+    multiprocessing's own exit handler would send them before joining, so without this an exit that did not shut
+    a loader down (an error raised while iterating it) would wait for them forever."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
 def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bool, seed: int, rank: int):
     """A DataLoader over whole batches; workers only for zarr reads, persistent so an epoch starts at once."""
     workers = 0 if dataset.memory is not None else num_workers
+    if workers:
+        dataset.read_threads = max(1, (os.cpu_count() or 1) // workers)  # tensorstore threads per worker
+        import atexit
+
+        atexit.unregister(_kill_leftover_workers)
+        atexit.register(_kill_leftover_workers)  # runs before multiprocessing's handler (registered earlier)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
         collate_fn=_batch,
         num_workers=workers,
-        pin_memory=pin_memory,
+        pin_memory=pin_memory and (dataset.memory is None or dataset.memory[0].device.type == "cpu"),
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         worker_init_fn=_seed_worker if workers > 0 else None,

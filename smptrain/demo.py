@@ -19,6 +19,7 @@ import click
 import numpy as np
 
 from smptrain.errors import UserError, report_user_errors
+from smptrain.labels import IGNORE, POSITIVE
 
 BANDS = ("blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope")
 FACTORS = (1 / 3000, 1 / 3000, 1 / 3000, 1 / 3000, 1 / 20000, 1 / 30000, 1 / 90)
@@ -59,7 +60,7 @@ def make_patch(rng: np.random.Generator, size: int, region: int):
         x[4, mask] -= 0.25
         x[5, mask] -= 0.18
         x[6, rim] += 0.35
-        y[mask] = 1
+        y[mask] = POSITIVE
     for _ in range(rng.integers(0, 3)):  # distractors: bare rock (bright, flat) or lakes (dark, flat)
         mask = _blob(rng, size, radius * rng.uniform(0.7, 1.3)) & (y == 0)
         if rng.random() < 0.5:
@@ -72,9 +73,9 @@ def make_patch(rng: np.random.Generator, size: int, region: int):
     x = np.clip(x, 0, 1)
     if rng.random() < 0.25:  # a cloud: invalid pixels are ignored (2) and zeroed in x
         cloud = _blob(rng, size, radius * 1.5)
-        y[cloud] = 2
+        y[cloud] = IGNORE
         x[:, cloud] = 0
-    return x, y, bool((y == 1).any())
+    return x, y, bool((y == POSITIVE).any())
 
 
 def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: int = 0) -> Path:

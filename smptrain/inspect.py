@@ -14,34 +14,11 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
-from tqdm.auto import tqdm
 
 from smptrain.cli import config_options, resolve_config
-from smptrain.dataset import open_arrays, open_dataset
+from smptrain.dataset import open_dataset, scan_values
 from smptrain.errors import UserError, report_user_errors
 from smptrain.splits import make_splits, split_fold, split_stats, split_test
-
-
-def scan_values(info, block: int = 64) -> dict:
-    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], and `empty` mismatches."""
-    x, y = open_arrays(info.root)
-    rows = np.sort(info.metadata.index.to_numpy())
-    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
-    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
-        part = rows[start:start + block]
-        xb, yb = x.oindex[part], y.oindex[part]
-        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
-        bad_labels += part[(flat_y > 2).any(1)].tolist()
-        finite = np.isfinite(flat_x).all(1)
-        non_finite += part[~finite].tolist()
-        with np.errstate(invalid="ignore"):
-            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
-        has_positive.update(zip(part.tolist(), (flat_y == 1).any(1).tolist()))
-    empty = info.metadata["empty"].astype(bool)
-    mismatched = [int(r) for r in empty.index if bool(empty[r]) == has_positive[int(r)]]
-    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
-            "empty_mismatch": mismatched, "unreferenced_rows": int(info.num_rows - len(rows))}
 
 
 def describe(name: str, stats: dict) -> str:

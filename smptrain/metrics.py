@@ -19,6 +19,8 @@ import math
 import numpy as np
 import torch
 
+from smptrain.labels import BACKGROUND, IGNORE, POSITIVE
+
 NUM_THRESHOLDS = 20
 THRESHOLDS = torch.linspace(0, 1, NUM_THRESHOLDS)  # float32, exactly torchmetrics' thresholds=20
 PIXEL_STATS = 4 + 2 * (NUM_THRESHOLDS + 1)
@@ -32,12 +34,18 @@ PIXEL_NAMES = ("Accuracy", "Precision", "Specificity", "Recall", "F1Score", "Jac
 def pixel_stats(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample pixel counts. probs: (B, H, W) float in [0, 1]; y: (B, H, W) in {0, 1, 2}. Returns int64 (B, 46).
 
-    Uses `index_add_` into fixed-size buffers, so nothing waits for the device (no data-dependent shapes).
+    Two implementations with identical results (tested), neither waiting for the device: on the CPU one scatter
+    into per-sample counters is the fastest; on a GPU that scatter serialises every pixel on a handful of atomics,
+    so there the counts come from comparisons and per-sample sums.
     """
+    return (pixel_stats_scatter if probs.device.type == "cpu" else pixel_stats_compare)(probs, y)
+
+
+def pixel_stats_scatter(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     b = probs.shape[0]
     bins = NUM_THRESHOLDS + 1
-    valid = (y != 2).flatten(1)
-    target = (y == 1).flatten(1).long()
+    valid = (y != IGNORE).flatten(1)
+    target = (y == POSITIVE).flatten(1).long()
     sample = torch.arange(b, device=probs.device).unsqueeze(1)
     ones = torch.ones_like(target)
     # confusion at 0.5: code t*2 + p in 0..3, invalid pixels into slot 4 (dropped)
@@ -50,6 +58,28 @@ def pixel_stats(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     histogram = torch.zeros(b * (2 * bins + 1), dtype=torch.long, device=probs.device).index_add_(
         0, code.flatten(), ones.flatten())
     return torch.cat([confusion.view(b, 5)[:, :4], histogram.view(b, 2 * bins + 1)[:, :2 * bins]], 1)
+
+
+def pixel_stats_compare(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    b = probs.shape[0]
+    probs, y = probs.flatten(1).float(), y.flatten(1)
+    positive, negative = y == POSITIVE, y == BACKGROUND
+    pred = probs > 0.5
+    tp, fp = (pred & positive).sum(1), (pred & negative).sum(1)
+    n_pos, n_neg = positive.sum(1), negative.sum(1)
+    # Pixels with prob >= t_j for the 20 thresholds; ignored pixels get -1, below every threshold.
+    scored = torch.where(positive | negative, probs, torch.full_like(probs, -1.0))
+    above = scored.unsqueeze(1) >= THRESHOLDS.to(probs.device).view(1, -1, 1)  # (B, 20, H*W)
+    pos_at = (above & positive.unsqueeze(1)).sum(2)
+    neg_at = above.sum(2) - pos_at
+    zero = torch.zeros_like(n_pos).unsqueeze(1)
+
+    def histogram(total, at):  # bin k = pixels with exactly k thresholds <= prob = (>= t_{k-1}) - (>= t_k)
+        cumulative = torch.cat([total.unsqueeze(1), at, zero], 1)
+        return cumulative[:, :-1] - cumulative[:, 1:]
+
+    confusion = torch.stack([n_neg - fp, fp, n_pos - tp, tp], 1)
+    return torch.cat([confusion, histogram(n_neg, neg_at), histogram(n_pos, pos_at)], 1).view(b, PIXEL_STATS)
 
 
 def _safe(num, den, zero=0.0):
@@ -161,7 +191,7 @@ def match_objects(pred: np.ndarray, target: np.ndarray, threshold: float = MATCH
 
 def instance_stats(prob: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One sample's object counts: int64 (63,) = (tp, fp, fn) at 0.5, then at each curve threshold."""
-    valid, target = y != 2, y == 1
+    valid, target = y != IGNORE, y == POSITIVE
     rows = [match_objects((prob > 0.5) & valid, target)]
     thresholds = THRESHOLDS.numpy()
     for t in thresholds:
@@ -177,7 +207,7 @@ def boundary_stats(prob: np.ndarray, y: np.ndarray) -> np.ndarray:
     """One sample's boundary intersection and union (int64 (2,)); empty masks contribute 0 and 0."""
     from scipy.ndimage import binary_erosion
 
-    valid, target = y != 2, y == 1
+    valid, target = y != IGNORE, y == POSITIVE
     pred = (prob > 0.5) & valid
     width = boundary_width(*y.shape)
 

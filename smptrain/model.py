@@ -1,4 +1,4 @@
-"""The network and the loss. The model knows nothing about training; it returns logits (N, 1, H, W).
+"""The network. The model knows nothing about training; it returns logits (N, 1, H, W).
 
 DARTS builds the model with `activation="sigmoid"` and feeds its probabilities to a focal loss that expects logits
 (a double sigmoid, darts-contract §4). smptrain builds it without an activation and trains on logits; inference
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from smptrain.dataset import IGNORE_INDEX
 from smptrain.errors import UserError
+from smptrain.labels import OUTPUT_CLASSES
 
 
 def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str = "none") -> torch.nn.Module:
@@ -27,7 +27,8 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
             f"downloaded, give the path of an encoder state dict"
         )
     try:
-        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels, classes=1)
+        model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                                 classes=OUTPUT_CLASSES)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         message = str(error).strip("'\"").split("\n")[0]
         raise UserError(f"model.arch = {arch!r} with model.encoder = {encoder!r} cannot be built: {message}") from None
@@ -89,28 +90,6 @@ def check_patch_size(model: torch.nn.Module, arch: str, patch_size: int) -> None
             f"patch size {patch_size} is not divisible by {stride}, the output stride of {arch} with this encoder; "
             f"use patches of {patch_size // stride * stride or stride} or {(patch_size // stride + 1) * stride} pixels"
         )
-
-
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float | None, gamma: float):
-    """Binary focal loss on logits with label-2 pixels ignored (smp's `focal_loss_with_logits` per pixel).
-
-    Args:
-        logits: (B, 1, H, W) or (B, H, W) raw model outputs (any float dtype; computed in fp32).
-        y: (B, H, W) uint8 labels in {0, 1, 2}.
-    Returns:
-        (mean over the batch's valid pixels, per-sample loss sums (B,), per-sample valid-pixel counts (B,)).
-        A batch without valid pixels gives a loss of exactly 0 with zero gradients instead of NaN.
-    """
-    from segmentation_models_pytorch.losses._functional import focal_loss_with_logits
-
-    logits = logits.reshape(y.shape).float()
-    valid = y != IGNORE_INDEX
-    target = (y == 1).float()
-    per_pixel = focal_loss_with_logits(logits, target, gamma=gamma, alpha=alpha, reduction="none")
-    per_pixel = torch.where(valid, per_pixel, torch.zeros_like(per_pixel))
-    sums = per_pixel.flatten(1).sum(1)
-    counts = valid.flatten(1).sum(1)
-    return sums.sum() / counts.sum().clamp(min=1), sums, counts
 
 
 def segmentation_logits(model: torch.nn.Module, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

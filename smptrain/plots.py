@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from smptrain.labels import IGNORE, POSITIVE
+
 
 def _pyplot():
     import matplotlib
@@ -33,13 +35,13 @@ def composite(x: np.ndarray, bands) -> np.ndarray:
 
 
 def error_overlay(image: np.ndarray, prob: np.ndarray, y: np.ndarray) -> np.ndarray:
-    pred, target = prob > 0.5, y == 1
+    pred, target = prob > 0.5, y == POSITIVE
     out = image * 0.55
     colours = {(1, 1): (0.1, 0.9, 0.1), (1, 0): (0.95, 0.1, 0.1), (0, 1): (0.1, 0.4, 1.0)}
     for (p, t), colour in colours.items():
-        mask = (pred == bool(p)) & (target == bool(t)) & (y != 2)
+        mask = (pred == bool(p)) & (target == bool(t)) & (y != IGNORE)
         out[mask] = colour
-    out[y == 2] = (0.6, 0.6, 0.6)
+    out[y == IGNORE] = (0.6, 0.6, 0.6)
     return out
 
 
@@ -50,7 +52,7 @@ def sample_grid(xs, ys, probs, bands, titles, path: Path, heading: str) -> Path:
     fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.6), squeeze=False)
     for i in range(rows):
         image = composite(xs[i], bands)
-        label = np.where(ys[i] == 2, 0.5, ys[i] == 1)
+        label = np.where(ys[i] == IGNORE, 0.5, ys[i] == POSITIVE)
         panels = [(image, None, "image"), (label, "gray", "label (grey = ignored)"),
                   (probs[i], "magma", "probability"), (error_overlay(image, probs[i], ys[i]), None, "TP / FP / FN")]
         for j, (data, cmap, name) in enumerate(panels):
@@ -112,3 +114,4 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+

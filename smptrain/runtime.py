@@ -1,41 +1,104 @@
-"""The Accelerator: device, precision and process group, set up the same way by every command.
+"""The Accelerator: device, precision, determinism and process group, set up the same way by every command.
 
 Two traps this avoids (environment.md §3): under `accelerate launch --multi_gpu` on a machine without CUDA,
 `Accelerator()` silently runs N independent single-process jobs, so we pass `cpu=True` there and get a real gloo
 process group; and fp16 on the CPU is a silent no-op in Accelerate, so we refuse it with a clear error.
+
+`mixed_precision = "auto"` picks bf16 where the hardware computes it natively and fp32 elsewhere: CPUs without
+native bf16 (AVX2-only x86, for instance) emulate it about 15x slower than fp32.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
 from smptrain.errors import UserError
 
+PRECISIONS = ("no", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # what train.mixed_precision accepts
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes bf16 in hardware: the x86 flags `avx512_bf16` or `amx_bf16`, or the Arm feature
+    `bf16` (read from /proc/cpuinfo; False where it cannot be read)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags = set(value.split())
+            return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return False
+
+
+def choose_precision(configured: str) -> tuple[str, str]:
+    """(precision, why) for the config's train.mixed_precision. `accelerate launch --mixed_precision X` (X other
+    than 'no') wins; 'auto' becomes bf16 or 'no' (fp32) by what the hardware computes natively."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if launched != "no":
+        precision, why = launched, "from accelerate launch --mixed_precision"
+    elif configured == "auto":
+        if torch.cuda.is_available():
+            native = torch.cuda.is_bf16_supported()
+            precision = "bf16" if native else "no"
+            why = f"auto: {torch.cuda.get_device_name()} {'supports' if native else 'lacks'} bf16"
+        else:
+            native = cpu_has_native_bf16()
+            precision = "bf16" if native else "no"
+            why = (f"auto: this CPU ({platform.machine()}) "
+                   f"{'has native bf16' if native else 'has no native bf16, which would be emulated slowly'}")
+    else:
+        precision, why = configured, "train.mixed_precision"
+    if precision not in PRECISIONS:
+        raise UserError(f"mixed precision {precision!r} is not supported; use auto, no, bf16 or fp16")
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'auto' on the CPU")
+    return precision, why
+
 
 def resolve_precision(configured: str) -> str:
-    """`accelerate launch --mixed_precision X` (X other than 'no') wins over the config's train.mixed_precision."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
-    precision = launched if launched != "no" else configured
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' on the CPU (about 2x faster here)")
-    if precision not in ("no", "bf16", "fp16"):
-        raise UserError(f"mixed precision {precision!r} is not supported; use no, bf16 or fp16")
-    return precision
+    return choose_precision(configured)[0]
 
 
-def make_accelerator(precision: str = "no", log_with: str | None = None, grad_accum_steps: int = 1):
+def describe_precision(precision: str) -> str:
+    return {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[precision]
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic CUDA kernels (cuDNN, cuBLAS, scatter/index ops), or the fastest ones.
+
+    On the CPU smptrain's results are exact without this. On CUDA, cuDNN's benchmark mode picks kernels by timing
+    and several backward kernels accumulate with atomics, so two runs (or a run and its resumed continuation)
+    differ in the last bits and then drift apart. `warn_only`: an op without a deterministic kernel (bilinear
+    upsampling's backward, used by DeepLabV3+) warns instead of stopping the run.
+    """
+    if deterministic:
+        # cuBLAS reads this when it creates its handle, i.e. at the first matmul: set it before any CUDA work.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.deterministic = deterministic
+        # Fixed input sizes: unless exactness is asked for, let cuDNN time and pick the fastest kernels.
+        torch.backends.cudnn.benchmark = not deterministic
+        # TF32 matmuls as DARTS' "medium"/"high" precision; deterministic either way.
+        torch.set_float32_matmul_precision("high")
+
+
+def make_accelerator(precision: str = "no", log_with: str | None = None, grad_accum_steps: int = 1,
+                     deterministic: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    cpu = not torch.cuda.is_available()
-    if torch.cuda.is_available():
-        # Fixed input sizes: let cuDNN pick the fastest kernels; TF32 matmuls as DARTS' "medium"/"high" precision.
-        torch.backends.cudnn.benchmark = True
-        torch.set_float32_matmul_precision("high")
+    configure_determinism(deterministic)
     return Accelerator(
-        cpu=cpu,
+        cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=log_with,
         gradient_accumulation_steps=grad_accum_steps,
@@ -43,6 +106,15 @@ def make_accelerator(precision: str = "no", log_with: str | None = None, grad_ac
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False,
     )
+
+
+def end_processes() -> None:
+    """Close the process group at the end of a command (every rank). `train()` leaves it open, so that
+    cross-validation and tuning can run several trainings in the same launched processes."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def to_device(batch, device: torch.device, channels_last: bool = False):

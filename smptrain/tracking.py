@@ -47,7 +47,8 @@ class Recorder:
     """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks."""
 
     def __init__(self, accelerator, run_dir: Path, wandb_project: str, wandb_entity: str, run_name: str, run_id: str,
-                 config: dict, artifact_dir: Path, resume_step: int | None = None, job: str = "train"):
+                 config: dict, artifact_dir: Path, resume_step: int | None = None, job: str = "train",
+                 group: str = ""):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -64,6 +65,8 @@ class Recorder:
             init = {"name": run_name, "id": run_id, "resume": "allow", "dir": str(artifact_dir), "job_type": job}
             if wandb_entity:
                 init["entity"] = wandb_entity
+            if group:
+                init["group"] = group
             try:
                 accelerator.init_trackers(wandb_project, config=config, init_kwargs={"wandb": init})
             except Exception as error:  # e.g. online mode without an API key

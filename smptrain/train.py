@@ -1,47 +1,53 @@
 """Training: `accelerate launch -m smptrain.train --config configs/base.toml [--set k=v ...] [--resume RUN_DIR]`.
 
-`train()` reads top to bottom: accelerator -> data and splits -> run directory -> model, optimizer -> resume ->
-epochs of (train steps, validation, checkpoint, previews) -> summary. Progress is counted in optimizer steps;
+`train()` reads top to bottom: `set_up()` (accelerator, data, model, run directory, resumed state), then for each
+epoch `train_one_epoch()` and, on DARTS' cadence, `validate_and_keep()`. It returns a `RunResult` (finished,
+early-stopped, pruned, interrupted or diverged) instead of ending the process, so cross-validation and tuning call
+it like any function; `main()` turns the result into an exit status. Progress is counted in optimizer steps;
 DARTS' cadence (learning-rate decay, validation, patience) in epochs and validations.
 
 Exact resume: the data order is a function of (seed, epoch), augmentations of (seed, epoch, micro-step, rank), the
 learning rate of the epoch; weights, optimizer, scaler and RNG come back from Accelerate's state. So training 4
-epochs equals training 2, stopping, and resuming to 4.
+epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.deterministic).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
+import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import click
 import torch
 from tqdm.auto import tqdm
 
-import smptrain
 from smptrain.augment import augment, augment_generator
-from smptrain.checkpoint import MONITOR, checkpoint_name, point, prune, read_meta, save_checkpoint
+from smptrain.checkpoint import MONITOR, CheckpointKeeper, TrainState, checkpoint_name, read_meta
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import Config, dump_toml, to_dict
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset
+from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
 from smptrain.errors import UserError, report_user_errors
-from smptrain.evaluate import evaluate, predict, write_curves
-from smptrain.model import build_model, check_patch_size, focal_loss, segmentation_logits
-from smptrain.runtime import make_accelerator, resolve_precision, to_device
+from smptrain.evaluate import evaluate, sample_figure, write_curves
+from smptrain.feed import feed, place_in_memory
+from smptrain.labels import OUTPUT_CLASSES
+from smptrain.losses import Loss, loss_from_config
+from smptrain.model import build_model, check_patch_size, segmentation_logits
+from smptrain.runtime import choose_precision, describe_precision, end_processes, make_accelerator
 from smptrain.splits import make_splits
 from smptrain.tracking import Recorder, new_run_id, new_run_name
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
 RESUMABLE = {"train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
-             "data.in_memory", "log.log_every_n_steps", "log.preview_every_n_val"}
+             "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
+STATUSES = ("finished", "early-stopped", "pruned", "interrupted", "diverged")
 
 
 class TrainingStopped(UserError):
@@ -49,181 +55,174 @@ class TrainingStopped(UserError):
 
 
 @dataclass
-class TrainState:
-    """Counters that make a run resumable; stored as JSON in every checkpoint's meta.json."""
+class RunResult:
+    """How a run ended: what the CLI, cross-validation and tuning read."""
 
-    epoch: int = 0  # epoch in progress (or next to run)
-    micro_step: int = 0  # micro-batches of `epoch` already done (non-zero only for a mid-epoch checkpoint)
-    step: int = 0  # optimizer steps so far
-    validations: int = 0
-    best: float | None = None  # best val/JaccardIndex
-    bad_validations: int = 0  # validations since the best one
-    top_k: list = field(default_factory=list)  # [[val/JaccardIndex, checkpoint name]], best first
-    early_stopped: bool = False
+    status: str  # one of STATUSES
+    run_dir: Path | None  # None when a new run was interrupted before its first step (nothing was kept)
+    best: dict = field(default_factory=dict)  # metrics of the best validation ({} before the first)
+    last: dict = field(default_factory=dict)  # metrics of the last validation
+    epochs: int = 0
+    steps: int = 0
+    message: str = ""  # why it stopped early
 
 
-def train(cfg: Config, resume: Path | None = None) -> Path:
-    """Train a model as `cfg` says (or continue the run in `resume`); returns the run directory."""
-    precision = resolve_precision(cfg.train.mixed_precision)
-    accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps)
-    rank, world, device, say = accelerator.process_index, accelerator.num_processes, accelerator.device, accelerator.print
+@dataclass
+class Run:
+    """Everything a run's phases share; built once by `set_up()`."""
+
+    cfg: Config
+    accelerator: object
+    precision: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Loss
+    train_set: PatchDataset
+    val_set: PatchDataset
+    batches: TrainBatches
+    train_loader: object
+    val_loader: object
+    run_dir: Path
+    recorder: Recorder
+    keeper: CheckpointKeeper
+    state: TrainState
+    stop: "StopSignal"
+    guard: "NonFiniteGuard | None"
+    previews: list[int]
+    best: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)
+    skipped_in_row: int = 0  # fp16 steps the grad scaler skipped in a row, and in all
+    skipped_total: int = 0
+
+
+def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int, dict], bool] | None = None) -> RunResult:
+    """Train a model as `cfg` says (or continue the run in `resume`). Every rank calls it.
+
+    `on_validation(validations, metrics)` is called after each validation (on every rank, with the same numbers);
+    returning True ends the run there as "pruned" (how tuning drops hopeless trials).
+    """
+    stop = StopSignal()  # before the first step a signal ends the run at once: there is nothing to save yet
+    run = None
+    try:
+        run = set_up(cfg, resume, stop)
+        while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
+            epoch = run.state.epoch
+            # One pass over the training split; False when the ranks agreed to stop for a signal.
+            if not train_one_epoch(run, epoch):
+                return stop_interrupted(run, epoch)
+            # DARTS' cadence: validate every n epochs and after the last one, then select, save and preview.
+            if (epoch + 1) % cfg.train.val_every_n_epochs == 0 or epoch + 1 == cfg.train.max_epochs:
+                validate_and_keep(run, epoch)
+                if on_validation is not None and on_validation(run.state.validations, run.last):
+                    return end(run, "pruned", f"pruned after validation {run.state.validations}")
+        return end(run, "early-stopped" if run.state.early_stopped else "finished")
+    except TrainingStopped as error:  # diverged: nothing more is saved, the last good checkpoint stays
+        return end(run, "diverged", str(error))
+    except Interrupted as interruption:
+        if interruption.undo is not None:
+            interruption.undo()
+        if run is not None:
+            run.recorder.finish()
+        kept = run.run_dir if run is not None and interruption.undo is None else resume
+        return RunResult("interrupted", kept, message=str(interruption))
+    finally:
+        stop.restore()
+
+
+# --- the phases of train(), in the order it uses them -------------------------------------------------------------
+
+
+def set_up(cfg: Config, resume: Path | None, stop: "StopSignal") -> Run:
+    """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
+    resumed state and the trackers."""
+    precision, why = choose_precision(cfg.train.mixed_precision)
+    accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
+                                   cfg.train.deterministic)
+    say = accelerator.print
+    say(f"precision: {describe_precision(precision)} ({why})")
 
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir)
     band_indices = info.band_indices(cfg.data.bands)
     splits = (json.loads((resume / "splits.json").read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
-
-    # The model is initialised from the same seed on every rank; afterwards each rank gets its own stream.
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, len(band_indices), cfg.model.encoder_weights)
-    check_patch_size(model, cfg.model.arch, info.patch_size)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    if cfg.train.compile:
-        model = torch.compile(model)
-    # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_seed(cfg.train.seed, device_specific=True)
-
-    train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory)
-    val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices, cfg.data.in_memory)
-    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps)
-    if batches.steps_per_epoch == 0:
-        raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
-                        f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, batches, cfg.data.num_workers, pin, cfg.train.seed, rank)
-    val_loader = make_loader(val_set, EvalBatches(len(val_set), cfg.train.batch_size, world, rank),
-                             cfg.data.num_workers, pin, cfg.train.seed, rank)
-    preview_positions = pick_previews(info, splits["val"])
+    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size)
+    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices)
 
     # Only now, with data and model checked, the run directory (named once by the main process).
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits)
     state = TrainState(**meta["train_state"]) if meta else TrainState()
     say(f"run directory: {run_dir}")
     if meta:
-        # Weights, optimizer, grad scaler and every rank's RNG, loaded weights-only by Accelerate.
-        state_dir = run_dir / "checkpoints" / "last" / "state"
-        try:
-            accelerator.load_state(str(state_dir))
-        except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
-            raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
-        say(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
+        restore(accelerator, run_dir, run_name, state)
     try:
         recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
-                            to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None)
+                            to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None,
+                            group=cfg.log.wandb_group)
     except UserError:
         if not meta and accelerator.is_main_process:
             shutil.rmtree(run_dir)  # made a moment ago by this run (config and splits only): leave no debris
         raise
-    stop = StopSignal()
-    describe = dict(run_name=run_name, run_id=run_id, world_size=world, mixed_precision=precision,
+    if not meta and accelerator.is_main_process:
+        stop.undo = lambda: shutil.rmtree(run_dir, ignore_errors=True)  # interrupted before any step: no debris
+    describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
-                           "classes": 1},
+                           "classes": OUTPUT_CLASSES},
                     bands=info.band_meta(band_indices), config=to_dict(cfg))
     if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
         state.early_stopped = False  # the patience was raised on resume
-    skipped_in_row = skipped_total = 0
-
-    while state.epoch < cfg.train.max_epochs and not state.early_stopped:
-        epoch = state.epoch
-        lr = cfg.train.lr * cfg.train.gamma ** epoch  # DARTS' ExponentialLR, stepped once per epoch
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches.set_epoch(epoch, start=state.micro_step)
-        model.train()
-        loss_sum, loss_count, wait, window_start = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
-        bar = tqdm(total=batches.steps_per_epoch * cfg.train.grad_accum_steps, initial=state.micro_step,
-                   desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=False)
-        fetch_start = time.perf_counter()
-        for batch in train_loader:
-            wait += time.perf_counter() - fetch_start
-            x, y, _ = to_device(batch, device, cfg.train.channels_last)
-            if cfg.train.augment:
-                x, y = augment(x, y, cfg.train.augment, augment_generator(device, cfg.train.seed, epoch, state.micro_step, rank))
-            with accelerator.accumulate(model):  # no_sync on micro-steps; the loss is scaled by 1/grad_accum_steps
-                loss, _, _ = focal_loss(segmentation_logits(model, x), y, cfg.train.focal_alpha, cfg.train.focal_gamma)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and precision != "fp16":
-                    # Gradients are already averaged over ranks, so every rank sees the same norm and stops together.
-                    norm = gradient_norm(accelerator, model, cfg.train.grad_clip_norm)
-                    if not math.isfinite(norm.item()):
-                        raise diverged(state, run_dir, epoch, "the gradient norm", x, batch, train_set)
-                elif accelerator.sync_gradients and cfg.train.grad_clip_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            state.micro_step += 1
-            loss_sum += loss.detach()
-            loss_count += 1
-            bar.update(1)
-            if accelerator.sync_gradients:
-                state.step += 1
-                if precision == "fp16":  # the scaler skips overflowing steps; many in a row means divergence
-                    skipped_in_row = skipped_in_row + 1 if optimizer.step_was_skipped else 0
-                    skipped_total += int(optimizer.step_was_skipped)
-                    if skipped_in_row >= MAX_SKIPPED_FP16_STEPS:
-                        raise diverged(state, run_dir, epoch, f"{skipped_in_row} consecutive fp16 steps", x, batch, train_set)
-                if state.step % cfg.log.log_every_n_steps == 0:
-                    elapsed = time.perf_counter() - window_start
-                    mean_loss, stopping = reduce_window(accelerator, loss_sum, loss_count, stop.raised)
-                    record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": lr,
-                              "perf/samples_per_s": loss_count * cfg.train.batch_size * world / max(elapsed, 1e-9),
-                              "perf/data_wait_share": wait / max(elapsed, 1e-9),
-                              **({"perf/fp16_skipped_steps": skipped_total} if precision == "fp16" else {})}
-                    recorder.log(record, state.step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['perf/samples_per_s']:.1f}",
-                                    data=f"{record['perf/data_wait_share']:.0%}")
-                    loss_sum, loss_count, wait, window_start = torch.zeros((), device=device), 0, 0.0, time.perf_counter()
-                    if stopping:
-                        bar.close()
-                        return interrupted(accelerator, model, run_dir, state, describe, recorder, epoch)
-            fetch_start = time.perf_counter()
-        bar.close()
-        state.epoch, state.micro_step = epoch + 1, 0
-        recorder.log({"epoch": epoch, "learning_rate": lr}, state.step)
-        if reduce_window(accelerator, loss_sum, loss_count, stop.raised)[1]:
-            return interrupted(accelerator, model, run_dir, state, describe, recorder, epoch)
-
-        if (epoch + 1) % cfg.train.val_every_n_epochs and epoch + 1 != cfg.train.max_epochs:
-            continue
-        average_buffers(accelerator, model)  # every rank validates, and saves, the same BatchNorm statistics
-        evaluation = evaluate(model, val_loader, accelerator, len(val_set), cfg.train.focal_alpha,
-                              cfg.train.focal_gamma, "val", channels_last=cfg.train.channels_last)
-        value = evaluation.metrics[MONITOR]
-        improved = update_selection(state, value, cfg.train.save_top_k, checkpoint_name(epoch, state.step, value))
-        if not math.isfinite(value) or (0 < cfg.train.early_stopping_patience <= state.bad_validations):
-            state.early_stopped = True
-        recorder.log({"epoch": epoch, **evaluation.metrics}, state.step)
-        say(f"epoch {epoch} step {state.step} | val/loss {evaluation.metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
-            f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {evaluation.metrics['val/F1Score']:.4f}"
-            f" | val/AUROC {evaluation.metrics['val/AUROC']:.4f}")
-        name = checkpoint_name(epoch, state.step, value)
-        save_checkpoint(accelerator, model, run_dir, name,
-                        {**describe, "epoch": epoch, "step": state.step, "metrics": evaluation.metrics,
-                         **checkpoint_info(accelerator, model, state)})
-        if accelerator.is_main_process:
-            point(run_dir, "last", name)
-            point(run_dir, "best", state.top_k[0][1] if state.top_k else None)
-            prune(run_dir, {entry[1] for entry in state.top_k})
-            every = cfg.log.preview_every_n_val
-            if every and (state.validations == 1 or state.validations % every == 0):
-                write_previews(accelerator, model, val_set, preview_positions, evaluation, run_dir, state.step,
-                               recorder, describe["bands"]["bands"], cfg.train.channels_last)
-        if state.early_stopped:
-            say(f"early stopping: {MONITOR} has not improved for {state.bad_validations} validation(s)"
-                if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
-
-    finish(accelerator, run_dir, state, recorder)
-    accelerator.end_training()  # every rank: closes the process group
-    return run_dir
+    run = Run(cfg, accelerator, precision, model, optimizer, loss_from_config(cfg.train), train_set, val_set, batches,
+              train_loader, val_loader, run_dir, recorder,
+              CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state, stop,
+              NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
+              pick_previews(info, splits["val"]))
+    if meta:
+        run.last = meta.get("metrics") or {}
+        best = run_dir / "checkpoints" / "best"
+        run.best = read_meta(best).get("metrics", {}) if (best / "meta.json").is_file() else {}
+    say(f"loss: {run.loss_fn.describe()}")
+    return run
 
 
-# --- helpers of train(), in the order train() uses them -------------------------------------------------------
+def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int):
+    """The model (same initial weights on every rank) and AdamW, prepared by Accelerate."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, cfg.model.encoder_weights)
+    check_patch_size(model, cfg.model.arch, patch_size)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
+    # does the skipping and counts it, which only works with the unfused optimizer.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=precision != "fp16")
+    if cfg.train.compile:
+        model = torch.compile(model)
+    # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.train.seed, device_specific=True)  # from here on each rank draws its own random numbers
+    return model, optimizer
+
+
+def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int]):
+    """Training and validation sets, this rank's samplers, and the feeds that bring their batches to the device."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory, cfg.data.reader)
+    val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices,
+                                                                                cfg.data.in_memory, cfg.data.reader)
+    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps)
+    if batches.steps_per_epoch == 0:
+        raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
+                        f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
+    if cfg.data.in_memory:
+        where = place_in_memory([train_set, val_set], device, cfg.data.memory_device)
+        size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
+        accelerator.print(f"patches in memory on the {'device' if where == 'device' else 'host'} ({size / 2**30:.2f} GiB)")
+    train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
+    val_loader = feed(val_set, EvalBatches(len(val_set), cfg.train.batch_size, world, rank), device,
+                      cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
+    return train_set, val_set, batches, train_loader, val_loader
 
 
 def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
@@ -245,20 +244,7 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
     payload = [None, None, None]
     if accelerator.is_main_process:
         try:
-            artifact_dir = Path(cfg.log.artifact_dir)
-            name = cfg.log.run_name or new_run_name(artifact_dir)
-            run_dir = artifact_dir / name
-            if run_dir.exists():
-                raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
-                                f"another log.run_name")
-            (run_dir / "checkpoints").mkdir(parents=True)
-            (run_dir / "previews").mkdir()
-            (run_dir / "config.toml").write_text(dump_toml(cfg))
-            (run_dir / "splits.json").write_text(json.dumps(splits) + "\n")
-            run_id = new_run_id()
-            (run_dir / "run.json").write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
-                                                          "world_size": accelerator.num_processes}, indent=2) + "\n")
-            payload = [str(run_dir), name, run_id]
+            payload = create_run_dir(cfg, splits, accelerator.num_processes)
         except (UserError, OSError) as error:
             payload = [None, None, f"{error}" if isinstance(error, UserError) else
                        f"cannot create the run directory under {cfg.log.artifact_dir}: {error}"]
@@ -268,12 +254,209 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
     return Path(payload[0]), payload[1], payload[2], None
 
 
+def create_run_dir(cfg: Config, splits: dict, world_size: int) -> list:
+    """Main process: a new run directory with its config, split manifest and identity; [path, name, id]."""
+    from smptrain.checkpoint import now
+
+    artifact_dir = Path(cfg.log.artifact_dir)
+    name = cfg.log.run_name or new_run_name(artifact_dir)
+    run_dir = artifact_dir / name
+    if run_dir.exists():
+        raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
+                        f"another log.run_name")
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "previews").mkdir()
+    (run_dir / "config.toml").write_text(dump_toml(cfg))
+    (run_dir / "splits.json").write_text(json.dumps(splits) + "\n")
+    run_id = new_run_id()
+    (run_dir / "run.json").write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
+                                                  "world_size": world_size}, indent=2) + "\n")
+    return [str(run_dir), name, run_id]
+
+
+def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:
+    """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
+    state_dir = run_dir / "checkpoints" / "last" / "state"
+    try:
+        accelerator.load_state(str(state_dir))
+    except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
+        raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
+    accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
+
+
 def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:
     """Fixed preview samples: the first few validation patches with and without positives (positions in val)."""
     empty = info.metadata.loc[val_rows, "empty"].astype(bool).to_numpy()
     pos = [i for i, e in enumerate(empty) if not e][:positives]
     neg = [i for i, e in enumerate(empty) if e][:negatives]
     return pos + neg
+
+
+def train_one_epoch(run: Run, epoch: int) -> bool:
+    """One pass over the training split (from `state.micro_step` when resuming mid-epoch), logging every
+    `log.log_every_n_steps` steps. Returns False when the ranks agreed to stop (a signal), True at the epoch's end."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    lr = cfg.train.lr * cfg.train.gamma ** epoch  # DARTS' ExponentialLR, stepped once per epoch
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.batches.set_epoch(epoch, start=state.micro_step)
+    run.model.train()
+    window = Window(accelerator.device)
+    bar = tqdm(total=run.batches.steps_per_epoch * cfg.train.grad_accum_steps, initial=state.micro_step,
+               desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=False)
+    for x, y, _ in run.train_loader:
+        window.arrived()
+        step(run, epoch, x, y, window)
+        bar.update(1)
+        if accelerator.sync_gradients and state.step % cfg.log.log_every_n_steps == 0:
+            if log_window(run, epoch, lr, window, bar):
+                bar.close()
+                return False
+        window.fetching()
+    bar.close()
+    state.epoch, state.micro_step = epoch + 1, 0
+    run.recorder.log({"epoch": epoch, "learning_rate": lr}, state.step)
+    return not reduce_window(run, window, epoch)[1]
+
+
+def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window") -> None:
+    """One micro-batch: augment on the device, forward, backward, and (on the last micro-batch of an accumulation
+    group) clip, guard and step. Nothing here waits for the device."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    if cfg.train.augment:
+        generator = augment_generator(accelerator.device, cfg.train.seed, epoch, state.micro_step, accelerator.process_index)
+        x, y = augment(x, y, cfg.train.augment, generator)
+    with accelerator.accumulate(run.model):  # no_sync on micro-steps; the loss is scaled by 1/grad_accum_steps
+        loss = run.loss_fn(segmentation_logits(run.model, x), y)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and run.guard is not None:
+            run.guard.arm(gradient_norm(accelerator, run.model, cfg.train.grad_clip_norm))
+        elif accelerator.sync_gradients and cfg.train.grad_clip_norm > 0:
+            accelerator.clip_grad_norm_(run.model.parameters(), cfg.train.grad_clip_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    state.micro_step += 1
+    run.stop.armed = True  # from here on a signal stops at the next logging step and writes checkpoints/last
+    window.add(loss)
+    if accelerator.sync_gradients:
+        state.step += 1
+        if run.precision == "fp16":
+            count_fp16_skips(run, epoch)
+
+
+def count_fp16_skips(run: Run, epoch: int) -> None:
+    """The grad scaler skips overflowing steps (and lowers its scale); many in a row means divergence."""
+    skipped = run.optimizer.step_was_skipped
+    run.skipped_in_row = run.skipped_in_row + 1 if skipped else 0
+    run.skipped_total += int(skipped)
+    if run.skipped_in_row >= MAX_SKIPPED_FP16_STEPS:
+        raise diverged(run.state.step - run.skipped_in_row + 1, run.run_dir, epoch,
+                       f"the loss scale collapsed: {run.skipped_in_row} consecutive fp16 steps overflowed;")
+
+
+def log_window(run: Run, epoch: int, lr: float, window: "Window", bar) -> bool:
+    """A `train/loss` record for the steps since the last one; returns whether the ranks agreed to stop."""
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    mean_loss, stopping = reduce_window(run, window, epoch)
+    samples = window.count * run.cfg.train.batch_size * run.accelerator.num_processes
+    record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": lr, "perf/samples_per_s": samples / elapsed,
+              "perf/data_wait_share": window.wait / elapsed,
+              **({"perf/fp16_skipped_steps": run.skipped_total} if run.precision == "fp16" else {})}
+    run.recorder.log(record, run.state.step)
+    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['perf/samples_per_s']:.1f}",
+                    data=f"{record['perf/data_wait_share']:.0%}")
+    window.reset()
+    return stopping
+
+
+def validate_and_keep(run: Run, epoch: int) -> None:
+    """Validate the model every rank will save, pick top-k and best, decide early stopping, save, write previews."""
+    cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    average_buffers(accelerator, run.model)  # every rank validates, and saves, the same BatchNorm statistics
+    evaluation = evaluate(run.model, run.val_loader, accelerator, len(run.val_set), run.loss_fn, "val")
+    metrics, value = evaluation.metrics, evaluation.metrics[MONITOR]
+    name = checkpoint_name(epoch, state.step, value)
+    improved = run.keeper.select(value, name)
+    if not math.isfinite(value) or (0 < cfg.train.early_stopping_patience <= state.bad_validations):
+        state.early_stopped = True
+    run.last = metrics
+    run.best = metrics if improved else run.best
+    run.recorder.log({"epoch": epoch, **metrics}, state.step)
+    accelerator.print(
+        f"epoch {epoch} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
+        f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
+        f" | val/AUROC {metrics['val/AUROC']:.4f}")
+    run.keeper.save(run.model, epoch, metrics, name)
+    every = cfg.log.preview_every_n_val
+    if accelerator.is_main_process and every and (state.validations == 1 or state.validations % every == 0):
+        write_previews(run, evaluation)
+    if state.early_stopped:
+        accelerator.print(f"early stopping: {MONITOR} has not improved for {state.bad_validations} validation(s)"
+                          if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
+
+
+def write_previews(run: Run, evaluation) -> None:
+    """Main process: curves and the fixed preview samples of this validation, to files and wandb."""
+    previews, step_tag = run.run_dir / "previews", f"_step{run.state.step:06d}"
+    figures = write_curves(evaluation, previews, "val", tag=step_tag)
+    if run.previews:
+        figures["samples"] = sample_figure(
+            run.accelerator.unwrap_model(run.model), run.val_set, run.previews, evaluation.pixel, run.accelerator.device,
+            run.keeper.describe["bands"]["bands"], previews / f"val{step_tag}.png",
+            f"validation preview at step {run.state.step}", run.cfg.train.channels_last)
+    for key, path in figures.items():
+        run.recorder.image(f"val/{key}", path, run.state.step)
+
+
+def stop_interrupted(run: Run, epoch: int) -> RunResult:
+    """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch if need be) and close the trackers."""
+    run.keeper.save_interrupted(run.model, epoch)
+    run.recorder.finish()
+    return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
+                     f"stopped at step {run.state.step} (epoch {epoch}); saved {run.run_dir / 'checkpoints' / 'last'}")
+
+
+def end(run: Run | None, status: str, message: str = "") -> RunResult:
+    """Close the trackers and say how the run ended."""
+    if run is None:
+        raise TrainingStopped(message)
+    state = run.state
+    if status != "diverged":
+        run.recorder.summary({"best/" + MONITOR: state.best, "steps": state.step, "epochs": state.epoch})
+    run.recorder.finish()
+    if status in ("finished", "early-stopped", "pruned"):
+        best = run.keeper.best_name
+        run.accelerator.print(
+            f"{'finished' if status != 'pruned' else message} after {state.epoch} epoch(s), {state.step} step(s); "
+            f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}"
+            f"{f' ({best})' if best else ''}\ncheckpoints: {run.run_dir / 'checkpoints'} (last, best)\n"
+            f"run directory: {run.run_dir}")
+    return RunResult(status, run.run_dir, run.best, run.last, state.epoch, state.step, message)
+
+
+# --- what the phases use ------------------------------------------------------------------------------------------
+
+
+class Window:
+    """The train loss and timers between two logging steps; the loss stays on the device until they are reduced."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum, self.count, self.wait = torch.zeros((), device=self.device), 0, 0.0
+        self.start = self.fetch_start = time.perf_counter()
+
+    def arrived(self) -> None:
+        self.wait += time.perf_counter() - self.fetch_start
+
+    def fetching(self) -> None:
+        self.fetch_start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()
+        self.count += 1
 
 
 def average_buffers(accelerator, model) -> None:
@@ -293,135 +476,94 @@ def gradient_norm(accelerator, model, clip: float) -> torch.Tensor:
     return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
-def diverged(state: TrainState, run_dir: Path, epoch: int, what: str, x, batch, dataset) -> TrainingStopped:
-    bad = (~torch.isfinite(x.flatten(1)).all(1)).nonzero().flatten().cpu()
-    rows = [int(dataset.rows[int(batch[2][i])]) for i in bad]
+class NonFiniteGuard:
+    """Skips optimizer steps on the device once a gradient norm is not finite, without the host waiting for the GPU.
+
+    Every step adds to a device counter when its norm is not finite or an earlier one was (so the weights stay
+    those of the last good step), and hands the fused AdamW that count as its `found_inf` flag, the way the fp16
+    grad scaler skips steps. The host reads the counter with the other logging numbers (`reduce_window`) and then
+    stops every rank: gradients are averaged over ranks first, so all of them see the same norm.
+    """
+
+    def __init__(self, optimizer, device: torch.device):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
+
+    def arm(self, norm: torch.Tensor) -> None:
+        self.skipped += ((~torch.isfinite(norm)) | (self.skipped > 0)).float()
+        self.optimizer.found_inf = (self.skipped > 0).float()
+
+
+def diverged(first_step: int, run_dir: Path, epoch: int, what: str) -> TrainingStopped:
     last = run_dir / "checkpoints" / "last"
     where = f"{last} (step {read_meta(last)['step']})" if (last / "meta.json").is_file() else "none yet"
-    cause = f" the batch holds non-finite inputs in zarr rows {rows[:10]};" if rows else ""
     return TrainingStopped(
-        f"training stopped at step {state.step + 1} (epoch {epoch}): {what} is not finite;{cause} the weights were not "
-        f"updated. The last good checkpoint is {where}; lower train.lr or fix the data, then "
+        f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then on. "
+        f"The last good checkpoint is {where}; lower train.lr (or set train.grad_clip_norm) or fix the data, then "
         f"resume with --resume {run_dir}"
     )
 
 
-def reduce_window(accelerator, loss_sum: torch.Tensor, count: int, stop: bool) -> tuple[float, bool]:
-    """Mean train loss over all ranks' micro-batches since the last record, and whether any rank was signalled."""
-    packed = torch.stack([loss_sum.float(), torch.tensor(float(count), device=loss_sum.device),
-                          torch.tensor(float(stop), device=loss_sum.device)])
-    packed = accelerator.reduce(packed, "sum").tolist()
+def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
+    """Mean train loss over all ranks' micro-batches since the last record, and whether any rank was signalled.
+    The one place the host waits for the device: it also reads the non-finite guard and stops on it."""
+    device = window.loss_sum.device
+    skipped = run.guard.skipped if run.guard is not None else torch.zeros((), device=device)
+    packed = torch.stack([window.loss_sum.float(), torch.tensor(float(window.count), device=device),
+                          torch.tensor(float(run.stop.raised), device=device), skipped.float()])
+    packed = run.accelerator.reduce(packed, "sum").tolist()
+    if packed[3] > 0:  # every rank has the same count: gradients were averaged before the norm
+        skipped_steps = round(packed[3] / run.accelerator.num_processes)
+        raise diverged(run.state.step - skipped_steps + 1, run.run_dir, epoch, "the gradient norm is not finite;")
     return packed[0] / max(packed[1], 1), packed[2] > 0
 
 
-def update_selection(state: TrainState, value: float, top_k: int, name: str) -> bool:
-    """Early-stopping and top-k bookkeeping after a validation; returns whether the value is a new best."""
-    state.validations += 1
-    finite = math.isfinite(value)
-    improved = finite and (state.best is None or value > state.best)  # strictly better, as Lightning's EarlyStopping
-    if improved:
-        state.best, state.bad_validations = value, 0
-    else:
-        state.bad_validations += 1
-    if finite and top_k > 0 and (len(state.top_k) < top_k or value > state.top_k[-1][0]):
-        state.top_k = sorted([*state.top_k, [value, name]], key=lambda entry: -entry[0])[:top_k]
-    return improved
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """A signal ended the run where no checkpoint could be written (before the first step, or a second signal)."""
 
-
-def checkpoint_info(accelerator, model, state: TrainState) -> dict:
-    return {"train_state": asdict(state), "time": now(), "smptrain_version": smptrain.__version__,
-            "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
-
-
-def parameter_checksums(accelerator, model) -> list[float]:
-    """Every rank's sum of its parameters and buffers (one small gather, all ranks): equal values prove the
-    replicas agree."""
-    with torch.no_grad():
-        tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]
-        total = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
-    return [float(v) for v in accelerator.gather(total.to(accelerator.device)).cpu()]
-
-
-def write_previews(accelerator, model, val_set, positions, evaluation, run_dir: Path, step: int, recorder, bands,
-                   channels_last: bool) -> None:
-    from smptrain import metrics as M
-    from smptrain import plots
-
-    previews = run_dir / "previews"
-    figures = write_curves(evaluation, previews, "val", tag=f"_step{step:06d}")
-    if positions:
-        xs, ys, probs = predict(accelerator.unwrap_model(model), val_set, positions, accelerator.device, channels_last)
-        iou = M.sample_iou(evaluation.pixel[positions])
-        titles = [f"row {val_set.rows[p]}\nIoU {v:.3f}" for p, v in zip(positions, iou)]
-        figures["samples"] = plots.sample_grid(xs, ys, probs, bands, titles, previews / f"val_step{step:06d}.png",
-                                               f"validation preview at step {step}")
-    for key, path in figures.items():
-        recorder.image(f"val/{key}", path, step)
-
-
-def interrupted(accelerator, model, run_dir: Path, state: TrainState, describe: dict, recorder, epoch: int):
-    """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch), close wandb, say how to continue."""
-    name = checkpoint_name(epoch, state.step, None)
-    save_checkpoint(accelerator, model, run_dir, name,
-                    {**describe, "epoch": epoch, "step": state.step, "metrics": {}, **checkpoint_info(accelerator, model, state)})
-    if accelerator.is_main_process:
-        point(run_dir, "last", name)
-        prune(run_dir, {entry[1] for entry in state.top_k})
-    recorder.finish()
-    accelerator.end_training()
-    accelerator.print(f"stopped at step {state.step} (epoch {epoch}); saved {run_dir / 'checkpoints' / 'last'}.\n"
-                      f"continue with: python -m smptrain.train --resume {run_dir}")
-    raise SystemExit(130)
-
-
-def finish(accelerator, run_dir: Path, state: TrainState, recorder) -> None:
-    summary = {"best/" + MONITOR: state.best, "steps": state.step, "epochs": state.epoch}
-    recorder.summary(summary)
-    recorder.finish()
-    best = state.top_k[0][1] if state.top_k else None
-    accelerator.print(f"finished after {state.epoch} epoch(s), {state.step} step(s); best {MONITOR} = "
-                      f"{state.best if state.best is None else round(state.best, 4)}"
-                      f"{f' ({best})' if best else ''}\ncheckpoints: {run_dir / 'checkpoints'} (last, best)\n"
-                      f"run directory: {run_dir}")
+    def __init__(self, message: str, undo=None):
+        super().__init__(message)
+        self.undo = undo
 
 
 class StopSignal:
-    """SIGINT/SIGTERM set a flag that all ranks agree on at the next log step; a second Ctrl-C aborts at once."""
+    """SIGINT and SIGTERM (what SLURM sends before SIGKILL), in three phases.
+
+    Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: the signal
+    raises `Interrupted` at once, and a new run's directory is removed. Once armed, it sets a flag that all ranks
+    agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
+    `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
+    """
 
     def __init__(self):
         self.raised = False
+        self.armed = False
+        self.undo = None  # what to remove if interrupted before the first step
+        self.previous = {}
         if sys.platform != "win32" and _in_main_thread():
-            signal.signal(signal.SIGINT, self._handle)
-            signal.signal(signal.SIGTERM, self._handle)
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if not self.armed:
+            raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
+        if self.raised:
+            raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
         self.raised = True
-        print(f"\n{signal.Signals(signum).name}: stopping at the next logging step, writing checkpoints/last "
-              f"(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
+              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
 
 
 def _in_main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found = {}
-    for name in ("torch", "segmentation-models-pytorch", "timm", "accelerate", "numpy", "zarr"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return found
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -446,7 +588,22 @@ def main(resume, config_path, overrides, debug):
         if config_path is None:
             raise UserError("--config is required to start a run (e.g. --config configs/base.toml)")
         cfg = resolve_config(config_path, overrides, debug)
-    train(cfg, resume)
+    result = train(cfg, resume)
+    end_processes()
+    exit_for(result)
+
+
+def exit_for(result: RunResult) -> None:
+    """The CLI's exit status: 0 finished (or stopped early, or pruned), 2 diverged (a sentence), 130 interrupted."""
+    if result.status == "diverged":
+        raise TrainingStopped(result.message)
+    if result.status == "interrupted":
+        if os.environ.get("SMPTRAIN_DEBUG"):
+            print(f"debug: {result}", file=sys.stderr)
+        hint = (f"\ncontinue with: python -m smptrain.train --resume {result.run_dir}"
+                if result.run_dir is not None and (result.run_dir / "checkpoints" / "last").exists() else "")
+        print(f"\n{result.message}{hint}", file=sys.stderr, flush=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def test_learning_rate_of_epoch_e_is_lr_gamma_e(ddp_run):
 def test_two_process_validation_equals_one_process_evaluation(ddp_run):
     """The metrics the 2-process run logged equal a 1-process evaluation of the same checkpoint, exactly."""
     from smptrain.checkpoint import load_weights, read_meta
-    from smptrain.dataset import EvalBatches, PatchDataset, make_loader, open_dataset
+    from smptrain.dataset import EvalBatches, PatchDataset, open_dataset
+    from smptrain.feed import feed
     from smptrain.evaluate import evaluate
+    from smptrain.losses import Loss
     from smptrain.model import build_model
     from smptrain.runtime import make_accelerator
 
@@ -63,8 +65,8 @@ def test_two_process_validation_equals_one_process_evaluation(ddp_run):
         model = build_model("Unet", "resnet18", 7)
         model.load_state_dict(load_weights(last))
         dataset = PatchDataset(info, val_rows, list(range(7)), in_memory=True)
-        loader = make_loader(dataset, EvalBatches(len(dataset), 4), 0, False, 0, 0)
-        result = evaluate(accelerator.prepare(model), loader, accelerator, len(dataset), None, 2.0, "val")
+        loader = feed(dataset, EvalBatches(len(dataset), 4), accelerator.device, 0, 0, 0)
+        result = evaluate(accelerator.prepare(model), loader, accelerator, len(dataset), Loss("focal"), "val")
     finally:
         torch.set_num_threads(threads)
     assert result.metrics == meta["metrics"]
@@ -73,7 +75,7 @@ def test_two_process_validation_equals_one_process_evaluation(ddp_run):
 def test_two_process_test_equals_one_process_test(trained_run, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     run(["smptrain-test", str(trained_run), "--json", str(one)], check=True, OMP_NUM_THREADS="1")
-    result = launch_two(["-m", "smptrain.evaluate", str(trained_run), "--json", str(two)])
+    result = launch_two(["-m", "smptrain.assess", str(trained_run), "--json", str(two)])
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["test_patches"] == b["test_patches"] and a["metrics"] == b["metrics"]

@@ -38,6 +38,8 @@ def test_pixel_metrics_equal_torchmetrics(case):
     ours = M.pixel_metrics(M.pixel_stats(probs, y).sum(0).numpy(), "val")
     for name, value in torchmetrics_values(probs, y).items():
         assert ours[f"val/{name}"] == pytest.approx(value, abs=1e-6, nan_ok=True), name
+    # The GPU's comparison-based counts equal the CPU's scatter-based ones, integer for integer.
+    assert torch.equal(M.pixel_stats_compare(probs, y), M.pixel_stats_scatter(probs, y))
 
 
 def test_counts_do_not_depend_on_batching():

@@ -3,8 +3,9 @@ import torch
 from segmentation_models_pytorch.losses import FocalLoss
 
 from smptrain.augment import augment, augment_generator
-from smptrain.config import AUGMENTATIONS
-from smptrain.model import build_model, check_patch_size, focal_loss
+from smptrain.augment import AUGMENTATIONS
+from smptrain.losses import focal_loss
+from smptrain.model import build_model, check_patch_size
 from smptrain.errors import UserError
 
 

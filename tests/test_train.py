@@ -188,3 +188,52 @@ def test_torch_compile_wrapper_keys_are_cleaned():
 def test_dataset_reader_sees_the_demo_layout(demo_dir):
     info = open_dataset(demo_dir)
     assert info.patch_size == 64 and len(info.bands) == 7 and info.num_rows == 64
+
+
+def test_sigterm_during_a_cold_compile_ends_at_once_and_leaves_nothing(demo_dir, tmp_path):
+    """Before the first step there is nothing to save: SIGTERM (SLURM's warning) must not wait for the compile."""
+    config = tiny_config(tmp_path, demo_dir, train={"compile": True})
+    process = start(config, "compiling")
+    run_dir = tmp_path / "artifacts" / "compiling"
+    wait_for(lambda: (run_dir / "splits.json").is_file(), what="the run directory")
+    time.sleep(2)  # into the first forward pass, where torch.compile works for a minute or more on a CPU
+    began = time.time()
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and time.time() - began < 30, err[-2000:]
+    assert "SIGTERM before the first training step finished" in err and "Traceback" not in err
+    assert not run_dir.exists()  # a new run that never stepped leaves no directory to block the re-run
+
+
+def test_sigterm_to_the_whole_job_with_workers_saves_and_stops(demo_dir, tmp_path):
+    """SLURM signals every process of the job, DataLoader workers included: they must not die before the main
+    process has written checkpoints/last."""
+    config = tiny_config(tmp_path, demo_dir, data={"in_memory": False, "num_workers": 2},
+                         train={"max_epochs": 50}, log={"log_every_n_steps": 1})
+    run_dir = tmp_path / "artifacts" / "job"
+    process = subprocess.Popen([sys.executable, "-m", "smptrain.train", "--config", str(config), "--set",
+                                "log.run_name=job"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    wait_for(lambda: logged_steps(run_dir) >= 12, what="step 12")
+    os.killpg(process.pid, signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert "continue with: python -m smptrain.train --resume" in out + err
+    assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"] >= 12
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_deterministic_resume_is_bitwise_exact_on_cuda(demo_dir, tmp_path, precision):
+    """On CUDA, exactness needs train.deterministic (cuDNN's benchmark mode and atomics differ run to run)."""
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 4, "deterministic": True, "mixed_precision": precision,
+                                                    "augment": ["D4", "Blur", "MultiplicativeNoise"]},
+                         data={"in_memory": False, "num_workers": 2}, log={"preview_every_n_val": 0})
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
+         "--set", "train.max_epochs=2"], check=True)
+    split = tmp_path / "artifacts" / "split"
+    run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
+    a, b = weights(tmp_path / "artifacts" / "straight"), weights(split)
+    assert all(torch.equal(a[k], b[k]) for k in a), "weights differ"
+    assert val_records(tmp_path / "artifacts" / "straight") == val_records(split)

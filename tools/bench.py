@@ -1,22 +1,25 @@
-"""Benchmark smptrain against a bare PyTorch loop on the same data and model, in one process.
+"""Benchmark smptrain against the card's (or CPU's) limit, in one process, on the same data and models.
 
-    .venv/bin/python tools/bench.py [--patch-size 128] [--batch-size 8] [--encoder resnet18] [--steps 40]
-                                    [--mixed-precision no|bf16|fp16] [--channels-last] [--json OUT]
+    .venv/bin/python tools/bench.py [--data DIR | --patches 256 --patch-size 128] [--encoders resnet18,resnet50]
+                                    [--batch-size 8] [--workers 2] [--mixed-precision auto|no|bf16|fp16]
+                                    [--channels-last] [--json OUT]
 
-Measures (same model, data, precision and thread count; machines are noisy, so read the ratios):
-  (a) bare: forward, focal loss, backward, AdamW on in-memory tensors; no metrics, logging or loader
-      (run before and after (b); the median of both is the baseline)
-  (b) smptrain: `smptrain.train.train()` itself, in-memory data; throughput from its own per-window records
-      (validation and checkpoints excluded, data loading, augmentation-free steps, logging and checks included)
-  (c) the data loaders alone: zarr (DARTS chunking, workers) and in memory
-  (d) evaluation (`evaluate()`, all metrics) per sample, against training's forward pass per sample
-Prints a table and, with --json, writes the figures with the keys bare_samples_per_s, smptrain_samples_per_s,
-ratio, loader_zarr_samples_per_s, loader_memory_samples_per_s, eval_samples_per_s, data_wait_share, peak_rss_mb.
+Per encoder (Unet), with the same precision, memory format and thread count everywhere:
+  ceiling   the training step alone: forward, focal loss, backward, AdamW, with the batches already on the device
+            (no host work at all); measured before and after the smptrain runs, the median is the baseline
+  memory    `smptrain.train.train()` itself with data.in_memory (on the GPU when it fits, else a host-side
+            prefetch thread); throughput and data-wait share from its own per-window records (warm-up window,
+            validation and checkpoints excluded)
+  zarr      the same, streaming from zarr with --workers DataLoader workers
+  eval      `evaluate()` with every metric, per sample, against training's forward pass per sample
+Once: the zarr readers alone (tensorstore and zarr-python; per worker and with --workers workers) and the
+in-memory loader. Prints a table and the device's name; --json writes every figure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import sys
@@ -33,8 +36,10 @@ from smptrain.config import load_config  # noqa: E402
 from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluate import evaluate  # noqa: E402
-from smptrain.model import build_model, focal_loss  # noqa: E402
-from smptrain.runtime import make_accelerator  # noqa: E402
+from smptrain.feed import feed, place_in_memory  # noqa: E402
+from smptrain.losses import Loss, focal_loss  # noqa: E402
+from smptrain.model import build_model  # noqa: E402
+from smptrain.runtime import choose_precision, make_accelerator  # noqa: E402
 
 
 def sync(device):
@@ -47,25 +52,22 @@ def autocast(device, precision):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def bare_loop(x_all, y_all, encoder, steps, batch, device, precision, channels_last, warmup=3):
-    """The baseline: nothing but forward, loss, backward, optimizer step."""
+def device_model(encoder, channels, device, channels_last):
     torch.manual_seed(0)
-    model = build_model("Unet", encoder, x_all.shape[1]).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = build_model("Unet", encoder, channels).to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def ceiling(batches, encoder, steps, device, precision, channels_last, warmup=3):
+    """The limit: smptrain's step (fused AdamW, or the unfused one with a grad scaler under fp16) on resident batches."""
+    model = device_model(encoder, batches[0][0].shape[1], device, channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=precision != "fp16")
     scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-    order = torch.randperm(len(x_all))
-    n = len(x_all) // batch
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             start = time.perf_counter()
-        index = order[(i % n) * batch:(i % n + 1) * batch]
-        x = x_all[index].to(device, non_blocking=True)
-        y = y_all[index].to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x, y = batches[i % len(batches)]
         with autocast(device, precision):
             logits = model(x)
         loss, _, _ = focal_loss(logits.float(), y, None, 2.0)
@@ -74,26 +76,23 @@ def bare_loop(x_all, y_all, encoder, steps, batch, device, precision, channels_l
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
     sync(device)
-    return steps * batch / (time.perf_counter() - start)
+    return steps * batches[0][0].shape[0] / (time.perf_counter() - start)
 
 
-def forward_rate(x_all, encoder, steps, batch, device, precision, channels_last):
+def forward_rate(batches, encoder, steps, device, precision, channels_last):
     """Training's forward pass alone (train mode, autograd on), per sample."""
-    torch.manual_seed(0)
-    model = build_model("Unet", encoder, x_all.shape[1]).to(device).train()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = device_model(encoder, batches[0][0].shape[1], device, channels_last).train()
     times = []
     for i in range(steps + 2):
-        x = x_all[(i * batch) % (len(x_all) - batch):][:batch].to(device)
+        x, _ = batches[i % len(batches)]
         sync(device)
         start = time.perf_counter()
         with autocast(device, precision):
-            out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+            out = model(x)
         sync(device)
         times.append(time.perf_counter() - start)
         del out
-    return batch / statistics.median(times[2:])
+    return batches[0][0].shape[0] / statistics.median(times[2:])
 
 
 def loader_rate(dataset, batch, workers, epochs=2):
@@ -108,93 +107,127 @@ def loader_rate(dataset, batch, workers, epochs=2):
     return statistics.median(rates[1:])  # the first epoch starts the workers
 
 
-@click.command()
-@click.option("--data", type=click.Path(file_okay=False), default=None, help="A DARTS dataset (default: generated).")
+def smptrain_rate(root, tmp, name, encoder, batch_size, epochs, precision, channels_last, in_memory, workers):
+    from smptrain.train import train
+
+    cfg = load_config(None, [
+        f"data.dir='{root}'", "data.split_method='none'", "data.fold_method='none'",
+        f"data.in_memory={'true' if in_memory else 'false'}", f"data.num_workers={workers}",
+        # The main process must not use tensorstore before workers fork (it aborts in forked children).
+        f"data.reader='{'zarr' if in_memory else 'auto'}'",
+        f"model.encoder='{encoder}'", f"train.batch_size={batch_size}", f"train.max_epochs={epochs}",
+        f"train.val_every_n_epochs={epochs}", f"train.mixed_precision='{precision}'",
+        f"train.channels_last={'true' if channels_last else 'false'}", "train.early_stopping_patience=0",
+        f"log.artifact_dir='{tmp / 'artifacts'}'", f"log.run_name='{name}'", "log.log_every_n_steps=5",
+        "log.preview_every_n_val=0"])
+    run_dir = train(cfg)
+    windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if "perf/samples_per_s" in w][1:]  # the first window holds the warm-up
+    return (statistics.median(w["perf/samples_per_s"] for w in windows),
+            statistics.mean(w["perf/data_wait_share"] for w in windows))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", type=click.Path(file_okay=False), default=None,
+              help="A DARTS dataset (default: a generated one); its own patch size is used and reported.")
 @click.option("--patches", default=256, show_default=True, help="Size of the generated dataset.")
-@click.option("--patch-size", default=128, show_default=True)
+@click.option("--patch-size", default=128, show_default=True, help="Patch size of the generated dataset.")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--encoder", default="resnet18", show_default=True)
-@click.option("--steps", default=40, show_default=True, help="Timed steps of the bare loop.")
-@click.option("--epochs", default=2, show_default=True, help="Epochs of the smptrain run.")
-@click.option("--workers", default=2, show_default=True, help="Workers of the zarr loader.")
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
-@click.option("--channels-last", is_flag=True)
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None)
-def main(data, patches, patch_size, batch_size, encoder, steps, epochs, workers, mixed_precision, channels_last, json_out):
-    """Bare loop vs smptrain, loaders and evaluation, on one model and dataset."""
+@click.option("--encoders", default="resnet18,resnet50", show_default=True, help="Comma-separated Unet encoders.")
+@click.option("--steps", default=40, show_default=True, help="Timed steps of the ceiling loop.")
+@click.option("--epochs", default=2, show_default=True, help="Epochs of each smptrain run.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader workers reading zarr.")
+@click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--channels-last", is_flag=True, help="NHWC memory format for model and inputs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
+def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers, mixed_precision, channels_last,
+         json_out):
+    """smptrain against the step's ceiling, the loaders and evaluation, per encoder."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, why = choose_precision(mixed_precision)
     tmp = Path(tempfile.mkdtemp(prefix="smptrain-bench-"))
     root = Path(data) if data else make_demo(tmp / "data", patches, patch_size, seed=0)
     info = open_dataset(root)
     rows = sorted(int(r) for r in info.metadata.index)
     bands = list(range(len(info.bands)))
-    memory = PatchDataset(info, rows, bands, in_memory=True)
-    x_all, y_all = memory.memory
-    if device.type == "cuda":
-        x_all, y_all = x_all.pin_memory(), y_all.pin_memory()
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), "
-          f"Unet-{encoder}, {len(rows)} patches of {patch_size}x{patch_size} x {len(bands)} bands, batch {batch_size}, "
-          f"precision {mixed_precision}{', channels_last' if channels_last else ''}")
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    results = {"device": name, "cpu": _cpu_model(), "patch_size": info.patch_size, "patches": len(rows),
+               "bands": len(bands), "batch_size": batch_size, "mixed_precision": precision, "channels_last": channels_last,
+               "workers": workers, "cpu_count": os.cpu_count(), "encoders": {}}
+    print(f"{name} ({results['cpu']}, {os.cpu_count()} cores); {len(rows)} patches of {info.patch_size}x{info.patch_size}"
+          f" x {len(bands)} bands, batch {batch_size}, {precision} ({why}){', channels_last' if channels_last else ''}")
 
-    results = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "encoder": encoder,
-               "patch_size": patch_size, "batch_size": batch_size, "mixed_precision": mixed_precision,
-               "channels_last": channels_last}
-    results["loader_zarr_samples_per_s"] = loader_rate(PatchDataset(info, rows, bands), batch_size, workers)
+    # Loaders alone. Workers first: the main process reads with zarr-python only, so workers may use tensorstore.
+    for reader in ("tensorstore", "zarr"):
+        results[f"loader_{reader}_1_worker_samples_per_s"] = loader_rate(PatchDataset(info, rows, bands, reader=reader),
+                                                                        batch_size, 1)
+        results[f"loader_{reader}_{workers}_workers_samples_per_s"] = loader_rate(
+            PatchDataset(info, rows, bands, reader=reader), batch_size, workers)
+    memory = PatchDataset(info, rows, bands, in_memory=True, reader="zarr")
     results["loader_memory_samples_per_s"] = loader_rate(memory, batch_size, 0)
-    bare_before = bare_loop(x_all, y_all, encoder, steps, batch_size, device, mixed_precision, channels_last)
+    place_in_memory([memory], device, "auto")
+    resident = [(x, y) for x, y, _ in feed(memory, EvalBatches(len(memory), batch_size), device, 0, 0, 0, channels_last)]
+    resident = [b for b in resident if b[0].shape[0] == batch_size]
 
-    from smptrain.train import train
+    for encoder in encoders.split(","):
+        r = {}
+        before = ceiling(resident, encoder, steps, device, precision, channels_last)
+        r["smptrain_memory_samples_per_s"], r["data_wait_memory"] = smptrain_rate(
+            root, tmp, f"{encoder}-memory", encoder, batch_size, epochs, precision, channels_last, True, 0)
+        r["smptrain_zarr_samples_per_s"], r["data_wait_zarr"] = smptrain_rate(
+            root, tmp, f"{encoder}-zarr", encoder, batch_size, epochs, precision, channels_last, False, workers)
+        after = ceiling(resident, encoder, steps, device, precision, channels_last)
+        r["ceiling_runs_samples_per_s"] = [before, after]
+        r["ceiling_samples_per_s"] = statistics.median([before, after])
+        r["memory_vs_ceiling"] = r["smptrain_memory_samples_per_s"] / r["ceiling_samples_per_s"]
+        r["zarr_vs_ceiling"] = r["smptrain_zarr_samples_per_s"] / r["ceiling_samples_per_s"]
 
-    cfg = load_config(None, [
-        f"data.dir='{root}'", "data.split_method='none'", "data.fold_method='none'", "data.in_memory=true",
-        f"model.encoder='{encoder}'", f"train.batch_size={batch_size}", f"train.max_epochs={epochs}",
-        f"train.val_every_n_epochs={epochs}", f"train.mixed_precision='{mixed_precision}'",
-        f"train.channels_last={'true' if channels_last else 'false'}", "train.early_stopping_patience=0",
-        f"log.artifact_dir='{tmp / 'artifacts'}'", "log.run_name='bench'", "log.log_every_n_steps=5",
-        "log.preview_every_n_val=0"])
-    run_dir = train(cfg)
-    windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if "perf/samples_per_s" in w][1:]  # the first window holds the warm-up
-    results["smptrain_samples_per_s"] = statistics.median(w["perf/samples_per_s"] for w in windows)
-    results["data_wait_share"] = statistics.mean(w["perf/data_wait_share"] for w in windows)
-    bare_after = bare_loop(x_all, y_all, encoder, steps, batch_size, device, mixed_precision, channels_last)
-    results["bare_samples_per_s"] = statistics.median([bare_before, bare_after])
-    results["bare_runs_samples_per_s"] = [bare_before, bare_after]
-    results["ratio"] = results["smptrain_samples_per_s"] / results["bare_samples_per_s"]
+        accelerator = make_accelerator(precision)
+        model = accelerator.prepare(device_model(encoder, len(bands), device, channels_last))
+        loader = feed(memory, EvalBatches(len(memory), batch_size), device, 0, 0, 0, channels_last)
+        evaluate(model, loader, accelerator, len(memory), Loss("focal"), "val")  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        evaluate(model, loader, accelerator, len(memory), Loss("focal"), "val")
+        sync(device)
+        r["eval_samples_per_s"] = len(memory) / (time.perf_counter() - start)
+        r["train_forward_samples_per_s"] = forward_rate(resident, encoder, 10, device, precision, channels_last)
+        r["eval_vs_train_forward"] = r["eval_samples_per_s"] / r["train_forward_samples_per_s"]
+        results["encoders"][encoder] = r
+        print(f"Unet-{encoder}")
+        print(f"  ceiling (batches on the device)  {r['ceiling_samples_per_s']:9.1f} samples/s  (runs "
+              f"{before:.1f}, {after:.1f})")
+        print(f"  smptrain, in memory              {r['smptrain_memory_samples_per_s']:9.1f} samples/s  "
+              f"{r['memory_vs_ceiling']:.3f} x ceiling, data wait {r['data_wait_memory']:.1%}")
+        print(f"  smptrain, zarr + {workers} workers       {r['smptrain_zarr_samples_per_s']:9.1f} samples/s  "
+              f"{r['zarr_vs_ceiling']:.3f} x ceiling, data wait {r['data_wait_zarr']:.1%}")
+        print(f"  evaluation, all metrics          {r['eval_samples_per_s']:9.1f} samples/s  "
+              f"{r['eval_vs_train_forward']:.2f} x training's forward pass ({r['train_forward_samples_per_s']:.1f}/s)")
 
-    accelerator = make_accelerator(mixed_precision)
-    model = build_model("Unet", encoder, len(bands))
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = accelerator.prepare(model)
-    loader = make_loader(memory, EvalBatches(len(memory), batch_size), 0, False, 0, 0)
-    evaluate(model, loader, accelerator, len(memory), None, 2.0, "val", channels_last=channels_last)  # warm-up
-    start = time.perf_counter()
-    evaluate(model, loader, accelerator, len(memory), None, 2.0, "val", channels_last=channels_last)
-    sync(device)
-    results["eval_samples_per_s"] = len(memory) / (time.perf_counter() - start)
-    results["train_forward_samples_per_s"] = forward_rate(x_all, encoder, 10, batch_size, device, mixed_precision,
-                                                          channels_last)
-    results["eval_vs_train_forward"] = results["eval_samples_per_s"] / results["train_forward_samples_per_s"]
-    results["loader_memory_vs_compute"] = results["loader_memory_samples_per_s"] / results["bare_samples_per_s"]
+    print("loaders alone")
+    for reader in ("tensorstore", "zarr"):
+        print(f"  zarr via {reader:<11}  1 worker {results[f'loader_{reader}_1_worker_samples_per_s']:8.1f} samples/s,"
+              f" {workers} workers {results[f'loader_{reader}_{workers}_workers_samples_per_s']:8.1f} samples/s")
+    print(f"  in memory (host)                 {results['loader_memory_samples_per_s']:9.1f} samples/s")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
-
-    print(f"  bare loop            {results['bare_samples_per_s']:10.1f} samples/s  (runs: "
-          f"{', '.join(f'{r:.1f}' for r in results['bare_runs_samples_per_s'])})")
-    print(f"  smptrain loop        {results['smptrain_samples_per_s']:10.1f} samples/s  ratio {results['ratio']:.3f}, "
-          f"data wait {results['data_wait_share']:.1%}")
-    print(f"  loader, zarr         {results['loader_zarr_samples_per_s']:10.1f} samples/s  ({workers} workers)")
-    print(f"  loader, in memory    {results['loader_memory_samples_per_s']:10.1f} samples/s  "
-          f"({results['loader_memory_vs_compute']:.0f}x the training rate)")
-    print(f"  evaluation           {results['eval_samples_per_s']:10.1f} samples/s  "
-          f"({results['eval_vs_train_forward']:.2f}x training's forward pass, {results['train_forward_samples_per_s']:.1f}/s)")
-    print(f"  peak RSS             {results['peak_rss_mb']:10.0f} MB" +
+    print(f"peak RSS {results['peak_rss_mb']:.0f} MB" +
           (f", peak GPU memory {results['peak_gpu_memory_mb']:.0f} MB" if device.type == "cuda" else ""))
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                flags = Path("/proc/cpuinfo").read_text()
+                return f"{line.split(':', 1)[1].strip()}, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

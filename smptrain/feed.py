@@ -1,0 +1,150 @@
+"""How batches reach the device without making the training step wait for the host.
+
+Two ways, chosen per dataset by `feed()`:
+
+- `DeviceFeed`: the patches already live on the device (`data.in_memory` on a GPU with room for them). A batch is
+  an index_select there; the indices of a whole epoch cross to the device in one copy. No host work per step.
+- `PrefetchFeed`: the batches come from a DataLoader (patches in host memory, or zarr read by worker processes).
+  A background thread takes them, and on CUDA copies them from pinned memory on a side stream, `depth` batches
+  ahead; the training step only waits on a CUDA event, so gathering, pinning and copying overlap the GPU's work.
+
+Either way a batch is `(x float32 [B, C, P, P], y uint8 [B, P, P], positions int64 [B])` on the device, in the
+order of the sampler, so the data order (and a resumed run) does not depend on which feed is used.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import torch
+
+from smptrain.dataset import PatchDataset, make_loader
+
+MEMORY_DEVICES = ("auto", "device", "cpu")  # what data.memory_device accepts
+MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of its free memory
+
+
+def place_in_memory(datasets: list[PatchDataset], device: torch.device, memory_device: str) -> str:
+    """Move in-memory datasets to the device when configured (or, for 'auto', when they fit); returns where they are.
+
+    'auto' puts them on a CUDA device when all of them together take at most half of its free memory, measured
+    after the model and optimizer are there (the rest is left for activations); 'device' always does (and fails
+    like any out-of-memory error if they do not fit); 'cpu' never does.
+    """
+    unique = list({id(d): d for d in datasets if d.memory is not None}.values())
+    if not unique or device.type != "cuda" or memory_device == "cpu":
+        return "cpu"
+    if memory_device == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        if sum(d.nbytes for d in unique) > MEMORY_SHARE * free:
+            return "cpu"
+    for dataset in unique:
+        dataset.to_device(device)
+    return "device"
+
+
+def feed(dataset: PatchDataset, batches, device: torch.device, num_workers: int, seed: int, rank: int,
+         channels_last: bool = False, depth: int = 3):
+    """An iterable of device batches over `batches` (a sampler of position lists), as fast as the data allows."""
+    if dataset.memory is not None and dataset.memory[0].device == device and device.type != "cpu":
+        return DeviceFeed(dataset, batches, channels_last)
+    loader = make_loader(dataset, batches, num_workers, device.type == "cuda", seed, rank)
+    return PrefetchFeed(loader, device, channels_last, depth)
+
+
+class DeviceFeed:
+    """Batches gathered on the device from patches held there."""
+
+    def __init__(self, dataset: PatchDataset, batches, channels_last: bool):
+        self.dataset, self.batches, self.channels_last = dataset, batches, channels_last
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        x_all, y_all = self.dataset.memory
+        device = x_all.device
+        lists = list(self.batches)
+        if not lists:
+            return
+        flat = torch.tensor([i for batch in lists for i in batch], dtype=torch.long)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        flat = flat.to(device, non_blocking=True)  # one copy per epoch
+        for index in flat.split([len(batch) for batch in lists]):
+            x = x_all.index_select(0, index)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y_all.index_select(0, index), index
+
+
+_END = object()
+
+
+class PrefetchFeed:
+    """A DataLoader drained by a background thread, `depth` batches ahead, copied to CUDA on a side stream."""
+
+    def __init__(self, loader, device: torch.device, channels_last: bool, depth: int = 3):
+        self.loader, self.device, self.channels_last, self.depth = loader, device, channels_last, depth
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        ready: queue.Queue = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._produce, args=(ready, stop), daemon=True, name="smptrain-prefetch")
+        thread.start()
+        try:
+            while True:
+                item = ready.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                (x, y, positions), event = item
+                if event is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(event)  # the GPU waits for the copy; the host does not
+                    for tensor in (x, y, positions):
+                        tensor.record_stream(stream)  # allocated on the side stream, used on this one
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                yield x, y, positions
+        finally:
+            stop.set()
+            while thread.is_alive():  # unblock a producer waiting on a full queue, then let it see `stop`
+                try:
+                    ready.get(timeout=0.05)
+                except queue.Empty:
+                    pass
+
+    def _produce(self, ready: queue.Queue, stop: threading.Event) -> None:
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            for batch in self.loader:
+                if stop.is_set():
+                    return
+                event = None
+                if stream is not None:
+                    with torch.cuda.stream(stream):
+                        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+                        event = torch.cuda.Event()
+                        event.record(stream)
+                elif self.device.type != "cpu":
+                    batch = tuple(t.to(self.device) for t in batch)
+                if not put((batch, event)):
+                    return
+            put(_END)
+        except BaseException as error:  # re-raised in the consuming thread (a UserError from a worker, say)
+            put(error)
