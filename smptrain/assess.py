@@ -38,14 +38,20 @@ from smptrain.splits import make_splits
 @report_user_errors
 def main(run_dir, checkpoint, batch_size, json_out, config_path, overrides, debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set."""
-    run_dir = Path(run_dir)
+    test_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug)
+    end_processes()
+
+
+def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | None = None, json_out=None,
+                    config_path=None, overrides=(), debug: bool = False) -> dict:
+    """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures."""
     checkpoint_dir = resolve(run_dir if checkpoint in ("best", "last") else checkpoint,
                              checkpoint if checkpoint in ("best", "last") else "best")
     meta = read_meta(checkpoint_dir)
     if not run_dir.is_dir() or not (run_dir / "checkpoints").is_dir():
         run_dir = checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
     cfg = resolve_config(config_path, overrides, debug, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json")
-    info = open_dataset(cfg.data.dir)
+    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.indices_of(meta["bands"]["bands"], "the checkpoint was trained on")
     splits_file = run_dir / "splits.json"
     split_keys = ("dir", "split_method", "split_by")  # what defines the test split
@@ -118,7 +124,7 @@ def main(run_dir, checkpoint, batch_size, json_out, config_path, overrides, debu
                 recorder.image(f"test/{key}", path, step=None)
             recorder.finish()
     accelerator.wait_for_everyone()
-    end_processes()
+    return evaluation.metrics
 
 
 if __name__ == "__main__":

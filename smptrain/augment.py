@@ -13,6 +13,7 @@ touch the image only (all channels, as in DARTS) and keep it in [0, 1].
 | Blur | 0.5 | box blur with an odd kernel in {3, 5, 7}, reflected borders |
 | RandomBrightnessContrast | 0.5 | x * (1 + U(-0.2, 0.2)) + U(-0.2, 0.2), clipped to [0, 1] |
 | MultiplicativeNoise | 0.5 | x * U(0.9, 1.1) per pixel and channel, clipped to [0, 1] |
+| Posterize | 1 | DARTS' 6-bit posterise: floor(x * 255) with the two low bits cleared, / 255 (always applied) |
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ def _multiplicative_noise(x, y, generator):
     return _where(selected, (x * noise).clamp(0, 1), x), y
 
 
+def _posterize(x, y, generator):
+    # DARTS (HEAD): float -> uint8 by truncation (albumentations' from_float), keep the top 6 bits, back to float.
+    levels = torch.floor(x.clamp(0, 1) * 255)
+    return (levels - torch.remainder(levels, 4)) / 255, y
+
+
 _TRANSFORMS = {  # the names train.augment accepts (AUGMENTATIONS, below)
     "HorizontalFlip": _flip(-1),
     "VerticalFlip": _flip(-2),
@@ -105,5 +112,6 @@ _TRANSFORMS = {  # the names train.augment accepts (AUGMENTATIONS, below)
     "Blur": _blur,
     "RandomBrightnessContrast": _brightness_contrast,
     "MultiplicativeNoise": _multiplicative_noise,
+    "Posterize": _posterize,
 }
 AUGMENTATIONS = tuple(_TRANSFORMS)

@@ -34,6 +34,7 @@ DARTS_NAMES = {
     "max_epochs": "train.max_epochs", "batch_size": "train.batch_size", "augment": "train.augment",
     "early_stopping_patience": "train.early_stopping_patience", "log_every_n_steps": "log.log_every_n_steps",
     "wandb_project": "log.wandb_project", "wandb_entity": "log.wandb_entity", "bands": "data.bands",
+    "subsample": "data.subsample", "weights_from_checkpoint": "model.weights_from", "name": "log.run_name",
 }
 
 
@@ -41,12 +42,14 @@ DARTS_NAMES = {
 class DataConfig:
     dir: str = "data/demo"  # dataset root holding data.zarr, metadata.parquet and config.toml
     bands: tuple[str, ...] = ()  # band subset by name, kept in the dataset's order; empty = all bands
+    band_normalisation: dict[str, tuple[float, ...]] = field(default_factory=dict)  # {name = [factor, offset]}: overrides config.toml and DARTS' band table
+    subsample: int = 0  # train on this many patches of the training split (drawn with random_state 42); 0 = all
     split_method: str = "none"  # test split: random | region | sample | none (none = test on everything)
     split_by: tuple[str | float, ...] = ()  # random: [test fraction]; region: region names; sample: sample ids
     fold_method: str = "kfold"  # train/val split of the non-test part: kfold | shuffle | stratified | region | region-stratified | none
     total_folds: int = 5  # number of folds the fold generator makes
     fold: int = 0  # which fold is the validation set (0-based)
-    num_workers: int = 2  # DataLoader worker processes for zarr reads (ignored when in_memory)
+    num_workers: int = 2  # zarr readers: tensorstore decoding threads in-process (0 = all cores), or zarr-python worker processes
     in_memory: bool = False  # read the train/val/test patches into RAM once instead of from zarr every epoch
     memory_device: str = "auto"  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
     reader: str = "auto"  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
@@ -57,6 +60,7 @@ class ModelConfig:
     arch: str = "Unet"  # smp architecture name, as for smp.create_model (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
     encoder: str = "dpn107"  # smp or timm (tu-...) encoder name; DARTS' default
     encoder_weights: str = "none"  # "none" (random init) or the path of a local encoder state dict (.safetensors/.pth)
+    weights_from: str = ""  # start from the weights of a checkpoint (a run or checkpoint directory; a DARTS .ckpt needs --trust-pickle)
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,8 @@ def to_dict(cfg: Config) -> dict:
     def plain(value):
         if isinstance(value, tuple):
             return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
         return value
 
     return {
@@ -218,8 +224,8 @@ def _coerce(value, annotation, key: str, source: str):
         names = " or ".join("none" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
         raise UserError(f"{key} in {source} must be {names}, got {value!r}")
     if origin is dict:
-        if not isinstance(value, dict) or not value:
-            raise UserError(f"{key} in {source} must be a name or a table such as {{focal = 1.0, dice = 0.5}}, got {value!r}")
+        if not isinstance(value, dict):
+            raise UserError(f"{key} in {source} must be a table such as {{name = value}}, got {value!r}")
         key_type, value_type = args
         return {_coerce(k, key_type, key, source): _coerce(v, value_type, f"{key}.{k}", source) for k, v in value.items()}
     if origin is tuple:
@@ -282,6 +288,11 @@ def _check_choices(cfg: Config, source: str) -> None:
         choice("train.augment", name, AUGMENTATIONS)
     positive("data.total_folds", cfg.data.total_folds, 2 if cfg.data.fold_method != "none" else 1)
     positive("data.num_workers", cfg.data.num_workers, 0)
+    positive("data.subsample", cfg.data.subsample, 0)
+    for name, pair in cfg.data.band_normalisation.items():
+        if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or pair[0] == 0:
+            raise UserError(f"data.band_normalisation.{name} in {source} must be [factor, offset] with a non-zero "
+                            f"factor, got {list(pair)}")
     positive("train.max_epochs", cfg.train.max_epochs)
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.val_every_n_epochs", cfg.train.val_every_n_epochs)

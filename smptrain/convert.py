@@ -74,7 +74,9 @@ def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dic
         idx = info.indices_of(names, f"{path} was trained on")
         bands = {"bands": names, "band_factors": [float(info.band_factors[i]) for i in idx],
                  "band_offsets": [float(info.band_offsets[i]) for i in idx]}
-    return model, bands, state, {"source": "lightning", "run_id": str(config.get("run_id", "")) or None}
+    # DARTS keeps the run's identity at the top of hyper_parameters (older files inside its config).
+    identity = {key: ckpt["hyper_parameters"].get(key, config.get(key)) for key in ("run_id", "run_name")}
+    return model, bands, state, {"source": "lightning", **{k: str(v) if v else None for k, v in identity.items()}}
 
 
 def build_converted(model: dict, bands: dict, state: dict, name: str, framework: str, extra: dict) -> dict:
@@ -132,6 +134,7 @@ def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", whic
         raise UserError(f"cannot write to {out_dir}: {error.strerror or error}") from None
     try:
         torch.save(converted, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an inference job of another user must read it
         difference = self_check(Path(tmp), converted["config"]["model"], state)
         if not difference <= SELF_CHECK_TOLERANCE:
             raise UserError(f"self-check failed: the converted file's logits differ from the checkpoint's by "
@@ -141,6 +144,12 @@ def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", whic
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _plain(value):

@@ -47,6 +47,7 @@ class DatasetInfo:
     patch_size: int
     num_rows: int
     metadata: pd.DataFrame
+    convention: str = "config.toml band_factors/band_offsets"  # where the factors come from (smptrain.bands)
 
     def band_indices(self, names) -> list[int]:
         """Channel indices of a band subset, in the dataset's order (empty = all bands)."""
@@ -69,6 +70,10 @@ class DatasetInfo:
 
     def band_meta(self, indices) -> dict:
         """The three-list band description stored in checkpoints and converted files."""
+        from smptrain.bands import require_known
+
+        require_known([self.bands[i] for i in indices], [self.band_factors[i] for i in indices],
+                      str(self.root / "config.toml"))
         return {
             "bands": [self.bands[i] for i in indices],
             "band_factors": [float(self.band_factors[i]) for i in indices],
@@ -76,8 +81,9 @@ class DatasetInfo:
         }
 
 
-def open_dataset(root: str | Path) -> DatasetInfo:
-    """Check the layout, shapes, dtypes and metadata of a DARTS training dataset; values are checked later."""
+def open_dataset(root: str | Path, band_normalisation: dict | None = None) -> DatasetInfo:
+    """Check the layout, shapes, dtypes and metadata of a DARTS training dataset; values are checked later.
+    Band factors come from config.toml, else from DARTS' band table, and `band_normalisation` overrides both."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset directory {root} does not exist (set data.dir)")
@@ -98,8 +104,12 @@ def open_dataset(root: str | Path) -> DatasetInfo:
     if not np.issubdtype(np.dtype(str(x.dtype)), np.floating) or not np.issubdtype(np.dtype(str(y.dtype)), np.integer):
         raise UserError(f"{root / 'data.zarr'}: x must be float and y integer, got {x.dtype} and {y.dtype}")
     metadata = _read_metadata(root / "metadata.parquet", n)
-    return DatasetInfo(root, tuple(darts["bands"]), tuple(darts["band_factors"]), tuple(darts["band_offsets"]),
-                       int(darts["patch_size"]), n, metadata)
+    from smptrain.bands import normalisation
+
+    factors, offsets, convention = normalisation(list(darts["bands"]), darts.get("band_factors"),
+                                                 darts.get("band_offsets"), dict(band_normalisation or {}),
+                                                 str(root / "config.toml"))
+    return DatasetInfo(root, tuple(darts["bands"]), factors, offsets, int(darts["patch_size"]), n, metadata, convention)
 
 
 def open_arrays(root: Path):
@@ -123,13 +133,17 @@ def _read_darts_config(path: Path) -> dict:
     darts = raw.get("darts")
     if not isinstance(darts, dict):
         raise UserError(f"{path} has no [darts] table")
-    for key in ("bands", "band_factors", "band_offsets", "patch_size"):
+    for key in ("bands", "patch_size"):
         if key not in darts:
             raise UserError(f"{path} lacks [darts] {key}")
-    bands, factors, offsets = darts["bands"], darts["band_factors"], darts["band_offsets"]
+    if ("band_factors" in darts) != ("band_offsets" in darts):
+        raise UserError(f"{path} has only one of [darts] band_factors and band_offsets; give both, or neither "
+                        f"(today's DARTS datasets: names only, normalised with DARTS' band table)")
+    bands = darts["bands"]
     if not (isinstance(bands, list) and all(isinstance(b, str) for b in bands) and bands):
         raise UserError(f"{path}: [darts] bands must be a non-empty list of names")
-    for key, values in (("band_factors", factors), ("band_offsets", offsets)):
+    stored = [(k, darts[k]) for k in ("band_factors", "band_offsets") if k in darts]
+    for key, values in stored:
         if not (isinstance(values, list) and len(values) == len(bands)
                 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
             raise UserError(f"{path}: [darts] {key} must be a list of {len(bands)} numbers, one per band")
@@ -242,7 +256,8 @@ class ZarrReader:
         return arrays
 
     def read(self, rows: np.ndarray, bands: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-        """x float32 [len(rows), C, P, P] and y uint8 [len(rows), P, P] for increasing zarr `rows`."""
+        """x float32 [len(rows), C, P, P] and y uint8 [len(rows), P, P] for zarr `rows` (any order for tensorstore,
+        increasing for zarr-python)."""
         try:
             x = self.x.oindex[rows] if bands is None else self.x.oindex[rows, bands]
             y = self.y.oindex[rows]
@@ -310,9 +325,17 @@ class PatchDataset(torch.utils.data.Dataset):
         x, y, index = self.__getitems__([position])
         return x[0], y[0], index[0]
 
+    def reads_in_process(self) -> bool:
+        """Whether batches are decoded by tensorstore in this process (its threads, no worker processes: handing a
+        decoded 512x512x7 batch to the main process through shared memory costs more than decoding it)."""
+        return self.memory is None and self.reader_kind in ("auto", "tensorstore") and _tensorstore_usable()
+
     def _read(self, rows: np.ndarray, block: int = 256):
         if self._reader is None or self._reader.pid != os.getpid():  # a forked worker opens its own
             self._reader = ZarrReader(self.root, self.reader_kind, self.read_threads)
+        if self._reader.kind == "tensorstore" and len(rows) <= block:  # any order: no sort, no copy back
+            x, y = self._reader.read(rows, None if self.all_bands else self.band_indices)
+            return np.ascontiguousarray(x), np.ascontiguousarray(y)
         order = np.argsort(rows, kind="stable")
         xs, ys = [], []
         for start in range(0, len(rows), block):
@@ -407,9 +430,10 @@ def _kill_leftover_workers() -> None:
 
 def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bool, seed: int, rank: int):
     """A DataLoader over whole batches; workers only for zarr reads, persistent so an epoch starts at once."""
-    workers = 0 if dataset.memory is not None else num_workers
-    if workers:
-        dataset.read_threads = max(1, (os.cpu_count() or 1) // workers)  # tensorstore threads per worker
+    if dataset.reads_in_process():  # tensorstore: data.num_workers decoding threads (0 = all cores), no processes
+        workers, dataset.read_threads = 0, num_workers or None
+    else:
+        workers = 0 if dataset.memory is not None else num_workers
         import atexit
 
         atexit.unregister(_kill_leftover_workers)

@@ -35,11 +35,15 @@ def describe(name: str, stats: dict) -> str:
 def main(json_out, config_path, overrides, debug):
     """Validate the dataset of a config and print split and fold statistics."""
     cfg = resolve_config(config_path, overrides, debug)
-    info = open_dataset(cfg.data.dir)
+    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     bands = [info.bands[i] for i in info.band_indices(cfg.data.bands)]
     click.echo(f"dataset {info.root}: {info.num_rows} zarr rows, {len(info.metadata)} in metadata, "
                f"patch size {info.patch_size}, {len(info.bands)} bands ({', '.join(info.bands)})")
     click.echo(f"training bands: {', '.join(bands)}")
+    click.echo(f"normalisation ({info.convention}; model input = clip(value * factor + offset, 0, 1)):")
+    for name, factor, offset in zip(info.bands, info.band_factors, info.band_offsets):
+        known = f"factor {factor:.6g}, offset {offset:.6g}" if factor is not None else "unknown (give data.band_normalisation)"
+        click.echo(f"  {name:<20} {known}")
     found = scan_values(info)
     problems = []
     if found["bad_labels"]:

@@ -82,6 +82,32 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) -> None:
+    """Load the weights of an earlier checkpoint into `model` before training (DARTS' --weights-from-checkpoint):
+    an smptrain run or checkpoint directory (its `best`, safetensors), or a DARTS Lightning `.ckpt`, which is a
+    pickle and is only read with `trust_pickle`. The architecture must match; the optimizer starts afresh."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        if not trust_pickle:
+            raise UserError(f"model.weights_from = {source!r} is a Lightning pickle, and loading a pickle can run code "
+                            f"from its author; pass --trust-pickle if you trust where this file comes from")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        except Exception as error:
+            raise UserError(f"model.weights_from = {source!r} is not a readable DARTS checkpoint: {str(error)[:200]}") from None
+    else:
+        from smptrain.checkpoint import load_weights, resolve
+
+        state = load_weights(resolve(path, "best"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)[:200]
+        raise UserError(f"model.weights_from = {source!r} does not fit model.arch/model.encoder/bands of this run: "
+                        f"{first}") from None
+
+
 def check_patch_size(model: torch.nn.Module, arch: str, patch_size: int) -> None:
     """Fail early when the architecture cannot take this patch size (Unet needs a multiple of 32)."""
     stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32) or 32)

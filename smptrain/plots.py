@@ -115,3 +115,77 @@ def _save(fig, path: Path) -> Path:
     plt.close(fig)
     return path
 
+
+def cv_metrics(rows: list[dict], metrics: list[str], path: Path, heading: str) -> Path:
+    """One panel per metric: its value for every fold (x) and seed (colour), with the mean over runs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.4 * len(metrics), 3.8), squeeze=False)
+    seeds = sorted({row["seed"] for row in rows})
+    folds = sorted({row["fold"] for row in rows})
+    for ax, metric in zip(axes[0], metrics):
+        finite = []
+        for i, seed in enumerate(seeds):
+            points = [(row["fold"], row.get(metric)) for row in rows if row["seed"] == seed]
+            points = [(f, v) for f, v in points if isinstance(v, (int, float)) and np.isfinite(v)]
+            finite += [v for _, v in points]
+            offset = (i - (len(seeds) - 1) / 2) * 0.08
+            ax.plot([f + offset for f, _ in points], [v for _, v in points], "o", label=f"seed {seed}")
+        if finite:
+            ax.axhline(float(np.mean(finite)), color="0.4", linestyle="--", linewidth=1,
+                       label=f"mean {np.mean(finite):.3f}")
+        ax.set_xticks(folds)
+        ax.set_xlabel("fold")
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def tuning(rows: list[dict], keys: list[str], out_dir: Path, study: str) -> dict[str, Path]:
+    """The optimisation history (score per trial, best so far) and the score against each searched parameter."""
+    plt = _pyplot()
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["score"] is not None]
+    figures = {}
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    if done:
+        numbers = [r["number"] for r in done]
+        scores = [r["score"] for r in done]
+        colours = ["tab:red" if r["score_is_unstable"] else "tab:blue" for r in done]
+        ax.scatter(numbers, scores, c=colours, s=22, label="trial (red: unstable)")
+        ax.step(numbers, np.maximum.accumulate(scores), where="post", color="0.3", label="best so far")
+        ax.legend(fontsize=8)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("CV score")
+    ax.set_title(f"study {study}: optimisation history", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    figures["history"] = _save(fig, out_dir / "history.png")
+    if keys:
+        columns = min(3, len(keys))
+        rows_count = -(-len(keys) // columns)
+        fig, axes = plt.subplots(rows_count, columns, figsize=(4.2 * columns, 3.4 * rows_count), squeeze=False)
+        for ax in axes.flat[len(keys):]:
+            ax.axis("off")
+        for ax, key in zip(axes.flat, keys):
+            values = [r.get(key) for r in done]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            if numeric:
+                ax.scatter(values, [r["score"] for r in done], s=22)
+                if values and min(values) > 0 and max(values) / min(values) > 30:  # spans decades: log axis
+                    ax.set_xscale("log")
+                else:
+                    ax.locator_params(axis="x", nbins=4)
+                    ax.tick_params(axis="x", labelsize=8)
+            else:
+                labels = sorted({str(v) for v in values})
+                ax.scatter([labels.index(str(v)) for v in values], [r["score"] for r in done], s=22)
+                ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7, ha="right")
+            ax.set_title(key, fontsize=9)
+            ax.set_ylabel("CV score")
+            ax.grid(alpha=0.3)
+        fig.suptitle(f"study {study}: score against each parameter", fontsize=10)
+        fig.tight_layout()
+        figures["parameters"] = _save(fig, out_dir / "parameters.png")
+    return figures

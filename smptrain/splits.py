@@ -110,6 +110,13 @@ def make_splits(metadata: pd.DataFrame, data_cfg, seed: int) -> dict[str, list[i
     """The split manifest {"train", "val", "test"}: sorted zarr row numbers."""
     trainval, test = split_test(metadata, data_cfg.split_method, data_cfg.split_by)
     train, val = split_fold(metadata.loc[trainval], data_cfg.fold_method, data_cfg.total_folds, data_cfg.fold, seed)
+    subsample = getattr(data_cfg, "subsample", 0)
+    if subsample:
+        # DARTS' --subsample draws with random_state 42; here from the training split only, so validation and test
+        # stay the ones a full run would see.
+        if subsample > len(train):
+            raise UserError(f"data.subsample = {subsample} is more than the {len(train)} patches of the training split")
+        train = metadata.loc[train].sample(subsample, random_state=RANDOM_SPLIT_SEED).index
     return {name: sorted(int(i) for i in labels) for name, labels in (("train", train), ("val", val), ("test", test))}
 
 

@@ -38,7 +38,7 @@ from smptrain.evaluate import evaluate, sample_figure, write_curves
 from smptrain.feed import feed, place_in_memory
 from smptrain.labels import OUTPUT_CLASSES
 from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_patch_size, segmentation_logits
+from smptrain.model import build_model, check_patch_size, segmentation_logits, warm_start
 from smptrain.runtime import choose_precision, describe_precision, end_processes, make_accelerator
 from smptrain.splits import make_splits
 from smptrain.tracking import Recorder, new_run_id, new_run_name
@@ -95,7 +95,8 @@ class Run:
     skipped_total: int = 0
 
 
-def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int, dict], bool] | None = None) -> RunResult:
+def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int, dict], bool] | None = None,
+          trust_pickle: bool = False) -> RunResult:
     """Train a model as `cfg` says (or continue the run in `resume`). Every rank calls it.
 
     `on_validation(validations, metrics)` is called after each validation (on every rank, with the same numbers);
@@ -104,7 +105,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
     stop = StopSignal()  # before the first step a signal ends the run at once: there is nothing to save yet
     run = None
     try:
-        run = set_up(cfg, resume, stop)
+        run = set_up(cfg, resume, stop, trust_pickle)
         while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
             epoch = run.state.epoch
             # One pass over the training split; False when the ranks agreed to stop for a signal.
@@ -132,7 +133,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
 # --- the phases of train(), in the order it uses them -------------------------------------------------------------
 
 
-def set_up(cfg: Config, resume: Path | None, stop: "StopSignal") -> Run:
+def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: bool = False) -> Run:
     """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
     resumed state and the trackers."""
     precision, why = choose_precision(cfg.train.mixed_precision)
@@ -142,11 +143,12 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal") -> Run:
     say(f"precision: {describe_precision(precision)} ({why})")
 
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
-    info = open_dataset(cfg.data.dir)
+    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.band_indices(cfg.data.bands)
     splits = (json.loads((resume / "splits.json").read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
-    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size)
+    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
+                                          None if resume else cfg.model.weights_from, trust_pickle)
     train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices)
 
     # Only now, with data and model checked, the run directory (named once by the main process).
@@ -184,13 +186,17 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal") -> Run:
     return run
 
 
-def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int):
-    """The model (same initial weights on every rank) and AdamW, prepared by Accelerate."""
+def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
+                       weights_from: str | None = None, trust_pickle: bool = False):
+    """The model (same initial weights on every rank, or those of `weights_from`) and AdamW, prepared by
+    Accelerate. A resumed run skips `weights_from`: its own checkpoint comes back afterwards."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, cfg.model.encoder_weights)
     check_patch_size(model, cfg.model.arch, patch_size)
+    if weights_from:
+        warm_start(model, weights_from, trust_pickle)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
@@ -569,9 +575,11 @@ def _in_main_thread() -> bool:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last checkpoint.")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow model.weights_from to be a DARTS Lightning .ckpt (a pickle, which can run code).")
 @config_options
 @report_user_errors
-def main(resume, config_path, overrides, debug):
+def main(resume, trust_pickle, config_path, overrides, debug):
     """Train an smp binary segmentation model on a DARTS dataset."""
     if resume is not None:
         resume = Path(resume)
@@ -588,7 +596,7 @@ def main(resume, config_path, overrides, debug):
         if config_path is None:
             raise UserError("--config is required to start a run (e.g. --config configs/base.toml)")
         cfg = resolve_config(config_path, overrides, debug)
-    result = train(cfg, resume)
+    result = train(cfg, resume, trust_pickle=trust_pickle)
     end_processes()
     exit_for(result)
 

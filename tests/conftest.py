@@ -146,3 +146,57 @@ def trained_run(tmp_path_factory, demo_dir) -> Path:
                                              "artifact_dir": str(tmp / "artifacts")})
     run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
     return tmp / "artifacts" / "shared"
+
+
+CURRENT_BANDS = ["blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope"]
+
+
+def write_current_dataset(root: Path, n: int = 48, patch: int = 64, seed: int = 5, bands=CURRENT_BANDS) -> Path:
+    """A dataset as today's DARTS builder writes it: `bands` as names only (x normalised with DARTS' band table),
+    GeoParquet metadata with z_idx, geometry and the builder's other columns, rows stored shuffled."""
+    import json as _json
+
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zarr
+
+    from smptrain.bands import VALID_RANGES
+
+    rng = np.random.default_rng(seed)
+    regions = ["Peel Plateau", "Taymyr", "Banks Island"]
+    x = np.zeros((n, len(bands), patch, patch), np.float32)
+    y = np.zeros((n, patch, patch), np.uint8)
+    for i in range(n):
+        decoded = np.stack([rng.uniform(*VALID_RANGES.get(b, (0.0, 1.0)), (patch, patch)) for b in bands])
+        if i % 2:
+            r, c = rng.integers(4, patch - 24, 2)
+            y[i, r:r + 18, c:c + 14] = 1
+            decoded[:, r:r + 18, c:c + 14] *= 0.3
+        if i % 7 == 0:
+            y[i, -5:] = 2
+        low = np.array([VALID_RANGES.get(b, (0.0, 1.0))[0] for b in bands])[:, None, None]
+        high = np.array([VALID_RANGES.get(b, (0.0, 1.0))[1] for b in bands])[:, None, None]
+        x[i] = np.clip((decoded - low) / (high - low), 0, 1)
+    root.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=3)
+    group.create_array("x", shape=x.shape, dtype="float32", chunks=(1, 1, patch, patch))[:] = x
+    group.create_array("y", shape=y.shape, dtype="uint8", chunks=(1, patch, patch))[:] = y
+    order = rng.permutation(n)
+    frame = pd.DataFrame({
+        "patch_id": order % 9, "region": [regions[i % 3] for i in order],
+        "sample_id": [f"S2A_{i % 6:02d}" for i in order], "empty": [not (y[i] == 1).any() for i in order],
+        "x": (order % 4) * patch, "y": (order // 4 % 4) * patch, "patch_idx_x": order % 4, "patch_idx_y": order // 4 % 4,
+        "z_idx": order, "geometry": [bytes([1, 3, 0, 0, 0]) + int(i).to_bytes(4, "little") for i in order],
+    }, index=pd.Index(order))
+    table = pa.Table.from_pandas(frame)
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": ["Polygon"], "crs": None}}}
+    table = table.replace_schema_metadata({**table.schema.metadata, b"geo": _json.dumps(geo).encode()})
+    pq.write_table(table, root / "metadata.parquet")
+    (root / "config.toml").write_text(
+        "[darts]\n"
+        f'train_data_dir = "{root}"\npatch_size = {patch}\noverlap = 0\nexclude_nopositive = false\n'
+        f"bands = [{', '.join(repr(b).replace(chr(39), chr(34)) for b in bands)}]\n"
+        'sources = ["sentinel2", "arcticdem"]\n')
+    return root

@@ -107,20 +107,23 @@ def test_tensorstore_and_zarr_python_read_the_same_values(which, request):
 
 
 def test_workers_forked_after_the_main_process_used_tensorstore_still_read(foreign_dir):
-    """tensorstore aborts in a child forked from a process that used it; such workers read with zarr-python."""
+    """tensorstore aborts in a child forked from a process that used it; such workers read with zarr-python.
+    (smptrain reads tensorstore in-process and forks no workers for it; this is the defence for anyone who does.)"""
     import subprocess
     import sys
 
     script = f"""
 import numpy as np, torch
-from smptrain.dataset import PatchDataset, TrainBatches, make_loader, open_dataset
+from smptrain.dataset import PatchDataset, TrainBatches, open_dataset
 info = open_dataset({str(foreign_dir)!r})
 rows = sorted(int(r) for r in info.metadata.index)
 main = PatchDataset(info, rows, [0, 1, 2, 3], reader="auto")
 main.__getitems__([0, 1])
 assert main._reader.kind == "tensorstore"
-data = PatchDataset(info, rows, [0, 1, 2, 3])
-total = sum(float(x.sum()) for x, y, p in make_loader(data, TrainBatches(len(rows), 4, 1, 0, 0), 2, False, 0, 0))
+data = PatchDataset(info, rows, [0, 1, 2, 3])  # worker processes forked now must not touch tensorstore
+loader = torch.utils.data.DataLoader(data, batch_sampler=TrainBatches(len(rows), 4, 1, 0, 0), num_workers=2,
+                                     collate_fn=lambda items: items)
+total = sum(float(x.sum()) for x, y, p in loader)
 print("ok", total > 0)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

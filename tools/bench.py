@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smptrain.config import load_config  # noqa: E402
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset  # noqa: E402
+from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluate import evaluate  # noqa: E402
 from smptrain.feed import feed, place_in_memory  # noqa: E402
@@ -96,8 +96,10 @@ def forward_rate(batches, encoder, steps, device, precision, channels_last):
 
 
 def loader_rate(dataset, batch, workers, epochs=2):
+    """Batches per second through the feed training uses (on the CPU: no copy to a device). `workers` is
+    data.num_workers: worker processes for zarr-python, decoding threads for tensorstore (which reads in-process)."""
     batches = TrainBatches(len(dataset), batch, 1, 0, seed=0)
-    loader = make_loader(dataset, batches, workers, False, 0, 0)
+    loader = feed(dataset, batches, torch.device("cpu"), workers, 0, 0)
     rates = []
     for epoch in range(epochs + 1):
         batches.set_epoch(epoch)
@@ -120,7 +122,7 @@ def smptrain_rate(root, tmp, name, encoder, batch_size, epochs, precision, chann
         f"train.channels_last={'true' if channels_last else 'false'}", "train.early_stopping_patience=0",
         f"log.artifact_dir='{tmp / 'artifacts'}'", f"log.run_name='{name}'", "log.log_every_n_steps=5",
         "log.preview_every_n_val=0"])
-    run_dir = train(cfg)
+    run_dir = train(cfg).run_dir
     windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [w for w in windows if "perf/samples_per_s" in w][1:]  # the first window holds the warm-up
     return (statistics.median(w["perf/samples_per_s"] for w in windows),
@@ -139,9 +141,10 @@ def smptrain_rate(root, tmp, name, encoder, batch_size, epochs, precision, chann
 @click.option("--workers", default=2, show_default=True, help="DataLoader workers reading zarr.")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--channels-last", is_flag=True, help="NHWC memory format for model and inputs.")
+@click.option("--loaders-only", is_flag=True, help="Measure the readers alone (no model, no training).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write every figure here.")
 def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers, mixed_precision, channels_last,
-         json_out):
+         loaders_only, json_out):
     """smptrain against the step's ceiling, the loaders and evaluation, per encoder."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, why = choose_precision(mixed_precision)
@@ -157,19 +160,26 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
     print(f"{name} ({results['cpu']}, {os.cpu_count()} cores); {len(rows)} patches of {info.patch_size}x{info.patch_size}"
           f" x {len(bands)} bands, batch {batch_size}, {precision} ({why}){', channels_last' if channels_last else ''}")
 
-    # Loaders alone. Workers first: the main process reads with zarr-python only, so workers may use tensorstore.
-    for reader in ("tensorstore", "zarr"):
+    # Loaders alone: tensorstore in-process (1 decoding thread, then --workers threads), zarr-python in 1 and
+    # --workers worker processes (forked before this process uses tensorstore for anything else).
+    for reader in ("zarr", "tensorstore"):
         results[f"loader_{reader}_1_worker_samples_per_s"] = loader_rate(PatchDataset(info, rows, bands, reader=reader),
                                                                         batch_size, 1)
         results[f"loader_{reader}_{workers}_workers_samples_per_s"] = loader_rate(
             PatchDataset(info, rows, bands, reader=reader), batch_size, workers)
     memory = PatchDataset(info, rows, bands, in_memory=True, reader="zarr")
     results["loader_memory_samples_per_s"] = loader_rate(memory, batch_size, 0)
+    for reader in ("tensorstore", "zarr") if loaders_only else ():
+        unit = "thread" if reader == "tensorstore" else "worker"
+        print(f"  zarr via {reader:<11}  1 {unit} {results[f'loader_{reader}_1_worker_samples_per_s']:8.1f} samples/s,"
+              f" {workers} {unit}s {results[f'loader_{reader}_{workers}_workers_samples_per_s']:8.1f} samples/s")
+    if loaders_only:
+        encoders = ""
     place_in_memory([memory], device, "auto")
     resident = [(x, y) for x, y, _ in feed(memory, EvalBatches(len(memory), batch_size), device, 0, 0, 0, channels_last)]
     resident = [b for b in resident if b[0].shape[0] == batch_size]
 
-    for encoder in encoders.split(","):
+    for encoder in [e for e in encoders.split(",") if e]:
         r = {}
         before = ceiling(resident, encoder, steps, device, precision, channels_last)
         r["smptrain_memory_samples_per_s"], r["data_wait_memory"] = smptrain_rate(
@@ -205,9 +215,10 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
               f"{r['eval_vs_train_forward']:.2f} x training's forward pass ({r['train_forward_samples_per_s']:.1f}/s)")
 
     print("loaders alone")
-    for reader in ("tensorstore", "zarr"):
-        print(f"  zarr via {reader:<11}  1 worker {results[f'loader_{reader}_1_worker_samples_per_s']:8.1f} samples/s,"
-              f" {workers} workers {results[f'loader_{reader}_{workers}_workers_samples_per_s']:8.1f} samples/s")
+    for reader in ("tensorstore", "zarr") if not loaders_only else ():
+        unit = "thread" if reader == "tensorstore" else "worker"
+        print(f"  zarr via {reader:<11}  1 {unit} {results[f'loader_{reader}_1_worker_samples_per_s']:8.1f} samples/s,"
+              f" {workers} {unit}s {results[f'loader_{reader}_{workers}_workers_samples_per_s']:8.1f} samples/s")
     print(f"  in memory (host)                 {results['loader_memory_samples_per_s']:9.1f} samples/s")
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
