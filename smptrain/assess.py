@@ -23,6 +23,7 @@ from smptrain.evaluate import best_and_worst, evaluate, format_table, sample_fig
 from smptrain.feed import feed, place_in_memory
 from smptrain.losses import loss_from_config
 from smptrain.model import build_model
+from smptrain.runs import find_data, is_same_data
 from smptrain.runtime import end_processes, make_accelerator, resolve_precision
 from smptrain.splits import make_splits
 
@@ -33,17 +34,19 @@ from smptrain.splits import make_splits
               help="best, last, or the path of a checkpoint directory.")
 @click.option("--batch-size", type=int, default=None, help="Evaluation batch size (default: the run's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
-              help="Write the metrics here instead of RUN_DIR/test/metrics.json.")
+              help="Write the metrics here instead of RUN_DIR/test/metrics.json (figures still go to RUN_DIR/test).")
+@click.option("--figures", "figures_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for the figures (default: RUN_DIR/test).")
 @config_options
 @report_user_errors
-def main(run_dir, checkpoint, batch_size, json_out, config_path, overrides, debug):
+def main(run_dir, checkpoint, batch_size, json_out, figures_dir, config_path, overrides, debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set."""
-    test_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug)
+    test_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug, figures_dir)
     end_processes()
 
 
 def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | None = None, json_out=None,
-                    config_path=None, overrides=(), debug: bool = False) -> dict:
+                    config_path=None, overrides=(), debug: bool = False, figures_dir=None) -> dict:
     """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures."""
     checkpoint_dir = resolve(run_dir if checkpoint in ("best", "last") else checkpoint,
                              checkpoint if checkpoint in ("best", "last") else "best")
@@ -51,11 +54,17 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     if not run_dir.is_dir() or not (run_dir / "checkpoints").is_dir():
         run_dir = checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
     cfg = resolve_config(config_path, overrides, debug, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json")
+    if cfg.data.dir == meta["config"]["data"].get("dir"):
+        cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.indices_of(meta["bands"]["bands"], "the checkpoint was trained on")
     splits_file = run_dir / "splits.json"
-    split_keys = ("dir", "split_method", "split_by")  # what defines the test split
-    same_data = all(to_dict(cfg)["data"][k] == meta["config"]["data"].get(k) for k in split_keys)
+    # The run's own test split is reused when the split settings are unchanged and the dataset is the run's (the
+    # same path, or one with the same fingerprint after a move); otherwise it is recomputed and said so.
+    same_split = all(to_dict(cfg)["data"][k] == meta["config"]["data"].get(k) for k in ("split_method", "split_by"))
+    same_dataset = (cfg.data.dir == meta["config"]["data"].get("dir") if is_same_data(run_dir, info) is None
+                    else is_same_data(run_dir, info))
+    same_data = same_split and same_dataset
     if same_data and splits_file.is_file():
         test_rows, split_source = json.loads(splits_file.read_text())["test"], str(splits_file)
     else:
@@ -91,15 +100,18 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
         from smptrain.tracking import Recorder, clean_number
 
         out_json = Path(json_out) if json_out else run_dir / "test" / "metrics.json"
-        figures_dir = out_json.parent
-        figures = write_curves(evaluation, figures_dir, "test")
+        figures_dir = Path(figures_dir) if figures_dir else run_dir / "test"  # never next to --json: no overwrites
+        figures_dir.mkdir(parents=True, exist_ok=True)
+        label = f"{meta.get('run_name', run_dir.name)}, {checkpoint_dir.name}"
+        figures = write_curves(evaluation, figures_dir, "test", label=label)
         best, worst = best_and_worst(evaluation)
         bands = meta["bands"]["bands"]
         net = accelerator.unwrap_model(model)
         for name, chosen in (("best", best), ("worst", worst)):
             if chosen:
                 figures[name] = sample_figure(net, dataset, chosen, evaluation.pixel, accelerator.device, bands,
-                                              figures_dir / f"samples_{name}.png", f"test: {name} samples by IoU",
+                                              figures_dir / f"samples_{name}.png",
+                                              f"{label}\ntest: {name} samples by IoU",
                                               cfg.train.channels_last)
         result = {
             "checkpoint": str(checkpoint_dir), "checkpoint_epoch": meta.get("epoch"), "checkpoint_step": meta.get("step"),
@@ -111,7 +123,7 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
         out_json.write_text(json.dumps(result, indent=2) + "\n")
         click.echo(f"test metrics of {checkpoint_dir.name} ({len(test_rows)} patches):")
         click.echo(format_table(evaluation.metrics))
-        click.echo(f"wrote {out_json} and figures in {figures_dir}")
+        click.echo(f"wrote {out_json}, figures in {figures_dir}")
         meta_cfg = meta["config"]["log"]
         if wandb_project:
             # Append to the training run: same id, resume="allow" (DARTS' test-smp does the same).

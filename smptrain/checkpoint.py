@@ -148,8 +148,9 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) ->
 
         weights = clean_state_dict(accelerator.unwrap_model(model, keep_torch_compile=False).state_dict())
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        _share_weights(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
-        _fsync_tree(tmp)
+        _settle_tree(tmp)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -225,9 +226,32 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def _fsync_tree(path: Path) -> None:
+def _share_weights(checkpoint: Path) -> None:
+    """Accelerate's state/ holds the model weights again; when its file is byte-identical to ours (an uncompiled
+    model), make it a hard link, so the weights take disk space once. A filesystem without hard links keeps the copy;
+    resume reads state/model.safetensors either way."""
+    import filecmp
+
+    ours, theirs = checkpoint / "model.safetensors", checkpoint / "state" / "model.safetensors"
+    if not theirs.is_file() or not filecmp.cmp(ours, theirs, shallow=False):
+        return
+    link = theirs.with_name(".model.safetensors.link")
+    try:
+        os.link(ours, link)
+        os.replace(link, theirs)  # atomic: state/model.safetensors is never missing
+    except OSError:
+        if link.exists():
+            link.unlink()
+
+
+def _settle_tree(path: Path) -> None:
+    """Give every file the mode the umask allows (safetensors writes 0600, which others on a shared cluster cannot
+    read) and flush it to disk before the directory is renamed into place."""
+    mask = os.umask(0)
+    os.umask(mask)
     for file in path.rglob("*"):
         if file.is_file():
+            os.chmod(file, 0o666 & ~mask)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
 

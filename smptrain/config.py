@@ -128,15 +128,19 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), b
         if not sep or "." not in key:
             raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.lr=3e-4")
         section, _, name = key.strip().partition(".")
+        value = _parse_value(text.strip())
+        # Check the key and its type here, so the error names --set rather than the file it would land in.
+        from_dict({section: {name: value}}, f"--set {section}.{name}", choices=False)
         raw.setdefault(section, {})
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] in {source} must be a table")
-        raw[section][name] = _parse_value(text.strip())
+        raw[section][name] = value
     return from_dict(raw, source)
 
 
-def from_dict(raw: dict, source: str = "config") -> Config:
-    """Build a Config from nested plain values, checking every section, key and type."""
+def from_dict(raw: dict, source: str = "config", choices: bool = True) -> Config:
+    """Build a Config from nested plain values, checking every section, key and type (and, with `choices`, the
+    values' ranges and combinations)."""
     sections = {f.name: f.type for f in dataclasses.fields(Config)}
     hints = typing.get_type_hints(Config)
     built = {}
@@ -150,11 +154,13 @@ def from_dict(raw: dict, source: str = "config") -> Config:
         kwargs = {}
         for key, value in values.items():
             if key not in field_types:
-                raise UserError(f"unknown key {section}.{key} in {source}{_suggest(key, field_types, section)}")
+                where = " (given with --set)" if source.startswith("--set") else f" in {source}"
+                raise UserError(f"unknown key {section}.{key}{where}{_suggest(key, field_types, section)}")
             kwargs[key] = _coerce(value, field_types[key], f"{section}.{key}", source)
         built[section] = cls(**kwargs)
     cfg = Config(**built)
-    _check_choices(cfg, source)
+    if choices:
+        _check_choices(cfg, source)
     return cfg
 
 
@@ -248,14 +254,38 @@ def _coerce(value, annotation, key: str, source: str):
     raise UserError(f"{key} in {source} must be {'a' if name != 'int' else 'an'} {name}, got {value!r}")
 
 
+# Words people type for our keys (besides DARTS' flag names), for "did you mean".
+SYNONYMS = {
+    "learning_rate": "train.lr", "lr": "train.lr", "epochs": "train.max_epochs", "n_epochs": "train.max_epochs",
+    "batch": "train.batch_size", "bs": "train.batch_size", "seed": "train.seed", "workers": "data.num_workers",
+    "precision": "train.mixed_precision", "amp": "train.mixed_precision", "encoder_name": "model.encoder",
+    "architecture": "model.arch", "data_dir": "data.dir", "dataset": "data.dir", "loss_fn": "train.loss",
+    "patience": "train.early_stopping_patience", "accumulate": "train.grad_accum_steps",
+}
+
+
 def _suggest(name: str, valid, section: str | None = None) -> str:
-    darts = DARTS_NAMES.get(name.replace("-", "_"))
+    """'; did you mean X?' for an unknown key: DARTS' flag names and common synonyms first (also misspelt), then
+    the most similar key name in any section, this section winning ties."""
+    name = name.replace("-", "_")
+    darts = DARTS_NAMES.get(name)
     if darts and section is not None:
         return f"; did you mean {darts} (DARTS' --{name.replace('_', '-')})?"
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
-    if not close:
-        return f"; valid: {', '.join(valid)}"
-    return f"; did you mean {section + '.' if section else ''}{close[0]}?"
+    if section is None:
+        close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+        return f"; did you mean {close[0]}?" if close else f"; valid: {', '.join(valid)}"
+    known = {**SYNONYMS, **DARTS_NAMES}
+    word = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
+    if word:
+        return f"; did you mean {known[word[0]]}?"
+    hints = typing.get_type_hints(Config)
+    candidates = {f"{s}.{k}": k for s in hints for k in typing.get_type_hints(hints[s])}
+    ranked = sorted(candidates, key=lambda full: (-difflib.SequenceMatcher(None, name, candidates[full]).ratio(),
+                                                  not full.startswith(f"{section}.")))
+    best = ranked[0]
+    if difflib.SequenceMatcher(None, name, candidates[best]).ratio() < 0.6:
+        return f"; valid in [{section}]: {', '.join(valid)}"
+    return f"; did you mean {best}?"
 
 
 def _check_choices(cfg: Config, source: str) -> None:

@@ -44,6 +44,7 @@ def from_smptrain(path: Path, which: str) -> tuple[dict, dict, dict]:
     extra = {"smptrain_version": meta.get("smptrain_version", smptrain.__version__), "run_id": meta.get("run_id"),
              "run_name": meta.get("run_name"), "checkpoint": checkpoint.name, "epoch": meta.get("epoch"),
              "step": meta.get("step"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None},
+             "patch_size": meta.get("patch_size"),
              "threshold": 0.5}
     return dict(meta["model"]), dict(meta["bands"]), load_weights(checkpoint), extra
 

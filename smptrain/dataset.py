@@ -192,12 +192,12 @@ def scan_values(info, block: int = 64) -> dict:
     """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], and `empty` mismatches."""
     from tqdm.auto import tqdm
 
-    x, y = open_arrays(info.root)
+    reader = ZarrReader(info.root, "auto")  # decoding errors become one sentence naming rows and chunk files
     rows = np.sort(info.metadata.index.to_numpy())
     bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
     for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
         part = rows[start:start + block]
-        xb, yb = x.oindex[part], y.oindex[part]
+        xb, yb = reader.read(part, None)
         flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
         bad_labels += part[(flat_y > IGNORE).any(1)].tolist()
         finite = np.isfinite(flat_x).all(1)
@@ -259,14 +259,33 @@ class ZarrReader:
         """x float32 [len(rows), C, P, P] and y uint8 [len(rows), P, P] for zarr `rows` (any order for tensorstore,
         increasing for zarr-python)."""
         try:
-            x = self.x.oindex[rows] if bands is None else self.x.oindex[rows, bands]
-            y = self.y.oindex[rows]
-            if self.kind == "tensorstore":
-                x, y = x.read().result(), y.read().result()
+            x, y = self._read(self.x, rows, bands), self._read(self.y, rows, None)
         except Exception as error:
-            raise UserError(f"{self.root / 'data.zarr'}: zarr rows {_few(rows)} cannot be read: "
-                            f"{str(error).splitlines()[0][:200]}") from None
+            raise self._damage(rows, bands, error) from None
         return np.asarray(x).astype(np.float32, copy=False), np.asarray(y).astype(np.uint8, copy=False)
+
+    def _read(self, array, rows, bands):
+        selected = array.oindex[rows] if bands is None else array.oindex[rows, bands]
+        return selected.read().result() if self.kind == "tensorstore" else selected
+
+    def _damage(self, rows, bands, error) -> UserError:
+        """One sentence naming the array, the rows that cannot be decoded and where their chunks are."""
+        bad = {}
+        for row in rows:  # only on failure: find which rows, and which array, are damaged
+            for name, array, chosen in (("x", self.x, bands), ("y", self.y, None)):
+                try:
+                    self._read(array, np.asarray([row]), chosen)
+                except Exception as row_error:
+                    bad.setdefault((name, int(row)), str(row_error).splitlines()[0][:200])
+        if not bad:
+            return UserError(f"{self.root / 'data.zarr'}: zarr rows {_few(rows)} cannot be read: "
+                             f"{str(error).splitlines()[0][:200]}")
+        (name, row), reason = next(iter(bad.items()))
+        rows_named = sorted({r for _, r in bad})
+        where = self.root / "data.zarr" / name / ("c" if (self.root / "data.zarr" / name / "zarr.json").is_file() else "")
+        return UserError(f"{self.root / 'data.zarr'}: array {name} cannot be decoded at zarr row(s) {_few(rows_named)} "
+                         f"(chunk files under {where}/{row}...): {reason}; the dataset is damaged, rewrite those "
+                         f"patches or drop their metadata rows")
 
 
 def _tensorstore_usable() -> bool:

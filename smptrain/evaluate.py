@@ -90,18 +90,21 @@ def predict(net, dataset: PatchDataset, positions, device, channels_last: bool =
 
 def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, device, bands, path: Path, heading: str,
                   channels_last: bool = False) -> Path:
+    # `heading` names the run and checkpoint or step; a sample without label or prediction says so instead of "nan".
     """A grid of some samples of an evaluated set (image, label, probability, errors), titled with their zarr row
     and IoU from the evaluation's per-sample counts `pixel`; for validation previews and test figures alike."""
     from smptrain import plots
 
     xs, ys, probs = predict(net, dataset, positions, device, channels_last)
     iou = M.sample_iou(pixel[list(positions)])
-    titles = [f"row {dataset.rows[p]}\nIoU {v:.3f}" for p, v in zip(positions, iou)]
+    titles = [f"row {dataset.rows[p]}\n" + (f"IoU {v:.3f}" if np.isfinite(v) else "no positives")
+              for p, v in zip(positions, iou)]
     return plots.sample_grid(xs, ys, probs, bands, titles, path, heading)
 
 
-def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = "") -> dict[str, Path]:
-    """Confusion matrix, ROC and precision-recall PNGs from an evaluation."""
+def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = "", label: str = "") -> dict[str, Path]:
+    """Confusion matrix, ROC and precision-recall PNGs from an evaluation; `label` (run and checkpoint or step)
+    goes into every title."""
     from smptrain import plots
 
     total = evaluation.total
@@ -109,14 +112,19 @@ def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = 
     tps, fps, fns, tns = M.curve_counts(total)
     fpr, tpr = M.roc_curve(tps, fps, fns, tns)
     precision, recall = M.pr_curve(tps, fps, fns)
+    # Thresholds where nothing is predicted have no precision; torchmetrics counts them as 0 (and AP keeps that),
+    # but drawn they make a false drop to (0, 0).
+    drawn = (precision > 0) | (recall > 0) | (np.arange(len(precision)) == len(precision) - 1)
+    precision, recall = precision[drawn], recall[drawn]
     m = evaluation.metrics
+    prefix_title = f"{prefix}: {label}" if label else prefix
     return {
         "cmx": plots.confusion_matrix(tn, fp, fn, tp, out_dir / f"confusion_matrix{tag}.png",
-                                      f"{prefix}: confusion matrix (normalised by label)"),
-        "roc": plots.curve(fpr, tpr, out_dir / f"roc{tag}.png", f"{prefix}: ROC (20 thresholds)", "false positive rate",
-                           "true positive rate", "AUROC", m[f"{prefix}/AUROC"], diagonal=True),
+                                      f"{prefix_title}\nconfusion matrix (normalised by label)"),
+        "roc": plots.curve(fpr, tpr, out_dir / f"roc{tag}.png", f"{prefix_title}\nROC (20 thresholds)",
+                           "false positive rate", "true positive rate", "AUROC", m[f"{prefix}/AUROC"], diagonal=True),
         "prc": plots.curve(recall, precision, out_dir / f"precision_recall{tag}.png",
-                           f"{prefix}: precision-recall (20 thresholds)", "recall", "precision", "AP",
+                           f"{prefix_title}\nprecision-recall (20 thresholds)", "recall", "precision", "AP",
                            m[f"{prefix}/AveragePrecision"]),
     }
 

@@ -97,14 +97,36 @@ def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int
     return prediction[:, pad:-pad, pad:-pad]
 
 
+def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, reflection: int, tile: str) -> int:
+    """The patch size for a tile: as requested, else the training one (or DARTS' 1024) capped to the tile. The padded
+    tile (1 + reflection pixels on each side) must be larger than the patch, which must be larger than the overlap."""
+    fits = min(shape) + 2 * (1 + reflection) - 1  # the largest patch the padded tile takes
+    if requested is not None:
+        if not overlap < requested <= fits:
+            raise UserError(f"--patch-size {requested} does not fit {tile} ({shape[0]}x{shape[1]} pixels) with "
+                            f"--overlap {overlap}; use --patch-size between {overlap + 1} and {fits}")
+        return requested
+    preferred = int((config.get("smptrain") or {}).get("patch_size") or 1024)
+    chosen = min(preferred, fits // 32 * 32)
+    if chosen <= overlap:
+        raise UserError(f"{tile} ({shape[0]}x{shape[1]} pixels) is too small for patches larger than --overlap "
+                        f"{overlap}; lower --overlap or give --patch-size")
+    if chosen != preferred:
+        click.echo(f"patch size {chosen} (the tile is smaller than {preferred}; set --patch-size to choose)")
+    return chosen
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.argument("tile", type=click.Path(dir_okay=False))
 @click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--patch-size", default=1024, show_default=True)
-@click.option("--overlap", default=16, show_default=True)
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--reflection", default=0, show_default=True)
+@click.option("--patch-size", type=int, default=None,
+              help="Side of the square patches the tile is cut into (default: the training patch size stored in the "
+                   "converted file, else DARTS' 1024, capped to what fits the tile).")
+@click.option("--overlap", default=16, show_default=True, help="Pixels shared by neighbouring patches, blended linearly.")
+@click.option("--batch-size", default=8, show_default=True, help="Patches per forward pass.")
+@click.option("--reflection", default=0, show_default=True,
+              help="Extra reflect-padding around the tile, in pixels (DARTS' reflection).")
 @report_user_errors
 def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection):
     """Predict probabilities for a raw tile (.npy, C x H x W) with a converted checkpoint."""
@@ -114,6 +136,7 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection):
         raw = np.load(tile, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{tile} is not a readable .npy array: {error}") from None
+    patch_size = choose_patch_size(patch_size, config, raw.shape[-2:], overlap, reflection, str(tile))
     probs = predict_in_patches(model, normalise(raw, config["bands"]).reshape(1, *raw.shape[-3:]), patch_size,
                                overlap, batch_size, reflection, device)[0]
     np.save(out, probs.cpu().numpy())

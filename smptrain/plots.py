@@ -47,9 +47,11 @@ def error_overlay(image: np.ndarray, prob: np.ndarray, y: np.ndarray) -> np.ndar
 
 def sample_grid(xs, ys, probs, bands, titles, path: Path, heading: str) -> Path:
     """One row per sample: composite, label, probability, TP/FP/FN overlay."""
+    from matplotlib.patches import Patch
+
     plt = _pyplot()
     rows = len(xs)
-    fig, axes = plt.subplots(rows, 4, figsize=(10, 2.6 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, 4, figsize=(10.6, 2.6 * rows + 1.0), squeeze=False)
     for i in range(rows):
         image = composite(xs[i], bands)
         label = np.where(ys[i] == IGNORE, 0.5, ys[i] == POSITIVE)
@@ -57,14 +59,20 @@ def sample_grid(xs, ys, probs, bands, titles, path: Path, heading: str) -> Path:
                   (probs[i], "magma", "probability"), (error_overlay(image, probs[i], ys[i]), None, "TP / FP / FN")]
         for j, (data, cmap, name) in enumerate(panels):
             ax = axes[i, j]
-            ax.imshow(data, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+            shown = ax.imshow(data, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
                 ax.set_title(name, fontsize=9)
+            if j == 2:
+                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
         axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    legend = [Patch(color=colour, label=name) for name, colour in
+              (("true positive", (0.1, 0.9, 0.1)), ("false positive", (0.95, 0.1, 0.1)),
+               ("false negative", (0.1, 0.4, 1.0)), ("ignored (label 2)", (0.6, 0.6, 0.6)))]
+    fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(heading, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path)
 
 
@@ -73,7 +81,7 @@ def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: st
     plt = _pyplot()
     counts = np.array([[tn, fp], [fn, tp]], dtype=float)
     norm = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     for i in range(2):
         for j in range(2):
@@ -83,7 +91,7 @@ def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: st
     ax.set_yticks([0, 1], ["background", "positive"])
     ax.set_xlabel("predicted")
     ax.set_ylabel("label")
-    ax.set_title(heading, fontsize=10)
+    ax.set_title(heading, fontsize=8)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -91,7 +99,7 @@ def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: st
 def curve(x, y, path: Path, heading: str, xlabel: str, ylabel: str, score_name: str, score: float,
           diagonal: bool = False) -> Path:
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
     ax.plot(x, y, marker=".", lw=1.5, label=f"{score_name} = {score:.4f}")
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
@@ -99,7 +107,7 @@ def curve(x, y, path: Path, heading: str, xlabel: str, ylabel: str, score_name: 
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(heading, fontsize=10)
+    ax.set_title(heading, fontsize=8)
     ax.legend(loc="lower right" if diagonal else "lower left")
     ax.grid(alpha=0.3)
     fig.tight_layout()

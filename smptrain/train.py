@@ -13,6 +13,7 @@ epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.determ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -39,12 +40,13 @@ from smptrain.feed import feed, place_in_memory
 from smptrain.labels import OUTPUT_CLASSES
 from smptrain.losses import Loss, loss_from_config
 from smptrain.model import build_model, check_patch_size, segmentation_logits, warm_start
+from smptrain.runs import absolute_paths, find_data, identity, require_same_data
 from smptrain.runtime import choose_precision, describe_precision, end_processes, make_accelerator
 from smptrain.splits import make_splits
 from smptrain.tracking import Recorder, new_run_id, new_run_name
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
-RESUMABLE = {"train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
+RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
              "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
 STATUSES = ("finished", "early-stopped", "pruned", "interrupted", "diverged")
@@ -118,6 +120,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
                     return end(run, "pruned", f"pruned after validation {run.state.validations}")
         return end(run, "early-stopped" if run.state.early_stopped else "finished")
     except TrainingStopped as error:  # diverged: nothing more is saved, the last good checkpoint stays
+        discard_if_nothing_saved(run)
         return end(run, "diverged", str(error))
     except Interrupted as interruption:
         if interruption.undo is not None:
@@ -126,6 +129,9 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
             run.recorder.finish()
         kept = run.run_dir if run is not None and interruption.undo is None else resume
         return RunResult("interrupted", kept, message=str(interruption))
+    except Exception:  # bad data met mid-run, or a bug: a new run that saved nothing must not block the re-run
+        discard_if_nothing_saved(run)
+        raise
     finally:
         stop.restore()
 
@@ -136,6 +142,14 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
 def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: bool = False) -> Run:
     """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
     resumed state and the trackers."""
+    # Paths absolute, so the run can be tested, converted and resumed from anywhere; a resumed run finds its data
+    # again if it moved with the run, and lives where its directory is now.
+    if resume is None:
+        cfg, given = absolute_paths(cfg)
+    else:
+        cfg = find_data(resume, cfg)
+        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, artifact_dir=str(resume.absolute().parent)))
+        given = {}
     precision, why = choose_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
                                    cfg.train.deterministic)
@@ -144,6 +158,8 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
 
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
+    if resume is not None:
+        require_same_data(resume, info)
     band_indices = info.band_indices(cfg.data.bands)
     splits = (json.loads((resume / "splits.json").read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
@@ -152,7 +168,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
     train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices)
 
     # Only now, with data and model checked, the run directory (named once by the main process).
-    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits)
+    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
     state = TrainState(**meta["train_state"]) if meta else TrainState()
     say(f"run directory: {run_dir}")
     if meta:
@@ -168,6 +184,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
     if not meta and accelerator.is_main_process:
         stop.undo = lambda: shutil.rmtree(run_dir, ignore_errors=True)  # interrupted before any step: no debris
     describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
+                    patch_size=info.patch_size,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
                            "classes": OUTPUT_CLASSES},
                     bands=info.band_meta(band_indices), config=to_dict(cfg))
@@ -231,7 +248,7 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
     return train_set, val_set, batches, train_loader, val_loader
 
 
-def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
+def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given: dict, info):
     """The run directory and identity. A new run is named and created by the main process and broadcast; a resumed
     run is read by everyone from its `last` checkpoint. Returns (run_dir, run_name, run_id, meta or None)."""
     from accelerate.utils import broadcast_object_list
@@ -250,7 +267,7 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
     payload = [None, None, None]
     if accelerator.is_main_process:
         try:
-            payload = create_run_dir(cfg, splits, accelerator.num_processes)
+            payload = create_run_dir(cfg, splits, accelerator.num_processes, given, info)
         except (UserError, OSError) as error:
             payload = [None, None, f"{error}" if isinstance(error, UserError) else
                        f"cannot create the run directory under {cfg.log.artifact_dir}: {error}"]
@@ -260,7 +277,7 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict):
     return Path(payload[0]), payload[1], payload[2], None
 
 
-def create_run_dir(cfg: Config, splits: dict, world_size: int) -> list:
+def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:
     """Main process: a new run directory with its config, split manifest and identity; [path, name, id]."""
     from smptrain.checkpoint import now
 
@@ -276,7 +293,8 @@ def create_run_dir(cfg: Config, splits: dict, world_size: int) -> list:
     (run_dir / "splits.json").write_text(json.dumps(splits) + "\n")
     run_id = new_run_id()
     (run_dir / "run.json").write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
-                                                  "world_size": world_size}, indent=2) + "\n")
+                                                  "world_size": world_size, **identity(cfg, given, info, run_dir)},
+                                                 indent=2) + "\n")
     return [str(run_dir), name, run_id]
 
 
@@ -404,12 +422,13 @@ def validate_and_keep(run: Run, epoch: int) -> None:
 def write_previews(run: Run, evaluation) -> None:
     """Main process: curves and the fixed preview samples of this validation, to files and wandb."""
     previews, step_tag = run.run_dir / "previews", f"_step{run.state.step:06d}"
-    figures = write_curves(evaluation, previews, "val", tag=step_tag)
+    label = f"{run.keeper.describe['run_name']}, step {run.state.step}"
+    figures = write_curves(evaluation, previews, "val", tag=step_tag, label=label)
     if run.previews:
         figures["samples"] = sample_figure(
             run.accelerator.unwrap_model(run.model), run.val_set, run.previews, evaluation.pixel, run.accelerator.device,
             run.keeper.describe["bands"]["bands"], previews / f"val{step_tag}.png",
-            f"validation preview at step {run.state.step}", run.cfg.train.channels_last)
+            f"{label}: validation preview", run.cfg.train.channels_last)
     for key, path in figures.items():
         run.recorder.image(f"val/{key}", path, run.state.step)
 
@@ -420,6 +439,16 @@ def stop_interrupted(run: Run, epoch: int) -> RunResult:
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
                      f"stopped at step {run.state.step} (epoch {epoch}); saved {run.run_dir / 'checkpoints' / 'last'}")
+
+
+def discard_if_nothing_saved(run: Run | None) -> None:
+    """Remove a new run's directory when it stopped before writing any checkpoint: it holds nothing to resume,
+    and leaving it would make the corrected re-run fail ("already exists") and --resume fail too."""
+    if run is None or run.stop.undo is None or (run.run_dir / "checkpoints" / "last").exists():
+        return
+    run.recorder.finish()
+    run.stop.undo()
+    run.stop.undo = None
 
 
 def end(run: Run | None, status: str, message: str = "") -> RunResult:
@@ -502,11 +531,15 @@ class NonFiniteGuard:
 
 def diverged(first_step: int, run_dir: Path, epoch: int, what: str) -> TrainingStopped:
     last = run_dir / "checkpoints" / "last"
-    where = f"{last} (step {read_meta(last)['step']})" if (last / "meta.json").is_file() else "none yet"
+    if not (last / "meta.json").is_file():
+        return TrainingStopped(
+            f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then "
+            f"on. No checkpoint was written yet, so {run_dir} is removed; lower train.lr (or set "
+            f"train.grad_clip_norm) or fix the data, then run the same command again")
     return TrainingStopped(
         f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then on. "
-        f"The last good checkpoint is {where}; lower train.lr (or set train.grad_clip_norm) or fix the data, then "
-        f"resume with --resume {run_dir}"
+        f"The last good checkpoint is {last} (step {read_meta(last)['step']}); lower train.lr (or set "
+        f"train.grad_clip_norm) or fix the data, then resume with --resume {run_dir}"
     )
 
 

@@ -583,7 +583,8 @@ def retrain_best(study_dir: Path, say=print) -> Path:
 @click.option("--space", "space_path", type=click.Path(dir_okay=False), required=True,
               help="The search space: a DARTS hpconfig TOML with a [hyperparameters] table.")
 @click.option("--trials", type=int, default=None, help="Trials in the study (default: 100; grid: every combination).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="random", show_default=True)
+@click.option("--sampler", type=click.Choice(SAMPLERS), default="random", show_default=True,
+              help="random and grid: DARTS' plan (sklearn, random_state 42); tpe: Optuna's TPE.")
 @click.option("--study", "study_name", default=None, help="Study name, the directory {log.artifact_dir}/NAME.")
 @click.option("--storage", default=None,
               help="Optuna storage shared by the workers (default: a journal file in the study directory).")
@@ -591,8 +592,10 @@ def retrain_best(study_dir: Path, say=print) -> Path:
 @click.option("--folds", type=int, default=None, help="Folds per trial's CV (default: all).")
 @click.option("--seeds", default="42,21,69", show_default=True, help="Seeds per trial's CV.")
 @click.option("--scoring", default=",".join(DEFAULT_SCORING), show_default=True, help="As smptrain-cv.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="harmonic", show_default=True)
-@click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True)
+@click.option("--strategy", type=click.Choice(STRATEGIES), default="harmonic", show_default=True,
+              help="How several scoring metrics combine per run, as smptrain-cv.")
+@click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Score each run's last validation (DARTS) or its best one.")
 @click.option("--prune", is_flag=True, help="Stop hopeless trials early (Optuna's median pruner on the first "
                                             "scoring metric, reported at every validation).")
 @click.option("--heartbeat", type=float, default=60.0, show_default=True,

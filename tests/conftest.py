@@ -73,11 +73,21 @@ def tiny_config(tmp: Path, data_dir: Path, name: str = "tiny.toml", **sections) 
     return write_toml(tmp / name, cfg)
 
 
+def write_arrays(root: Path, x: np.ndarray, y: np.ndarray, zarr_format: int) -> None:
+    """data.zarr with DARTS' chunking: one chunk per sample and band for x, one per sample for y."""
+    import zarr
+
+    patch = x.shape[-1]
+    root.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=zarr_format)
+    group.create_array("x", shape=x.shape, dtype="float32", chunks=(1, 1, patch, patch))[:] = x
+    group.create_array("y", shape=y.shape, dtype="uint8", chunks=(1, patch, patch))[:] = y
+
+
 def write_foreign_dataset(root: Path, n: int = 40, patch: int = 64, seed: int = 1) -> Path:
     """A DARTS-layout dataset not made by smptrain's generator: zarr format 2, one chunk per sample and band,
     metadata rows stored shuffled with extra columns (geometry as WKB-like bytes, planet_id, fpath)."""
     import pandas as pd
-    import zarr
 
     rng = np.random.default_rng(seed)
     bands = ["red", "green", "blue", "nir"]
@@ -91,10 +101,7 @@ def write_foreign_dataset(root: Path, n: int = 40, patch: int = 64, seed: int = 
             x[i, :, r:r + 14, c:c + 10] += 0.4
         if i % 5 == 0:
             y[i, :6] = 2
-    root.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=2)
-    group.create_array("x", shape=x.shape, dtype="float32", chunks=(1, 1, patch, patch))[:] = x
-    group.create_array("y", shape=y.shape, dtype="uint8", chunks=(1, patch, patch))[:] = y
+    write_arrays(root, x, y, zarr_format=2)
     order = rng.permutation(n)
     metadata = pd.DataFrame({
         "patch_id": order % 7,
@@ -159,7 +166,6 @@ def write_current_dataset(root: Path, n: int = 48, patch: int = 64, seed: int = 
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import zarr
 
     from smptrain.bands import VALID_RANGES
 
@@ -178,10 +184,7 @@ def write_current_dataset(root: Path, n: int = 48, patch: int = 64, seed: int = 
         low = np.array([VALID_RANGES.get(b, (0.0, 1.0))[0] for b in bands])[:, None, None]
         high = np.array([VALID_RANGES.get(b, (0.0, 1.0))[1] for b in bands])[:, None, None]
         x[i] = np.clip((decoded - low) / (high - low), 0, 1)
-    root.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(str(root / "data.zarr"), mode="w", zarr_format=3)
-    group.create_array("x", shape=x.shape, dtype="float32", chunks=(1, 1, patch, patch))[:] = x
-    group.create_array("y", shape=y.shape, dtype="uint8", chunks=(1, patch, patch))[:] = y
+    write_arrays(root, x, y, zarr_format=3)
     order = rng.permutation(n)
     frame = pd.DataFrame({
         "patch_id": order % 9, "region": [regions[i % 3] for i in order],

@@ -40,6 +40,7 @@ def test_smptrain_test_reports_the_chosen_checkpoint(trained_run, tmp_path, whic
     out = tmp_path / f"{which}.json"
     run(["smptrain-test", str(trained_run), "--checkpoint", which, "--json", str(out)], check=True)
     report = json.loads(out.read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # figures go to the run, never next to --json
     assert os.path.basename(report["checkpoint"]) == os.readlink(trained_run / "checkpoints" / which)
 
 
@@ -148,3 +149,44 @@ def test_converted_checkpoint_predicts_a_large_tile(trained_run, tmp_path):
          "--patch-size", "64", "--overlap", "16"], check=True)
     probs = np.load(tmp_path / "probs.npy")
     assert probs.shape == (150, 170) and probs.min() >= 0 and probs.max() <= 1
+
+
+def test_every_option_of_every_command_has_help_text():
+    import importlib
+
+    import click
+
+    for name in ("train", "assess", "convert", "inspect", "inference", "demo", "cv", "tune"):
+        command = importlib.import_module(f"smptrain.{name}").main
+        missing = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
+        assert not missing, f"smptrain.{name}: {missing}"
+
+
+def test_predict_takes_the_training_patch_size_and_says_which_option_to_change(trained_run, tmp_path):
+    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "small"], check=True)
+    converted = next(tmp_path.glob("small_*.ckpt"))
+    assert torch.load(converted, weights_only=True)["config"]["smptrain"]["patch_size"] == 64
+    np.save(tmp_path / "tile.npy", np.random.default_rng(1).uniform(0, 3000, (7, 100, 90)).astype(np.float32))
+    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "p.npy")], check=True)
+    assert np.load(tmp_path / "p.npy").shape == (100, 90)
+    too_big = run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "q.npy"),
+                   "--patch-size", "512"])
+    assert too_big.returncode == 2 and "--patch-size" in too_big.stderr and "Traceback" not in too_big.stderr
+
+
+def test_every_file_of_a_run_honours_the_umask(trained_run):
+    """A shared cluster: others in the group read checkpoints; safetensors alone would write them 0600."""
+    import stat
+
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.relative_to(trained_run): stat.S_IMODE(p.stat().st_mode)
+             for p in trained_run.rglob("*") if p.is_file() and not p.is_symlink()}
+    assert modes and {p: m for p, m in modes.items() if m != 0o666 & ~mask} == {}
+
+
+def test_a_checkpoint_stores_the_weights_once(trained_run):
+    """model.safetensors and Accelerate's state/model.safetensors are one file on disk (a hard link)."""
+    for checkpoint in (trained_run / "checkpoints").glob("epoch=*"):
+        ours, state = checkpoint / "model.safetensors", checkpoint / "state" / "model.safetensors"
+        assert ours.stat().st_ino == state.stat().st_ino and ours.stat().st_nlink == 2

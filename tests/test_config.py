@@ -38,12 +38,27 @@ def test_overrides_are_typed_and_strict():
     ("train.augment=['Flip']", ["train.augment", "HorizontalFlip"]),
     ("data.fold=5", ["data.fold", "between 0 and"]),
     ("train.lr", ["section.key=value"]),
+    ("train.learnig_rate=1e-3", ["given with --set", "did you mean train.lr?"]),  # misspelt synonym
+    ("data.epochs=3", ["data.epochs", "did you mean train.max_epochs?"]),  # synonym in another section
+    ("model.batch=4", ["did you mean train.batch_size?"]),
+    ("train.max_epoch=3", ["did you mean train.max_epochs?"]),  # closest last component
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(UserError) as error:
         load_config(None, [override])
     for word in words:
         assert word in str(error.value)
+
+
+def test_set_errors_name_set_and_not_the_file(tmp_path):
+    config = tmp_path / "demo_copy.toml"
+    config.write_text("[train]\nlr = 1e-3\n")
+    with pytest.raises(UserError) as error:
+        load_config(config, ["train.learnig_rate=1e-3"])
+    assert "--set" in str(error.value) and "demo_copy.toml" not in str(error.value)
+    with pytest.raises(UserError) as error:
+        load_config(config, ["train.max_epochs=ten"])
+    assert "--set train.max_epochs" in str(error.value)
 
 
 def test_toml_errors_name_file_and_position(tmp_path):

@@ -128,6 +128,8 @@ def test_label_values_outside_0_1_2(base, tmp_path):
     assert_clear_error(train(tiny_config(tmp_path, root)), "outside {0, 1, 2}")
     streamed = tiny_config(tmp_path, root, name="streamed.toml", data={"in_memory": False, "num_workers": 1})
     assert_clear_error(train(streamed), "outside {0, 1, 2}", "zarr rows")
+    # the run met the bad patch before any checkpoint: nothing is left to block the corrected re-run
+    assert not list((tmp_path / "artifacts").glob("*/config.toml"))
 
 
 def test_non_finite_inputs(base, tmp_path):
@@ -185,3 +187,19 @@ def test_wandb_that_cannot_start_is_a_clear_error(base, tmp_path):
                  HOME=str(tmp_path), WANDB_API_KEY="", WANDB_DIR=str(tmp_path))
     assert_clear_error(result, "wandb could not start", "WANDB_MODE=offline")
     assert not (tmp_path / "artifacts" / "online").exists()  # no half-made run directory
+
+
+def test_a_damaged_chunk_is_one_sentence_and_leaves_nothing_behind(base, tmp_path):
+    """A truncated chunk file: inspect and training (in memory, streamed by tensorstore, and by zarr-python
+    workers) name the array, the zarr row and the chunk; a run that met it before any checkpoint leaves no directory."""
+    def truncate(root):
+        chunk = root / "data.zarr" / "x" / "2.0.0.0"  # zarr v2: row 2 (a training patch), band 0
+        chunk.write_bytes(chunk.read_bytes()[:40])
+
+    root = variant(base, tmp_path, truncate)
+    assert_clear_error(inspect(tiny_config(tmp_path, root)), "array x", "zarr row(s) 2", "x/2")
+    assert_clear_error(train(tiny_config(tmp_path, root)), "array x", "zarr row(s) 2")
+    for name, data in (("tensorstore.toml", {"in_memory": False, "num_workers": 0}),
+                       ("workers.toml", {"in_memory": False, "num_workers": 1, "reader": "zarr"})):
+        assert_clear_error(train(tiny_config(tmp_path, root, name=name, data=data)), "array x", "zarr row(s) 2")
+    assert not list((tmp_path / "artifacts").glob("*/config.toml"))

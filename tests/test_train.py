@@ -159,7 +159,9 @@ def test_diverging_loss_stops_with_a_clear_message(demo_dir, tmp_path):
     result = run(["python", "-m", "smptrain.train", "--config", str(config)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert "not finite" in message and "training stopped at step" in message and "--resume" in message
+    assert "not finite" in message and "training stopped at step" in message
+    # it diverged before the first checkpoint: nothing to resume, so the directory is gone and the same command runs
+    assert "run the same command again" in message and not (tmp_path / "artifacts" / "diverge").exists()
 
 
 def test_early_stopping_counts_validations(demo_dir, tmp_path):
@@ -237,3 +239,34 @@ def test_deterministic_resume_is_bitwise_exact_on_cuda(demo_dir, tmp_path, preci
     a, b = weights(tmp_path / "artifacts" / "straight"), weights(split)
     assert all(torch.equal(a[k], b[k]) for k in a), "weights differ"
     assert val_records(tmp_path / "artifacts" / "straight") == val_records(split)
+
+
+def test_a_moved_run_tests_converts_and_resumes_to_the_same_weights(resume_setup, demo_dir, foreign_dir, tmp_path):
+    import shutil
+
+    _, _, straight = resume_setup
+    home = tmp_path / "project"
+    shutil.copytree(demo_dir, home / "data")
+    config = tiny_config(home, home / "data", train={"max_epochs": 4, "augment": ["D4", "Blur", "MultiplicativeNoise"],
+                                                     "gamma": 0.7},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 2})
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=moving",
+         "--set", "train.max_epochs=2"], check=True)
+    moved = tmp_path / "elsewhere"
+    shutil.move(home, moved)  # data and run directory together
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    run_dir = moved / "artifacts" / "moving"
+    run(["smptrain-test", str(run_dir)], cwd=elsewhere, check=True)
+    run(["smptrain-convert", str(run_dir), "--out-dir", str(tmp_path / "out"), "--name", "m"], cwd=elsewhere, check=True)
+    # the data moves on alone: resuming needs its new place, and refuses another dataset
+    shutil.move(moved / "data", tmp_path / "data-now")
+    lost = run(["python", "-m", "smptrain.train", "--resume", str(run_dir), "--set", "train.max_epochs=4"], cwd=elsewhere)
+    assert lost.returncode == 2 and "--set data.dir" in lost.stderr and "Traceback" not in lost.stderr
+    other = run(["python", "-m", "smptrain.train", "--resume", str(run_dir), "--set", f"data.dir='{foreign_dir}'"],
+                cwd=elsewhere)
+    assert other.returncode == 2 and "not the dataset" in other.stderr and "Traceback" not in other.stderr
+    run(["python", "-m", "smptrain.train", "--resume", str(run_dir), "--set", "train.max_epochs=4",
+         "--set", f"data.dir='{tmp_path / 'data-now'}'"], cwd=elsewhere, check=True)
+    assert_same_weights(straight, run_dir)
+    assert val_records(straight) == val_records(run_dir)
