@@ -24,7 +24,7 @@ from smptrain.feed import feed, place_in_memory
 from smptrain.losses import loss_from_config
 from smptrain.model import build_model
 from smptrain.runs import find_data, is_same_data
-from smptrain.runtime import end_processes, make_accelerator, resolve_precision
+from smptrain.runtime import configure_threads, end_processes, local_processes, make_accelerator, resolve_precision
 from smptrain.splits import make_splits
 
 
@@ -79,6 +79,7 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     wandb_project = meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
     accelerator = make_accelerator(resolve_precision(meta.get("mixed_precision", "no")),
                                    log_with="wandb" if wandb_project else None, deterministic=cfg.train.deterministic)
+    configure_threads(cfg.train.threads, local_processes(accelerator))
     torch.manual_seed(42)
     model = build_model(meta["model"]["arch"], meta["model"]["encoder_name"], meta["model"]["in_channels"])
     try:

@@ -86,6 +86,7 @@ class TrainConfig:
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (exported weights stay prefix-free)
     deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS kernels, so a resumed run is bitwise exact (slower)
+    threads: int = 0  # CPU threads per process for torch; 0 = this machine's cores divided among its processes
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,7 @@ def _check_choices(cfg: Config, source: str) -> None:
     positive("train.early_stopping_patience", cfg.train.early_stopping_patience, 0)
     positive("train.save_top_k", cfg.train.save_top_k, 0)
     positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
+    positive("train.threads", cfg.train.threads, 0)
     positive("log.log_every_n_steps", cfg.log.log_every_n_steps)
     positive("log.preview_every_n_val", cfg.log.preview_every_n_val, 0)
     if not 0 <= cfg.data.fold < cfg.data.total_folds and cfg.data.fold_method != "none":

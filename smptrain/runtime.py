@@ -108,6 +108,25 @@ def make_accelerator(precision: str = "no", log_with: str | None = None, grad_ac
     )
 
 
+def configure_threads(requested: int, local_processes: int) -> int:
+    """torch's CPU threads, set explicitly: `accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which
+    halves a 2-core machine and changes the numbers against `python -m`. 0 = an OMP_NUM_THREADS the user set, else
+    the cores divided among the processes on this machine."""
+    launched = "ACCELERATE_MIXED_PRECISION" in os.environ  # accelerate launch always sets it
+    if requested:
+        threads = requested
+    elif os.environ.get("OMP_NUM_THREADS", "").isdigit() and not launched:  # the user's own choice
+        threads = int(os.environ["OMP_NUM_THREADS"])
+    else:
+        threads = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def local_processes(accelerator) -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+
+
 def end_processes() -> None:
     """Close the process group at the end of a command (every rank). `train()` leaves it open, so that
     cross-validation and tuning can run several trainings in the same launched processes."""

@@ -41,7 +41,8 @@ from smptrain.labels import OUTPUT_CLASSES
 from smptrain.losses import Loss, loss_from_config
 from smptrain.model import build_model, check_patch_size, segmentation_logits, warm_start
 from smptrain.runs import absolute_paths, find_data, identity, require_same_data
-from smptrain.runtime import choose_precision, describe_precision, end_processes, make_accelerator
+from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes,
+                              local_processes, make_accelerator)
 from smptrain.splits import make_splits
 from smptrain.tracking import Recorder, new_run_id, new_run_name
 
@@ -154,7 +155,8 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
     accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
                                    cfg.train.deterministic)
     say = accelerator.print
-    say(f"precision: {describe_precision(precision)} ({why})")
+    threads = configure_threads(cfg.train.threads, local_processes(accelerator))
+    say(f"precision: {describe_precision(precision)} ({why}); {threads} CPU thread(s) per process")
 
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)

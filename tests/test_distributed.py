@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -104,3 +105,18 @@ def test_two_process_checkpoint_converts_to_the_same_keys(ddp_run, trained_run, 
     ddp = torch.load(next((tmp_path / "ddp").glob("*.ckpt")), weights_only=True)["statedict"]
     one = torch.load(next((tmp_path / "one").glob("*.ckpt")), weights_only=True)["statedict"]
     assert ddp.keys() == one.keys()
+
+
+def test_accelerate_launch_and_python_m_give_the_same_numbers(demo_dir, tmp_path):
+    """accelerate launch without --num_cpu_threads_per_process sets OMP_NUM_THREADS=1; train.threads = 0 sets the
+    threads explicitly, so one launched process computes what `python -m` computes."""
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=plain"], check=True)
+    launched = run(["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+                    "--dynamo_backend", "no", "-m", "smptrain.train", "--config", str(config), "--set",
+                    "log.run_name=launched"], check=True)
+    assert "2 CPU thread(s) per process" in launched.stdout or os.cpu_count() != 2
+    records = [[json.loads(line) for line in (tmp_path / "artifacts" / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("plain", "launched")]
+    values = [[{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs] for rs in records]
+    assert values[0] == values[1]
