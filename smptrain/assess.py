@@ -62,8 +62,8 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     # The run's own test split is reused when the split settings are unchanged and the dataset is the run's (the
     # same path, or one with the same fingerprint after a move); otherwise it is recomputed and said so.
     same_split = all(to_dict(cfg)["data"][k] == meta["config"]["data"].get(k) for k in ("split_method", "split_by"))
-    same_dataset = (cfg.data.dir == meta["config"]["data"].get("dir") if is_same_data(run_dir, info) is None
-                    else is_same_data(run_dir, info))
+    known = is_same_data(run_dir, info)  # None for runs made before fingerprints: then the path decides
+    same_dataset = cfg.data.dir == meta["config"]["data"].get("dir") if known is None else known
     same_data = same_split and same_dataset
     if same_data and splits_file.is_file():
         test_rows, split_source = json.loads(splits_file.read_text())["test"], str(splits_file)

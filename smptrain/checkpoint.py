@@ -244,14 +244,20 @@ def _share_weights(checkpoint: Path) -> None:
             link.unlink()
 
 
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0644 under 022), for files written through temporaries."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _settle_tree(path: Path) -> None:
     """Give every file the mode the umask allows (safetensors writes 0600, which others on a shared cluster cannot
     read) and flush it to disk before the directory is renamed into place."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mode = file_mode()
     for file in path.rglob("*"):
         if file.is_file():
-            os.chmod(file, 0o666 & ~mask)
+            os.chmod(file, mode)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
 

@@ -28,7 +28,7 @@ import click
 import torch
 
 import smptrain
-from smptrain.checkpoint import clean_state_dict, load_weights, read_meta, resolve
+from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_meta, resolve
 from smptrain.errors import UserError, report_user_errors
 from smptrain.inference import load_converted
 from smptrain.labels import OUTPUT_CLASSES
@@ -135,7 +135,7 @@ def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", whic
         raise UserError(f"cannot write to {out_dir}: {error.strerror or error}") from None
     try:
         torch.save(converted, tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; an inference job of another user must read it
+        os.chmod(tmp, file_mode())  # mkstemp makes it 0600; an inference job of another user must read it
         difference = self_check(Path(tmp), converted["config"]["model"], state)
         if not difference <= SELF_CHECK_TOLERANCE:
             raise UserError(f"self-check failed: the converted file's logits differ from the checkpoint's by "
@@ -145,12 +145,6 @@ def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", whic
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _plain(value):

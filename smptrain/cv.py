@@ -1,6 +1,6 @@
 """Cross-validation: folds x seeds runs of one configuration, scored as DARTS scores them.
 
-    smptrain-cv --config FILE [--set ...] [--folds N] [--seeds 42,21,69] [--name NAME]
+    smptrain-cv --config FILE [--set ...] [--folds N] [--seeds 42,21,69 | --n-randoms N] [--name NAME]
                 [--scoring val/JaccardIndex,val/Recall] [--strategy harmonic] [--score-on last|best]
 
 Every run is a normal run directory `{artifact_dir}/{name}/{name}-f{fold}s{seed}`, so it can be tested, converted
@@ -257,7 +257,12 @@ def fold_count(cfg: Config, requested: int | None) -> list[int]:
     return list(range(count))
 
 
-def parse_seeds(text: str) -> list[int]:
+def parse_seeds(text: str, n_randoms: int | None = None) -> list[int]:
+    """The seeds of `--seeds 42,21,69`, or DARTS' `--n-randoms N` seeds when given."""
+    if n_randoms is not None:
+        if n_randoms < 1:
+            raise UserError(f"--n-randoms must be at least 1, got {n_randoms}")
+        return darts_seeds(n_randoms)
     try:
         seeds = [int(s) for s in str(text).split(",") if s.strip()]
     except ValueError:
@@ -281,12 +286,14 @@ def print_result(result: CVResult, scoring, strategy: str) -> None:
 
 
 def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) and value is not None else str(value)
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--folds", type=int, default=None, help="Run folds 0..N-1 (default: all data.total_folds).")
 @click.option("--seeds", default="42,21,69", show_default=True, help="Comma-separated seeds (train.seed) per fold.")
+@click.option("--n-randoms", type=int, default=None,
+              help="DARTS' --n-randoms instead of --seeds: 42, 21, 69, then random.Random(42).sample(range(9999), N - 3).")
 @click.option("--name", default=None, help="CV name, the directory {log.artifact_dir}/NAME; the same name continues it.")
 @click.option("--scoring", default=",".join(DEFAULT_SCORING), show_default=True,
               help="Comma-separated metrics, each optionally :higher or :lower.")
@@ -296,7 +303,7 @@ def _fmt(value) -> str:
               help="Score each run's last validation (DARTS) or its best one.")
 @config_options
 @report_user_errors
-def main(folds, seeds, name, scoring, strategy, score_on, config_path, overrides, debug):
+def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path, overrides, debug):
     """Cross-validate a configuration: every fold x seed, scored as DARTS scores them."""
     from smptrain.runtime import end_processes
     from smptrain.tracking import new_run_name
@@ -309,7 +316,7 @@ def main(folds, seeds, name, scoring, strategy, score_on, config_path, overrides
     name = name or new_run_name(Path(cfg.log.artifact_dir))
     if "/" in name:
         raise UserError(f"--name must be a plain directory name, got {name!r}")
-    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, fold_count(cfg, folds), parse_seeds(seeds),
+    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, fold_count(cfg, folds), parse_seeds(seeds, n_randoms),
                             scoring_list, strategy, score_on)
     end_processes()
     if result.status == "interrupted":

@@ -218,12 +218,12 @@ def _few(rows) -> str:
 
 class ZarrReader:
     """Reads rows of `x` (all bands or a subset) and `y` from `root/data.zarr`, with the chunks decoded by
-    tensorstore (C++, concurrent; about 4x zarr-python's rate per process on DARTS' one-chunk-per-band layout) or
+    tensorstore (C++, concurrent; 3x zarr-python per reader at 512x512x7 on DARTS' one-chunk-per-band layout) or
     zarr-python. Same bytes, same values.
 
-    tensorstore cannot be used in a process forked from one that used it (it aborts), so a DataLoader worker whose
-    parent already read with tensorstore falls back to zarr-python; smptrain's own processes read in the main
-    process only where no worker is forked afterwards (in-memory loads, preview samples).
+    smptrain reads tensorstore in-process and forks no workers for it (`PatchDataset.reads_in_process`). tensorstore
+    aborts in a process forked from one that used it, so a worker process forked anyway after such use falls back to
+    zarr-python.
     """
 
     def __init__(self, root: Path, reader: str = "auto", threads: int | None = None):
@@ -311,7 +311,7 @@ class PatchDataset(torch.utils.data.Dataset):
         self.band_indices = list(band_indices)
         self.all_bands = self.band_indices == list(range(len(info.bands)))
         self.reader_kind = reader
-        self.read_threads = None  # tensorstore threads per process; make_loader divides the cores among workers
+        self.read_threads = None  # tensorstore decoding threads (None = all cores); make_loader sets data.num_workers
         self._reader = None
         self.memory = None
         if in_memory:
@@ -453,6 +453,7 @@ def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bo
         workers, dataset.read_threads = 0, num_workers or None
     else:
         workers = 0 if dataset.memory is not None else num_workers
+    if workers:
         import atexit
 
         atexit.unregister(_kill_leftover_workers)

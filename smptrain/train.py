@@ -50,7 +50,6 @@ from smptrain.tracking import Recorder, new_run_id, new_run_name
 RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
              "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
-STATUSES = ("finished", "early-stopped", "pruned", "interrupted", "diverged")
 
 
 class TrainingStopped(UserError):
@@ -61,7 +60,7 @@ class TrainingStopped(UserError):
 class RunResult:
     """How a run ended: what the CLI, cross-validation and tuning read."""
 
-    status: str  # one of STATUSES
+    status: str  # finished | early-stopped | pruned | interrupted | diverged
     run_dir: Path | None  # None when a new run was interrupted before its first step (nothing was kept)
     best: dict = field(default_factory=dict)  # metrics of the best validation ({} before the first)
     last: dict = field(default_factory=dict)  # metrics of the last validation

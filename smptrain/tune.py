@@ -299,23 +299,21 @@ def to_optuna(params: list[Param], values: dict) -> dict:
     return found
 
 
-class PlanSampler:
+def plan_sampler(planned: list[dict]):
     """An Optuna sampler that answers each `suggest` with the trial slot's planned value."""
+    import optuna
 
-    def __new__(cls, planned: list[dict]):
-        import optuna
+    class PlanSampler(optuna.samplers.BaseSampler):
+        def infer_relative_search_space(self, study, trial):
+            return {}
 
-        class _PlanSampler(optuna.samplers.BaseSampler):
-            def infer_relative_search_space(self, study, trial):
-                return {}
+        def sample_relative(self, study, trial, search_space):
+            return {}
 
-            def sample_relative(self, study, trial, search_space):
-                return {}
+        def sample_independent(self, study, trial, name, distribution):
+            return planned[trial.user_attrs["slot"]][name]
 
-            def sample_independent(self, study, trial, name, distribution):
-                return planned[trial.user_attrs["slot"]][name]
-
-        return _PlanSampler()
+    return PlanSampler()
 
 
 # --- the study ---------------------------------------------------------------------------------------------------
@@ -425,7 +423,7 @@ def work(cfg: Config, params: list[Param], study_dir: Path, study, options: Tune
 
     planned = plan(params, options.sampler, options.trials) if options.sampler != "tpe" else None
     total = len(planned) if planned is not None else options.trials
-    study.sampler = (PlanSampler([to_optuna(params, entry) for entry in planned]) if planned is not None
+    study.sampler = (plan_sampler([to_optuna(params, entry) for entry in planned]) if planned is not None
                      else optuna.samplers.TPESampler(seed=42))
     reseeded = planned is not None
     distributions = optuna_distributions(params)
@@ -591,6 +589,7 @@ def retrain_best(study_dir: Path, say=print) -> Path:
 @click.option("--single-run", is_flag=True, help="Each trial is one run (data.fold, train.seed) instead of a CV.")
 @click.option("--folds", type=int, default=None, help="Folds per trial's CV (default: all).")
 @click.option("--seeds", default="42,21,69", show_default=True, help="Seeds per trial's CV.")
+@click.option("--n-randoms", type=int, default=None, help="DARTS' --n-randoms instead of --seeds, as smptrain-cv.")
 @click.option("--scoring", default=",".join(DEFAULT_SCORING), show_default=True, help="As smptrain-cv.")
 @click.option("--strategy", type=click.Choice(STRATEGIES), default="harmonic", show_default=True,
               help="How several scoring metrics combine per run, as smptrain-cv.")
@@ -603,7 +602,8 @@ def retrain_best(study_dir: Path, say=print) -> Path:
 @click.option("--retrain-and-test", is_flag=True, help="Retrain the best configuration on train + val and test it.")
 @config_options
 @report_user_errors
-def main(space_path, trials, sampler, study_name, storage, single_run, folds, seeds, scoring, strategy, score_on, prune,
+def main(space_path, trials, sampler, study_name, storage, single_run, folds, seeds, n_randoms, scoring, strategy,
+         score_on, prune,
          heartbeat, retrain_and_test, config_path, overrides, debug):
     """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it."""
     from accelerate import PartialState
@@ -623,10 +623,11 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
         trials = 100  # DARTS' default
     options = TuneOptions(trials, sampler, single_run,
                           [cfg.data.fold] if single_run else fold_count(cfg, folds),
-                          [cfg.train.seed] if single_run else parse_seeds(seeds),
+                          [cfg.train.seed] if single_run else parse_seeds(seeds, n_randoms),
                           [s for s in scoring.split(",") if s.strip()], strategy, score_on, prune, heartbeat)
     parse_scoring(options.scoring)
-    plan(params, sampler, trials) if sampler != "tpe" else None  # a grid of non-lists fails here, before training
+    if sampler != "tpe":
+        plan(params, sampler, trials)  # a grid of non-lists fails here, before any training
     name = study_name or Path(space_path).stem
     study_dir = Path(cfg.log.artifact_dir) / name
     study = open_study(name, storage, study_dir)

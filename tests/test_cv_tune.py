@@ -193,3 +193,13 @@ def test_a_bad_space_file_is_one_sentence_before_training(demo_dir, tmp_path, sp
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and all(w in lines[0] for w in words), lines
     assert not (tmp_path / "artifacts").exists()  # nothing trained, no study created
+
+
+def test_n_randoms_gives_darts_seeds_and_bad_seeds_are_sentences():
+    from smptrain.cv import parse_seeds
+    from smptrain.errors import UserError
+
+    assert parse_seeds("42,21,69", 4) == darts_seeds(4) and parse_seeds("7,8") == [7, 8]
+    for text, n in (("4x", None), ("1,1", None), ("42", 0)):
+        with pytest.raises(UserError):
+            parse_seeds(text, n)

@@ -232,13 +232,12 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
 
 def _cpu_model() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                flags = Path("/proc/cpuinfo").read_text()
-                return f"{line.split(':', 1)[1].strip()}, {'AVX-512' if 'avx512f' in flags else 'no AVX-512'}"
+        cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
-    return "unknown CPU"
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    return f"{model}, {'AVX-512' if 'avx512f' in cpuinfo else 'no AVX-512'}"
 
 
 if __name__ == "__main__":
