@@ -1,7 +1,7 @@
 """`smptrain-convert`: compile a checkpoint into the file the DARTS inference pipeline (`SMPSegmenter`) loads.
 
     smptrain-convert CHECKPOINT --out-dir DIR --name NAME [--framework smp] [--which best|last] [--overwrite]
-                     [--trust-pickle] [--bands-from DATASET_DIR]
+                     [--trust-pickle] [--bands-from DATASET_DIR] [--threshold 0.5|NUMBER|val-best]
 
 CHECKPOINT is a run directory (its `best` checkpoint, or `--which last`), a checkpoint directory, or a DARTS
 Lightning `.ckpt`. The output `DIR/NAME_YYYY-MM-DD.ckpt` is a `torch.save` of
@@ -20,6 +20,7 @@ the file and fails. Lightning checkpoints are pickles that can run code when loa
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ import click
 import torch
 
 import smptrain
+from smptrain.calibration import parse_threshold
 from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_meta, resolve
 from smptrain.errors import UserError, report_user_errors
 from smptrain.inference import load_converted
@@ -37,16 +39,32 @@ MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5
 
 
-def from_smptrain(path: Path, which: str) -> tuple[dict, dict, dict]:
+def from_smptrain(path: Path, which: str, threshold: float | str = 0.5) -> tuple[dict, dict, dict]:
     """(model config, bands, state dict, extra metadata) of one of our checkpoints; safetensors only."""
     checkpoint = resolve(path, which)
     meta = read_meta(checkpoint)
+    chosen = recorded_threshold(checkpoint, meta) if threshold == "val-best" else {"threshold": threshold}
     extra = {"smptrain_version": meta.get("smptrain_version", smptrain.__version__), "run_id": meta.get("run_id"),
              "run_name": meta.get("run_name"), "checkpoint": checkpoint.name, "epoch": meta.get("epoch"),
              "step": meta.get("step"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None},
              "patch_size": meta.get("patch_size"),
-             "threshold": 0.5}
+             "threshold": chosen["threshold"], "tta": chosen.get("tta", "none")}
     return dict(meta["model"]), dict(meta["bands"]), load_weights(checkpoint), extra
+
+
+def recorded_threshold(checkpoint: Path, meta: dict) -> dict:
+    """The threshold `smptrain-test --threshold val-best` chose on validation for this checkpoint."""
+    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+    path = run_dir / "test" / "threshold.json"
+    hint = f"run `smptrain-test {run_dir} --checkpoint {checkpoint.name} --threshold val-best` first"
+    try:
+        chosen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--threshold val-best needs {path}, which is missing or unreadable; {hint}") from None
+    if Path(chosen.get("checkpoint", "")).name != checkpoint.name or chosen.get("checkpoint_step") != meta.get("step"):
+        raise UserError(f"{path} holds the threshold of checkpoint {Path(chosen.get('checkpoint', '?')).name}, not of "
+                        f"{checkpoint.name}; {hint}")
+    return chosen
 
 
 def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dict, dict]:
@@ -112,17 +130,22 @@ def self_check(path: Path, model_config: dict, state: dict) -> float:
 
 
 def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", which: str = "best",
-            overwrite: bool = False, trust_pickle: bool = False, bands_from: Path | None = None) -> Path:
+            overwrite: bool = False, trust_pickle: bool = False, bands_from: Path | None = None,
+            threshold: float | str = 0.5) -> Path:
     """Write the converted file and return its path (see the module docstring)."""
     if not name or "/" in name:
         raise UserError(f"--name must be a plain file name stem, got {name!r}")
+    threshold = parse_threshold(threshold)
     if source.is_file() and source.suffix == ".ckpt":
         if not trust_pickle:
             raise UserError(f"{source} is a Lightning pickle, and loading a pickle can run code from its author; "
                             f"pass --trust-pickle if you trust where this file comes from")
         model, bands, state, extra = from_lightning(source, bands_from)
+        if threshold == "val-best":
+            raise UserError("--threshold val-best needs an smptrain run (smptrain-test chooses it); give a number")
+        extra["threshold"] = threshold
     else:
-        model, bands, state, extra = from_smptrain(source, which)
+        model, bands, state, extra = from_smptrain(source, which, threshold)
     converted = build_converted(model, bands, state, name, framework, extra)
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
@@ -171,9 +194,12 @@ def _plain(value):
 @click.option("--trust-pickle", is_flag=True, help="Allow reading a Lightning .ckpt (a pickle that can run code).")
 @click.option("--bands-from", type=click.Path(file_okay=False), default=None,
               help="Dataset directory whose config.toml gives band factors/offsets missing from a Lightning checkpoint.")
+@click.option("--threshold", default="0.5", show_default=True,
+              help="Stored as config.smptrain.threshold (what smptrain-predict --binarize uses): a number, or val-best "
+                   "for the one `smptrain-test --threshold val-best` chose on the validation split.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @report_user_errors
-def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, debug):
+def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, threshold, debug):
     """Convert CHECKPOINT (run dir, checkpoint dir or DARTS .ckpt) into the DARTS inference format."""
     if debug:
         os.environ["SMPTRAIN_DEBUG"] = "1"
@@ -181,7 +207,7 @@ def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, b
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist")
     target = convert(source, Path(out_dir), name, framework, which, overwrite, trust_pickle,
-                     Path(bands_from) if bands_from else None)
+                     Path(bands_from) if bands_from else None, threshold)
     click.echo(f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
 
 

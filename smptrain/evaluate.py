@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from smptrain import calibration as C
 from smptrain import metrics as M
+from smptrain import tta as TTA
 from smptrain.dataset import PatchDataset
 from smptrain.losses import Loss
 from smptrain.model import probabilities, segmentation_logits
@@ -30,51 +32,103 @@ class Evaluation:
     loss: np.ndarray  # (N,) per-sample loss (NaN for a sample without valid pixels)
     instances: np.ndarray | None  # (N, 63) per-sample object counts (objects=True only)
     boundary: np.ndarray | None  # (N, 2) per-sample boundary intersection and union (objects=True only)
+    fine: np.ndarray | None = None  # (2, FINE_BINS + 1) probability histogram of the set (calibrate=True only)
+    at_threshold: np.ndarray | None = None  # (N, 4) per-sample tn, fp, fn, tp at `threshold` (when given)
+    threshold: float | None = None
+    tta: "Evaluation | None" = None  # the same counts of the TTA-averaged probabilities (tta != "none")
 
     @property
     def total(self) -> np.ndarray:
         return self.pixel.sum(0)
 
 
-def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix: str,
-             objects: bool = False) -> Evaluation:
+class Counts:
+    """The per-sample rows of one kind of probabilities (plain or TTA-averaged), on the device until reduced."""
+
+    def __init__(self, num_samples: int, device, objects: bool, threshold: float | None, calibrate: bool):
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.long, device=device)
+
+        self.pixel = zeros(num_samples, M.PIXEL_STATS)
+        self.extra = zeros(num_samples, M.INSTANCE_STATS + M.BOUNDARY_STATS) if objects else None
+        self.at_threshold = zeros(num_samples, 4) if threshold is not None else None
+        self.fine = zeros(2, C.FINE_BINS + 1) if calibrate else None
+        self.threshold = threshold
+
+    def add(self, probs: torch.Tensor, y: torch.Tensor, positions: torch.Tensor) -> None:
+        self.pixel[positions] = M.pixel_stats(probs, y)
+        if self.at_threshold is not None:
+            self.at_threshold[positions] = C.confusion_at(probs, y, self.threshold)
+        if self.fine is not None:
+            self.fine += C.fine_histogram(probs, y)
+        if self.extra is not None:
+            probs_np, y_np = probs.cpu().numpy(), y.cpu().numpy()
+            rows = [np.concatenate([M.instance_stats(p, t), M.boundary_stats(p, t)]) for p, t in zip(probs_np, y_np)]
+            self.extra[positions] = torch.from_numpy(np.stack(rows)).to(self.pixel.device)
+
+    def reduce(self, accelerator, prefix: str, per_sample_loss: np.ndarray | None) -> Evaluation:
+        """Sum over ranks (every rank calls it; the same collectives in the same order) and compute the metrics."""
+        pixel = accelerator.reduce(self.pixel, "sum").cpu().numpy()
+        result = M.pixel_metrics(pixel.sum(0), prefix)
+        if per_sample_loss is not None:
+            finite = per_sample_loss[np.isfinite(per_sample_loss)]
+            result[f"{prefix}/loss"] = float(finite.mean()) if len(finite) else math.nan
+        instances = boundary = fine = at_threshold = None
+        if self.extra is not None:
+            extra = accelerator.reduce(self.extra, "sum").cpu().numpy()
+            instances, boundary = extra[:, :M.INSTANCE_STATS], extra[:, M.INSTANCE_STATS:]
+            result.update(M.instance_metrics(instances.sum(0), boundary.sum(0), prefix))
+        if self.fine is not None:
+            fine = accelerator.reduce(self.fine, "sum").cpu().numpy()
+            result[f"{prefix}/ExpectedCalibrationError"] = C.reliability(fine)["ece"]
+        if self.at_threshold is not None:
+            at_threshold = accelerator.reduce(self.at_threshold, "sum").cpu().numpy()
+            tn, fp, fn, tp = (int(v) for v in at_threshold.sum(0))
+            result[f"{prefix}_at_threshold/threshold"] = self.threshold
+            result.update({f"{prefix}_at_threshold/{k}": v for k, v in M.rates(tp, fp, fn, tn).items()})
+        loss = per_sample_loss if per_sample_loss is not None else np.full(len(pixel), np.nan)
+        return Evaluation(result, pixel, loss, instances, boundary, fine, at_threshold, self.threshold)
+
+
+def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix: str, objects: bool = False,
+             tta: str = "none", threshold: float | None = None, calibrate: bool = False) -> Evaluation:
     """Metrics of `model` over the set behind `loader` (a feed of device batches over EvalBatches), with `loss_fn`
-    (the training loss) as `prefix/loss`. All ranks must call it."""
+    (the training loss) as `prefix/loss`. All ranks must call it.
+
+    objects: also object and boundary counts (test). tta: also the counts of probabilities averaged over "flips" or
+    "d4" (as `.tta`, prefix `{prefix}_tta`; the plain ones are exactly those without TTA). threshold: also the
+    confusion at `prob > threshold` (`{prefix}_at_threshold/...`). calibrate: also the fine probability histogram
+    (`.fine`) and the expected calibration error.
+    """
     device = accelerator.device
     # The unwrapped module keeps Accelerate's autocast wrapper but not DDP, whose forward may talk to other ranks:
     # ranks evaluate different numbers of batches.
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    pixel = torch.zeros(num_samples, M.PIXEL_STATS, dtype=torch.long, device=device)
+    plain = Counts(num_samples, device, objects, threshold, calibrate)
+    averaged = Counts(num_samples, device, objects, threshold, calibrate) if tta != "none" else None
     loss = torch.zeros(num_samples, 2, dtype=torch.float64, device=device)
-    extra = torch.zeros(num_samples, M.INSTANCE_STATS + M.BOUNDARY_STATS, dtype=torch.long, device=device) if objects else None
     with torch.inference_mode():
         for x, y, positions in tqdm(loader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
             logits = segmentation_logits(net, x)
             values, has_valid = loss_fn.per_sample(logits, y)
             probs = probabilities(logits)
-            pixel[positions] = M.pixel_stats(probs, y)
+            plain.add(probs, y, positions)
             loss[positions] = torch.stack([values, has_valid.double()], 1)
-            if objects:
-                probs_np, y_np = probs.cpu().numpy(), y.cpu().numpy()
-                rows = [np.concatenate([M.instance_stats(p, t), M.boundary_stats(p, t)]) for p, t in zip(probs_np, y_np)]
-                extra[positions] = torch.from_numpy(np.stack(rows)).to(device)
-    # one collective per evaluation, called by every rank
-    pixel, loss = accelerator.reduce(pixel, "sum"), accelerator.reduce(loss, "sum")
-    pixel, loss = pixel.cpu().numpy(), loss.cpu().numpy()
+            if averaged is not None:
+                averaged.add(TTA.averaged(lambda batch: probabilities(segmentation_logits(net, batch)), x, tta, probs),
+                             y, positions)
+    # a fixed sequence of collectives, called by every rank
+    loss = accelerator.reduce(loss, "sum").cpu().numpy()
     net.train(was_training)
     with np.errstate(invalid="ignore", divide="ignore"):
         per_sample_loss = np.where(loss[:, 1] > 0, loss[:, 0], np.nan)
-    result = M.pixel_metrics(pixel.sum(0), prefix)
-    finite = per_sample_loss[np.isfinite(per_sample_loss)]
-    result[f"{prefix}/loss"] = float(finite.mean()) if len(finite) else math.nan
-    instances = boundary = None
-    if objects:
-        extra = accelerator.reduce(extra, "sum").cpu().numpy()
-        instances, boundary = extra[:, :M.INSTANCE_STATS], extra[:, M.INSTANCE_STATS:]
-        result.update(M.instance_metrics(instances.sum(0), boundary.sum(0), prefix))
-    return Evaluation(result, pixel, per_sample_loss, instances, boundary)
+    evaluation = plain.reduce(accelerator, prefix, per_sample_loss)
+    if averaged is not None:
+        # TTA averages probabilities, which have no logits to take the training loss of: no `_tta/loss`.
+        evaluation.tta = averaged.reduce(accelerator, f"{prefix}_tta", None)
+    return evaluation
 
 
 def predict(net, dataset: PatchDataset, positions, device, channels_last: bool = False):

@@ -8,8 +8,10 @@ batch of patches predicted as 0 when some pixel is NaN in all of its patches (ot
 the logits, overlaps blended as a weighted mean with a separable linear ramp of width `overlap`, padding cropped.
 
     smptrain-predict CONVERTED.ckpt TILE.npy OUT.npy [--patch-size 1024] [--overlap 16] [--batch-size 8]
+                     [--tta none|flips|d4] [--binarize [--threshold T]]
 
-TILE.npy holds raw band values (C, H, W) in the file's band order; OUT.npy gets probabilities (H, W).
+TILE.npy holds raw band values (C, H, W) in the file's band order; OUT.npy gets probabilities (H, W), or with
+--binarize a uint8 mask at the file's `config.smptrain.threshold` (0.5 unless smptrain-convert stored another).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import torch
 
 from smptrain.errors import UserError, report_user_errors
+from smptrain.tta import TTA_CHOICES, averaged
 
 
 def load_converted(path: str | Path, device: str | torch.device = "cpu"):
@@ -67,8 +70,12 @@ def soft_margin(patch_size: int, overlap: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int, batch_size: int = 8,
-                       reflection: int = 0, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Probabilities (B, H, W) of normalised tiles (B, C, H, W), blended from overlapping patches."""
+                       reflection: int = 0, device: str | torch.device = "cpu", tta: str = "none") -> torch.Tensor:
+    """Probabilities (B, H, W) of normalised tiles (B, C, H, W), blended from overlapping patches. With `tta`
+    ("flips" or "d4") each patch's probabilities are averaged over its symmetries, inside the sliding window."""
+    def probabilities_of(batch):
+        return torch.sigmoid(model(batch.to(device))).squeeze(1).float().to(tiles.device)
+
     if tiles.dim() != 4:
         raise UserError(f"tiles must be (B, C, H, W), got shape {tuple(tiles.shape)}")
     pad = 1 + reflection
@@ -89,7 +96,7 @@ def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int
             probs = torch.zeros(len(chosen), patch_size, patch_size, device=tiles.device)
         else:
             batch = torch.nan_to_num(batch, nan=0.0)
-            probs = torch.sigmoid(model(batch.to(device))).squeeze(1).float().to(tiles.device)
+            probs = averaged(probabilities_of, batch, tta) if tta != "none" else probabilities_of(batch)
         for (t, y, x), p in zip(chosen, probs):
             prediction[t, y:y + patch_size, x:x + patch_size] += p * margin
             weights[t, y:y + patch_size, x:x + patch_size] += margin
@@ -127,18 +134,35 @@ def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, 
 @click.option("--batch-size", default=8, show_default=True, help="Patches per forward pass.")
 @click.option("--reflection", default=0, show_default=True,
               help="Extra reflect-padding around the tile, in pixels (DARTS' reflection).")
+@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
+              help="Test-time augmentation per patch: flips (4) or d4 (8 symmetries) [default: the one the file's "
+                   "threshold was chosen with, else none].")
+@click.option("--binarize", is_flag=True,
+              help="Write a uint8 mask (prob > threshold) instead of probabilities.")
+@click.option("--threshold", type=float, default=None,
+              help="Threshold for --binarize [default: the file's config.smptrain.threshold, else 0.5].")
 @report_user_errors
-def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection):
-    """Predict probabilities for a raw tile (.npy, C x H x W) with a converted checkpoint."""
+def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold):
+    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config = load_converted(checkpoint, device)
+    extra = config.get("smptrain") or {}
+    tta = tta or extra.get("tta") or "none"
+    threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
     try:
         raw = np.load(tile, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{tile} is not a readable .npy array: {error}") from None
     patch_size = choose_patch_size(patch_size, config, raw.shape[-2:], overlap, reflection, str(tile))
     probs = predict_in_patches(model, normalise(raw, config["bands"]).reshape(1, *raw.shape[-3:]), patch_size,
-                               overlap, batch_size, reflection, device)[0]
-    np.save(out, probs.cpu().numpy())
-    click.echo(f"wrote {out}: probabilities {tuple(probs.shape)}, {float((probs > 0.5).float().mean()):.2%} above 0.5")
+                               overlap, batch_size, reflection, device, tta)[0].cpu()
+    share = f"{float((probs > threshold).float().mean()):.2%} above {threshold:g}"
+    if binarize:
+        np.save(out, (probs > threshold).numpy().astype(np.uint8))
+        click.echo(f"wrote {out}: mask {tuple(probs.shape)} (prob > {threshold:g}, TTA {tta}), {share}")
+    else:
+        np.save(out, probs.numpy())
+        click.echo(f"wrote {out}: probabilities {tuple(probs.shape)} (TTA {tta}), {share}")
 

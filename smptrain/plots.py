@@ -197,3 +197,65 @@ def tuning(rows: list[dict], keys: list[str], out_dir: Path, study: str) -> dict
         fig.tight_layout()
         figures["parameters"] = _save(fig, out_dir / "parameters.png")
     return figures
+
+
+def groups(rows: list[dict], prefix: str, path: Path, heading: str, group_name: str = "region",
+           tta_rows: list[dict] | None = None) -> Path:
+    """IoU per group as horizontal bars (worst at the top), each labelled with its patches and positive pixels;
+    with TTA rows, a second bar per group."""
+    plt = _pyplot()
+    names = [r["group"] for r in rows]
+    iou = [r[f"{prefix}/JaccardIndex"] for r in rows]
+    fig, ax = plt.subplots(figsize=(8.5, 1.8 + (0.7 if tta_rows else 0.42) * len(rows)))
+    ypos = np.arange(len(rows))[::-1]
+    height = 0.38 if tta_rows else 0.7
+    ax.barh(ypos + (height / 2 if tta_rows else 0), iou, height=height, color="tab:blue", label="without TTA")
+    if tta_rows:
+        tta = {r["group"]: r[f"{prefix}_tta/JaccardIndex"] for r in tta_rows}
+        ax.barh(ypos - height / 2, [tta[n] for n in names], height=height, color="tab:orange", label="with TTA")
+        for y, n in zip(ypos, names):
+            ax.text(0.01, y - height / 2, f"{tta[n]:.3f}", va="center", fontsize=7,
+                    color="white" if tta[n] > 0.1 else "black")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    for y, r, v in zip(ypos, rows, iou):
+        note = f"{v:.3f}  ({r['patches']} patches, {r['positive_pixels']:,} positive px)" if r["positive_pixels"] \
+            else f"no positives ({r['patches']} patches)"
+        ax.text(0.01, y + (height / 2 if tta_rows else 0), note, va="center", fontsize=7,
+                color="white" if v > 0.35 else "black")
+    ax.set_yticks(ypos, names, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU (JaccardIndex) at 0.5")
+    ax.set_ylabel(group_name)
+    ax.set_title(heading, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability(table: dict, path: Path, heading: str) -> Path:
+    """Reliability diagram: observed frequency of positives against mean predicted probability per bin, the
+    diagonal of perfect calibration, and the share of pixels per bin below."""
+    plt = _pyplot()
+    fig, (ax, share) = plt.subplots(2, 1, figsize=(5.2, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    bins = len(table["pixels"])
+    centres = (np.arange(bins) + 0.5) / bins
+    seen = table["pixels"] > 0
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfectly calibrated")
+    ax.bar(centres[seen], table["frequency"][seen], width=1 / bins, edgecolor="tab:blue", color="tab:blue", alpha=0.35,
+           label="observed frequency")
+    ax.plot(table["confidence"][seen], table["frequency"][seen], "o-", color="tab:blue", ms=4,
+            label=f"per bin (ECE = {table['ece']:.4f})")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of positive pixels")
+    ax.set_title(heading, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    total = max(int(table["pixels"].sum()), 1)
+    share.bar(centres, table["pixels"] / total, width=1 / bins, color="0.5")
+    share.set_yscale("log")
+    share.set_xlim(0, 1)
+    share.set_xlabel("predicted probability")
+    share.set_ylabel("share of pixels", fontsize=8)
+    share.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -91,6 +91,15 @@ class Recorder:
 
             self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))}, step=step)
 
+    def table(self, key: str, rows: list[dict]) -> None:
+        """Rows of equal keys as a wandb table (NaN as empty cells)."""
+        if self.main and self.wandb and rows:
+            import wandb
+
+            columns = list(rows[0])
+            data = [[clean_number(row[c]) for c in columns] for row in rows]
+            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Table(columns=columns, data=data)})
+
     def summary(self, values: dict) -> None:
         if self.main and self.wandb:
             run = self.accelerator.get_tracker("wandb", unwrap=True)

@@ -30,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smptrain.augment import augment, augment_generator
+from smptrain.breakdown import validation_regions
 from smptrain.checkpoint import MONITOR, CheckpointKeeper, TrainState, checkpoint_name, read_meta
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import Config, dump_toml, to_dict
@@ -91,6 +92,7 @@ class Run:
     stop: "StopSignal"
     guard: "NonFiniteGuard | None"
     previews: list[int]
+    val_regions: list[str]  # the region of each validation sample, for per-region IoU
     best: dict = field(default_factory=dict)
     last: dict = field(default_factory=dict)
     skipped_in_row: int = 0  # fp16 steps the grad scaler skipped in a row, and in all
@@ -195,7 +197,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
               train_loader, val_loader, run_dir, recorder,
               CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state, stop,
               NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
-              pick_previews(info, splits["val"]))
+              pick_previews(info, splits["val"]), info.metadata.loc[val_set.rows, "region"].astype(str).tolist())
     if meta:
         run.last = meta.get("metrics") or {}
         best = run_dir / "checkpoints" / "best"
@@ -406,7 +408,8 @@ def validate_and_keep(run: Run, epoch: int) -> None:
         state.early_stopped = True
     run.last = metrics
     run.best = metrics if improved else run.best
-    run.recorder.log({"epoch": epoch, **metrics}, state.step)
+    # per-region IoU when validation spans several regions (logged, not selected on)
+    run.recorder.log({"epoch": epoch, **metrics, **validation_regions(evaluation, run.val_regions)}, state.step)
     accelerator.print(
         f"epoch {epoch} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
         f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
@@ -573,10 +576,17 @@ class StopSignal:
     raises `Interrupted` at once, and a new run's directory is removed. Once armed, it sets a flag that all ranks
     agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
     `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
+
+    A launcher that passes a terminal's Ctrl-C on (torch elastic's agent, `smptrain-launch` when signalled alone)
+    delivers it a second time to processes that already got it from the terminal: the same signal again within
+    `SAME_REQUEST_S` counts as that one request, not as the second one that aborts.
     """
+
+    SAME_REQUEST_S = 1.5
 
     def __init__(self):
         self.raised = False
+        self.first = (None, 0.0)  # the first signal's number and time
         self.armed = False
         self.undo = None  # what to remove if interrupted before the first step
         self.previous = {}
@@ -591,13 +601,24 @@ class StopSignal:
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.first[0] == signum and now - self.first[1] < self.SAME_REQUEST_S:
+            return  # the same request, passed on by a launcher
+        if self.first[0] is None:
+            self.first = (signum, now)
         if not self.armed:
             raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
         if self.raised:
             raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
         self.raised = True
-        print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
-              f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+        if _local_main():  # one message per machine, not one per process
+            print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
+                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def _local_main() -> bool:
+    """The first process on this machine (launchers set LOCAL_RANK; a process started alone is the first)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def _in_main_thread() -> bool:
@@ -644,7 +665,8 @@ def exit_for(result: RunResult) -> None:
             print(f"debug: {result}", file=sys.stderr)
         hint = (f"\ncontinue with: python -m smptrain.train --resume {result.run_dir}"
                 if result.run_dir is not None and (result.run_dir / "checkpoints" / "last").exists() else "")
-        print(f"\n{result.message}{hint}", file=sys.stderr, flush=True)
+        if _local_main():
+            print(f"\n{result.message}{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
 
 

@@ -18,7 +18,7 @@ from smptrain.dataset import open_dataset
 
 TEST_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
              "HammingDistance", "AUROC", "AveragePrecision", "loss", "InstanceAccuracy", "InstancePrecision",
-             "InstanceRecall", "InstanceF1Score", "InstanceAveragePrecision", "BoundaryIoU"]
+             "InstanceRecall", "InstanceF1Score", "InstanceAveragePrecision", "BoundaryIoU", "ExpectedCalibrationError"]
 
 
 def test_smptrain_test_needs_no_split_flags(trained_run, tmp_path):
@@ -28,7 +28,8 @@ def test_smptrain_test_needs_no_split_flags(trained_run, tmp_path):
     assert report["split"].endswith("splits.json")
     assert report["test_patches"] == len(json.loads((trained_run / "splits.json").read_text())["test"])
     assert "test/JaccardIndex" in result.stdout and "test/InstanceF1Score" in result.stdout
-    for figure in ("confusion_matrix.png", "roc.png", "precision_recall.png", "samples_best.png", "samples_worst.png"):
+    for figure in ("confusion_matrix.png", "roc.png", "precision_recall.png", "samples_best.png", "samples_worst.png",
+                   "regions.png", "reliability.png", "by_region.csv", "by_sample_id.csv"):
         assert (trained_run / "test" / figure).is_file(), figure
     # appended to the training run in wandb: a second offline run directory with the same id
     run_id = json.loads((trained_run / "run.json").read_text())["run_id"]
@@ -71,15 +72,33 @@ def test_inspect_on_a_foreign_dataset_reports_and_writes_the_manifest(foreign_di
 
 
 def test_training_on_a_foreign_dataset(foreign_dir, tmp_path):
+    import pandas as pd
+
     config = tiny_config(tmp_path, foreign_dir, log={"run_name": "foreign"},
-                         data={"in_memory": False, "num_workers": 2, "split_method": "region", "split_by": ["East"],
-                               "bands": ["nir", "red"]})
+                         data={"in_memory": False, "num_workers": 2, "split_method": "sample",
+                               "split_by": ["201900_PS", "201901_PS"], "bands": ["nir", "red"]})
     run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
     run_dir = tmp_path / "artifacts" / "foreign"
     meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["bands"]["bands"] == ["red", "nir"]  # the dataset's order
     assert meta["bands"]["band_factors"] == [0.0003333, 0.0003333]
-    run(["smptrain-test", str(run_dir)], check=True)
+    # validation spans several regions: their IoU is logged beside the whole split's
+    metadata = open_dataset(foreign_dir).metadata
+    splits = json.loads((run_dir / "splits.json").read_text())
+    val_regions = set(metadata.loc[splits["val"], "region"])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in records if "val/JaccardIndex" in r for k in r if k.startswith("val/region/")}
+    assert len(val_regions) > 1 and logged == {f"val/region/{r}/JaccardIndex" for r in val_regions}
+    result = run(["smptrain-test", str(run_dir)], check=True)
+    # the test split (two sample ids) spans two regions; their counts add up to the whole split's metrics
+    by_region = pd.read_csv(run_dir / "test" / "by_region.csv")
+    by_sample = pd.read_csv(run_dir / "test" / "by_sample_id.csv")
+    assert sorted(by_region["region"]) == ["North", "South"] and sorted(by_sample["sample_id"]) == ["201900_PS", "201901_PS"]
+    whole = json.loads((run_dir / "test" / "metrics.json").read_text())["metrics"]
+    tp, fp, fn = (int(by_region[c].sum()) for c in ("tp", "fp", "fn"))
+    assert tp / (tp + fp + fn) == pytest.approx(whole["test/JaccardIndex"], abs=1e-12)
+    assert (by_sample[["tn", "fp", "fn", "tp"]].sum() == by_region[["tn", "fp", "fn", "tp"]].sum()).all()
+    assert by_region["patches"].sum() == len(splits["test"]) and "per region, worst first" in result.stdout
 
 
 def test_convert_produces_the_darts_file(trained_run, tmp_path):
@@ -140,15 +159,70 @@ def test_convert_lightning_checkpoints_only_with_trust(trained_run, demo_dir, tm
     assert head["config"]["bands"]["band_factors"] == list(FACTORS)
 
 
-def test_converted_checkpoint_predicts_a_large_tile(trained_run, tmp_path):
-    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "tile"], check=True)
+def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_predict(trained_run, demo_dir, tmp_path):
+    """--threshold val-best, TTA, convert --threshold val-best, predict --binarize; and predict's patch size."""
+    import shutil
+
+    import zarr
+
+    from smptrain import calibration as C
+
+    out = tmp_path / "val-best.json"
+    result = run(["smptrain-test", str(trained_run), "--threshold", "val-best", "--tta", "flips", "--json", str(out),
+                  "--figures", str(tmp_path / "figures")], check=True)
+    report = json.loads(out.read_text())
+    chosen = json.loads((trained_run / "test" / "threshold.json").read_text())
+    metrics = report["metrics"]
+    # reproducible from the validation counts it records, and applied to the test split beside 0.5
+    assert C.best_threshold(np.array(chosen["histogram"]))["threshold"] == chosen["threshold"]
+    assert chosen["chosen_on"] == "val" and chosen["tta"] == "flips"
+    assert metrics["test_tta_at_threshold/threshold"] == chosen["threshold"] and "test/JaccardIndex" in metrics
+    assert {"test_tta/JaccardIndex", "test_tta/InstanceF1Score", "test_at_threshold/JaccardIndex"} <= set(metrics)
+    assert "TTA changes test IoU by" in result.stdout and "per region, worst first" in result.stdout
+    assert (tmp_path / "figures" / "by_region_tta.csv").is_file()
+
+    # the test data cannot move it: change every test label in a copy of the dataset and choose again
+    copy = tmp_path / "changed"
+    shutil.copytree(demo_dir, copy)
+    test_rows = json.loads((trained_run / "splits.json").read_text())["test"]
+    labels = zarr.open_group(str(copy / "data.zarr"), mode="r+")["y"]
+    for row in test_rows:
+        labels[row] = 1 - np.minimum(labels[row], 1)
+    changed = tmp_path / "changed.json"
+    run(["smptrain-test", str(trained_run), "--threshold", "val-best", "--tta", "flips", "--set", f"data.dir={copy}",
+         "--json", str(changed), "--figures", str(tmp_path / "figures2")], check=True)
+    again = json.loads((trained_run / "test" / "threshold.json").read_text())
+    assert again["threshold"] == chosen["threshold"] and again["histogram"] == chosen["histogram"]
+    assert json.loads(changed.read_text())["metrics"]["test/JaccardIndex"] != metrics["test/JaccardIndex"]
+
+    # into the converted file, and used by smptrain-predict --binarize (with the TTA it was chosen with)
+    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "tile", "--threshold", "val-best"],
+        check=True)
     converted = next(tmp_path.glob("tile_*.ckpt"))
+    extra = torch.load(converted, weights_only=True)["config"]["smptrain"]
+    assert extra["threshold"] == chosen["threshold"] and extra["tta"] == "flips" and extra["patch_size"] == 64
     raw = np.random.default_rng(0).uniform(0, 3000, (7, 150, 170)).astype(np.float32)
     np.save(tmp_path / "tile.npy", raw)
-    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "probs.npy"),
-         "--patch-size", "64", "--overlap", "16"], check=True)
-    probs = np.load(tmp_path / "probs.npy")
-    assert probs.shape == (150, 170) and probs.min() >= 0 and probs.max() <= 1
+    predicted = run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "probs.npy"),
+                     "--patch-size", "64", "--overlap", "16"], check=True)
+    assert "TTA flips" in predicted.stdout
+    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "mask.npy"),
+         "--patch-size", "64", "--overlap", "16", "--binarize"], check=True)
+    probs, mask = np.load(tmp_path / "probs.npy"), np.load(tmp_path / "mask.npy")
+    assert probs.shape == mask.shape == (150, 170) and probs.min() >= 0 and probs.max() <= 1
+    assert mask.dtype == np.uint8 and (mask == (probs > chosen["threshold"])).all()
+    # without --patch-size: the training patch size stored in the file; a patch too large names the option to change
+    np.save(tmp_path / "small.npy", raw[:, :100, :90])
+    run(["smptrain-predict", str(converted), str(tmp_path / "small.npy"), str(tmp_path / "p.npy")], check=True)
+    assert np.load(tmp_path / "p.npy").shape == (100, 90)
+    too_big = run(["smptrain-predict", str(converted), str(tmp_path / "small.npy"), str(tmp_path / "q.npy"),
+                   "--patch-size", "512"])
+    assert too_big.returncode == 2 and "--patch-size" in too_big.stderr and "Traceback" not in too_big.stderr
+    # a threshold file of another checkpoint is refused in one sentence
+    missing = run(["smptrain-convert", str(trained_run), "--which", "last", "--out-dir", str(tmp_path / "x"),
+                   "--name", "t", "--threshold", "val-best"])
+    same = os.readlink(trained_run / "checkpoints" / "last") == os.readlink(trained_run / "checkpoints" / "best")
+    assert same or (missing.returncode == 2 and "--threshold val-best" in missing.stderr)
 
 
 def test_every_option_of_every_command_has_help_text():
@@ -156,22 +230,10 @@ def test_every_option_of_every_command_has_help_text():
 
     import click
 
-    for name in ("train", "assess", "convert", "inspect", "inference", "demo", "cv", "tune"):
+    for name in ("train", "assess", "convert", "inspect", "inference", "demo", "cv", "tune", "compare"):
         command = importlib.import_module(f"smptrain.{name}").main
         missing = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
         assert not missing, f"smptrain.{name}: {missing}"
-
-
-def test_predict_takes_the_training_patch_size_and_says_which_option_to_change(trained_run, tmp_path):
-    run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "small"], check=True)
-    converted = next(tmp_path.glob("small_*.ckpt"))
-    assert torch.load(converted, weights_only=True)["config"]["smptrain"]["patch_size"] == 64
-    np.save(tmp_path / "tile.npy", np.random.default_rng(1).uniform(0, 3000, (7, 100, 90)).astype(np.float32))
-    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "p.npy")], check=True)
-    assert np.load(tmp_path / "p.npy").shape == (100, 90)
-    too_big = run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "q.npy"),
-                   "--patch-size", "512"])
-    assert too_big.returncode == 2 and "--patch-size" in too_big.stderr and "Traceback" not in too_big.stderr
 
 
 def test_every_file_of_a_run_honours_the_umask(trained_run):

@@ -89,6 +89,26 @@ def test_running_a_finished_cv_again_trains_nothing(cv_setup):
     assert changed.returncode == 2 and "train.lr" in changed.stderr and "Traceback" not in changed.stderr
 
 
+def test_compare_prints_the_runs_of_a_cv_side_by_side(cv_setup, tmp_path):
+    _, _, cv_dir, _ = cv_setup
+    result = run(["smptrain-compare", str(cv_dir), "--out", str(tmp_path)], check=True)
+    table = pd.read_csv(tmp_path / "compare.csv")
+    runs = pd.read_csv(cv_dir / "runs.csv")
+    assert sorted(table["dir"]) == sorted(runs["run_dir"]) and (tmp_path / "compare.png").stat().st_size > 0
+    # only what differs between the runs: the fold and the seed
+    assert [c for c in table.columns if "." in c] == ["data.fold", "train.seed"]
+    for _, row in table.iterrows():  # checked against each run's own metrics.jsonl
+        records = [json.loads(line) for line in (Path(row["dir"]) / "metrics.jsonl").read_text().splitlines()]
+        values = [(r["step"], r["val/JaccardIndex"]) for r in records if "val/JaccardIndex" in r]
+        assert row["best val/JaccardIndex"] == pytest.approx(max(v for _, v in values), rel=1e-12)
+        assert row["last val/JaccardIndex"] == pytest.approx(values[-1][1], rel=1e-12)
+        assert row["best step"] == max(values, key=lambda p: p[1])[0]
+        assert row["steps"] == max(r["step"] for r in records)
+        assert row["run"] in result.stdout
+    missing = run(["smptrain-compare", str(tmp_path / "nothing")])
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+
+
 def test_an_interrupted_cv_continues_where_it_stopped(demo_dir, tmp_path):
     config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 3}, log={"preview_every_n_val": 0,
                                                                            "log_every_n_steps": 1})

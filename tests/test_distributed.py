@@ -120,3 +120,51 @@ def test_accelerate_launch_and_python_m_give_the_same_numbers(demo_dir, tmp_path
                for name in ("plain", "launched")]
     values = [[{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rs] for rs in records]
     assert values[0] == values[1]
+
+
+def launched(config, name: str, processes: int):
+    """`smptrain-launch` in a process group of its own, as a shell runs a foreground job."""
+    import subprocess
+
+    from conftest import BIN, cli_env
+
+    multi = ["--multi_gpu"] if processes > 1 else []
+    return subprocess.Popen([str(BIN / "smptrain-launch"), *multi, "--num_processes", str(processes), "--num_machines",
+                             "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process",
+                             "1", "-m", "smptrain.train", "--config", str(config), "--set", f"log.run_name={name}"],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("processes, target", [(2, "group"), (1, "launcher")])
+def test_ctrl_c_under_the_launcher_stops_in_order_and_returns_after_the_training(demo_dir, tmp_path, processes, target):
+    """Ctrl-C in a terminal signals the whole process group; a scheduler may signal only the launcher. Either way the
+    training processes stop as they do alone (one message, checkpoints/last, exit 130) and the launcher returns only
+    after them, without a traceback."""
+    import signal
+
+    from test_train import logged_steps, wait_for
+
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 50}, log={"log_every_n_steps": 1})
+    run_dir = tmp_path / "artifacts" / "stopped"
+    process = launched(config, "stopped", processes)
+    wait_for(lambda: logged_steps(run_dir) >= 2, what="step 2")
+    if target == "group":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    name = "SIGINT" if target == "group" else "SIGTERM"
+    assert process.returncode == 130, err[-3000:]
+    assert group_is_gone(process.pid)  # nothing of the job is left running when the prompt returns
+    assert "Traceback" not in err and "exitcode" not in err, err[-3000:]
+    assert err.count(f"{name}: stopping at the next logging step") == 1 and err.count("continue with:") == 1
+    assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"] >= 2

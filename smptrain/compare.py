@@ -1,0 +1,184 @@
+"""`smptrain-compare`: runs side by side, from what they wrote (no model is loaded, nothing is recomputed).
+
+    smptrain-compare RUN_DIR... [--metric val/JaccardIndex] [--out DIR]
+
+A RUN_DIR is a run directory (it has `run.json`), or a directory holding runs, such as a CV or a tuning study:
+every run below it is compared. For each run: the configuration keys whose values differ between the runs, the
+best and the last value of `--metric` in `metrics.jsonl` (with the step of the best), the same metric on the test
+split when `smptrain-test` wrote `test/metrics.json`, the number of optimizer steps, and the wall time from the
+run's creation to its last checkpoint. Writes `compare.csv` and `compare.png` (the metric over steps, one line per
+run) to --out.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import tomllib
+from pathlib import Path
+
+import click
+
+from smptrain.errors import UserError, report_user_errors
+
+LOWER_IS_BETTER = ("loss", "HammingDistance", "ExpectedCalibrationError")
+NOT_COMPARED = ("log.run_name",)  # differs by construction
+
+
+def find_runs(paths) -> list[Path]:
+    runs = []
+    for path in map(Path, paths):
+        if (path / "run.json").is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(p.parent for p in path.rglob("run.json"))
+        else:
+            raise UserError(f"{path} is not a directory")
+        if not found:
+            raise UserError(f"{path} holds no run (no run.json in it or below it)")
+        runs += [run for run in found if run not in runs]
+    return runs
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix and key in ("band_normalisation", "loss")):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_run(run_dir: Path, metric: str) -> dict:
+    """One run's record: its config (flattened), the metric's curve, best and last, test metrics, steps and time."""
+    try:
+        config = flatten(tomllib.loads((run_dir / "config.toml").read_text()))
+        identity = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{run_dir} is not a readable run directory: {error}") from None
+    curve, steps = [], 0
+    metrics_file = run_dir / "metrics.jsonl"
+    if metrics_file.is_file():
+        for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise UserError(f"{metrics_file} line {number} is not JSON") from None
+            steps = max(steps, int(record.get("step") or 0))
+            if isinstance(record.get(metric), (int, float)):
+                curve.append((int(record["step"]), float(record[metric])))
+    lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+    best = (min if lower else max)(curve, key=lambda point: point[1]) if curve else (None, math.nan)
+    test_file = run_dir / "test" / "metrics.json"
+    test = json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {}
+    test_key = "test/" + metric.split("/", 1)[-1]
+    return {"run": identity.get("run_name", run_dir.name), "dir": run_dir, "config": config, "curve": curve,
+            "best": best[1], "best_step": best[0], "last": curve[-1][1] if curve else math.nan,
+            "test": test.get(test_key) if test.get(test_key) is not None else math.nan, "test_key": test_key,
+            "steps": steps, "seconds": wall_time(run_dir, identity)}
+
+
+def wall_time(run_dir: Path, identity: dict) -> float | int:
+    """Seconds from the run's creation to its last checkpoint (NaN when either is unknown)."""
+    try:
+        created = datetime.datetime.fromisoformat(identity["created"])
+        saved = datetime.datetime.fromisoformat(
+            json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["time"])
+    except (KeyError, OSError, ValueError):
+        return math.nan
+    return round((saved - created).total_seconds())
+
+
+def differing_keys(runs: list[dict]) -> list[str]:
+    keys = sorted({k for run in runs for k in run["config"]} - set(NOT_COMPARED))
+    return [k for k in keys if len({json.dumps(run["config"].get(k), sort_keys=True) for run in runs}) > 1]
+
+
+def table_rows(runs: list[dict], metric: str) -> list[dict]:
+    differs = differing_keys(runs)
+    test_key = runs[0]["test_key"]
+    rows = []
+    for run in runs:
+        row = {"run": run["run"]}
+        row.update({key: run["config"].get(key) for key in differs})
+        row.update({f"best {metric}": run["best"], "best step": run["best_step"], f"last {metric}": run["last"],
+                    test_key: run["test"], "steps": run["steps"], "time [s]": run["seconds"], "dir": str(run["dir"])})
+        rows.append(row)
+    return rows
+
+
+def format_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "-" if not math.isfinite(value) else f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c != "dir"]
+    cells = [[format_cell(row[c]) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(line[i]) for line in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def write_figure(runs: list[dict], metric: str, path: Path) -> Path:
+    from smptrain import plots
+
+    plt = plots._pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run in runs:
+        if run["curve"]:
+            steps, values = zip(*run["curve"])
+            ax.plot(steps, values, marker=".", lw=1.3, label=run["run"])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of {len(runs)} run(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(runs) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return plots._save(fig, path)
+
+
+def compare(paths, metric: str, out_dir: Path) -> list[dict]:
+    runs = [read_run(run_dir, metric) for run_dir in find_runs(paths)]
+    rows = table_rows(runs, metric)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "compare.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: format_cell(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
+                         for row in rows)
+    write_figure(runs, metric, out_dir / "compare.png")
+    if not any(run["curve"] for run in runs):
+        click.echo(f"note: no run has recorded {metric}", err=True)
+    return rows
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--metric", default="val/JaccardIndex", show_default=True,
+              help="The validation metric to compare (its best and last value, and the same name on test).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Directory for compare.csv and compare.png.")
+@report_user_errors
+def main(run_dirs, metric, out_dir):
+    """Compare runs side by side: config differences, best and last validation metric, test metric, steps, time.
+    Each RUN_DIR is a run directory or one holding runs (a CV or a tuning study)."""
+    rows = compare(run_dirs, metric, Path(out_dir))
+    click.echo(format_table(rows))
+    click.echo(f"wrote {Path(out_dir) / 'compare.csv'} and {Path(out_dir) / 'compare.png'}")
+
+
+if __name__ == "__main__":
+    main()

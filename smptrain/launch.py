@@ -1,0 +1,91 @@
+"""`smptrain-launch`: `accelerate launch` with an orderly Ctrl-C.
+
+    smptrain-launch [accelerate launch options] -m smptrain.train --config FILE [--set ...]
+
+The same arguments as `accelerate launch` (its parser and launchers are used as they are). What differs is what a
+signal does to the launcher itself:
+
+- Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the launcher and every training
+  process. `accelerate launch` then dies at once with a KeyboardInterrupt traceback (one process) or stops its
+  workers after a 30 s grace (several, through torch elastic's agent), and the prompt comes back while training
+  may still be writing its checkpoint. `smptrain-launch` lets the training processes stop as they do on their own
+  (write `checkpoints/last`, exit 130) and waits for them: the prompt returns after they are done, with their exit
+  status and no traceback.
+- A SIGINT or SIGTERM sent to the launcher alone (`kill PID`, a scheduler signalling only the top process) is
+  passed on to the training processes, so they stop the same way. When the whole group got the signal too, each
+  training process sees it twice within a moment; smptrain counts that as one request (see `StopSignal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (Linux /proc; elsewhere none are found and nothing is forwarded)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def exit_status(error: BaseException) -> int:
+    """The training processes' own exit status from the launcher's exception (130 if any was interrupted)."""
+    if isinstance(error, subprocess.CalledProcessError):
+        codes = [error.returncode]
+    else:  # torch elastic's ChildFailedError: one failure per rank
+        codes = [failure.exitcode for failure in getattr(error, "failures", {}).values()] or [1]
+    codes = [128 - code if code < 0 else code for code in codes]  # killed by signal N -> 128 + N, as a shell reports
+    return 130 if 130 in codes else max(codes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    from smptrain.errors import leave
+
+    args = launch_command_parser().parse_args(argv)
+    # torch elastic's agent (several processes) would catch these itself, forward them and kill the workers after
+    # 30 s; left to us, the workers stop in their own time and the agent sees them exit.
+    # (torch.distributed.run's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate builds its args)
+    os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+
+    def forward(signum, frame):
+        # The workers now stop on their own and exit 130; torch elastic would log that as a failure of theirs.
+        for name in list(logging.Logger.manager.loggerDict):
+            if name.startswith("torch.distributed"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
+        for pid in children(os.getpid()):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    try:
+        launch_command(args)
+        code = 0
+    except subprocess.CalledProcessError as error:
+        code = exit_status(error)
+    except Exception as error:  # torch elastic's ChildFailedError; its agent has already logged the failure
+        if type(error).__name__ != "ChildFailedError":
+            raise
+        code = exit_status(error)
+    leave(code)
+
+
+if __name__ == "__main__":
+    main()
