@@ -15,9 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# tools/test.sh runs two pytest workers (pytest-xdist) on a 2-core machine: one CPU thread per process then, so the
+# workers' subprocesses do not oversubscribe the cores.
+THREADS = os.environ.get("OMP_NUM_THREADS") or ("1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
+
+
 def cli_env(**extra) -> dict:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1",
-           "TQDM_DISABLE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+           "TQDM_DISABLE": "1", "OMP_NUM_THREADS": THREADS}
     env.pop("SMPTRAIN_DEBUG", None)
     env.update(extra)
     return env
@@ -203,3 +208,10 @@ def write_current_dataset(root: Path, n: int = 48, patch: int = 64, seed: int = 
         f"bands = [{', '.join(repr(b).replace(chr(39), chr(34)) for b in bands)}]\n"
         'sources = ["sentinel2", "arcticdem"]\n')
     return root
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # in-process torch work of each worker: one thread too
+        import torch
+
+        torch.set_num_threads(int(THREADS))

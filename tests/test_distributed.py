@@ -74,12 +74,16 @@ def test_two_process_validation_equals_one_process_evaluation(ddp_run):
 
 
 def test_two_process_test_equals_one_process_test(trained_run, tmp_path):
+    """With TTA and a threshold chosen on validation too: every count is reduced exactly, in the same order."""
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    run(["smptrain-test", str(trained_run), "--json", str(one)], check=True, OMP_NUM_THREADS="1")
-    result = launch_two(["-m", "smptrain.assess", str(trained_run), "--json", str(two)])
+    extra = ["--tta", "flips", "--threshold", "val-best", "--figures", str(tmp_path / "figures")]
+    run(["smptrain-test", str(trained_run), "--json", str(one), *extra], check=True, OMP_NUM_THREADS="1")
+    result = launch_two(["-m", "smptrain.assess", str(trained_run), "--json", str(two), *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["test_patches"] == b["test_patches"] and a["metrics"] == b["metrics"]
+    assert a["threshold"] == b["threshold"] and a["reliability"] == b["reliability"]
+    assert {"test_tta/JaccardIndex", "test_at_threshold/JaccardIndex", "test/ExpectedCalibrationError"} <= set(a["metrics"])
 
 
 def test_early_stopping_stops_both_ranks_and_the_launcher_sets_precision(demo_dir, tmp_path):
@@ -111,7 +115,9 @@ def test_accelerate_launch_and_python_m_give_the_same_numbers(demo_dir, tmp_path
     """accelerate launch without --num_cpu_threads_per_process sets OMP_NUM_THREADS=1; train.threads = 0 sets the
     threads explicitly, so one launched process computes what `python -m` computes."""
     config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
-    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=plain"], check=True)
+    # as many threads as the launched process computes for itself (the cores, for one process)
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=plain"], check=True,
+        OMP_NUM_THREADS=str(os.cpu_count()))
     launched = run(["accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
                     "--dynamo_backend", "no", "-m", "smptrain.train", "--config", str(config), "--set",
                     "log.run_name=launched"], check=True)
