@@ -101,22 +101,28 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
         return dataset, feed(dataset, batches, accelerator.device, cfg.data.num_workers, 42, accelerator.process_index,
                              cfg.train.channels_last)
 
-    choice = None
+    choice, tta_threshold = None, None
     if threshold == "val-best":
         # Chosen on the validation split only: the test data cannot move it.
         val_set, val_loader = loader_of(val_rows)
         accelerator.print(f"choosing the threshold on {len(val_rows)} validation patches"
                           + (f" with TTA {tta}" if tta != "none" else ""))
         val = evaluate(model, val_loader, accelerator, len(val_set), loss_fn, "val", tta=tta, calibrate=True)
+        # One threshold per kind of probabilities: the TTA-averaged ones (what --tta predicts with, and what goes
+        # into threshold.json's top level) and the plain ones.
         chosen_on = val.tta if val.tta is not None else val
         choice = {**C.best_threshold(chosen_on.fine), "chosen_on": "val", "val_patches": len(val_rows), "tta": tta,
                   "checkpoint": str(checkpoint_dir), "checkpoint_step": meta.get("step"),
                   "histogram": chosen_on.fine.tolist()}
         threshold = choice["threshold"]
+        if val.tta is not None:
+            choice["without_tta"] = {**C.best_threshold(val.fine), "histogram": val.fine.tolist()}
+            tta_threshold, threshold = threshold, choice["without_tta"]["threshold"]
     dataset, loader = loader_of(test_rows)
     accelerator.print(f"testing {checkpoint_dir} on {len(test_rows)} patches (test split {split_source})")
     evaluation = evaluate(model, loader, accelerator, len(dataset), loss_fn, "test", objects=True, tta=tta,
-                          threshold=threshold if choice or threshold != 0.5 else None, calibrate=True)
+                          threshold=threshold if choice or threshold != 0.5 else None, calibrate=True,
+                          tta_threshold=tta_threshold)
 
     metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
     if accelerator.is_main_process:
@@ -185,7 +191,7 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
         "checkpoint": str(checkpoint_dir), "checkpoint_epoch": meta.get("epoch"), "checkpoint_step": meta.get("step"),
         "split": split_source, "test_patches": len(dataset),
         "metrics": {k: clean_number(v) for k, v in metrics.items()},
-        "threshold": {k: v for k, v in choice.items() if k != "histogram"} if choice else None,
+        "threshold": {k: v for k, v in choice.items() if k not in ("histogram", "without_tta")} if choice else None,
         "reliability": {"pixels": calibration["pixels"].tolist(),
                         "confidence": [clean_number(float(v)) for v in calibration["confidence"]],
                         "frequency": [clean_number(float(v)) for v in calibration["frequency"]]},
@@ -202,8 +208,13 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
     click.echo(f"test metrics of {checkpoint_dir.name} ({len(dataset)} patches):")
     click.echo(format_table(metrics))
     if choice:
-        click.echo(f"threshold {choice['threshold']:.3f} chosen on {choice['val_patches']} validation patches "
+        with_tta = f" with TTA {choice['tta']}" if choice["tta"] != "none" else ""
+        click.echo(f"threshold {choice['threshold']:.3f} chosen on {choice['val_patches']} validation patches{with_tta} "
                    f"(val IoU {choice['JaccardIndex']:.4f}, {choice['JaccardIndex@0.5']:.4f} at 0.5)")
+        if "without_tta" in choice:
+            plain = choice["without_tta"]
+            click.echo(f"threshold {plain['threshold']:.3f} without TTA (val IoU {plain['JaccardIndex']:.4f}, "
+                       f"{plain['JaccardIndex@0.5']:.4f} at 0.5)")
     if evaluation.tta is not None:
         gain = metrics["test_tta/JaccardIndex"] - metrics["test/JaccardIndex"]
         click.echo(f"TTA changes test IoU by {gain:+.4f}")

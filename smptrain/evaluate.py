@@ -91,13 +91,15 @@ class Counts:
 
 
 def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix: str, objects: bool = False,
-             tta: str = "none", threshold: float | None = None, calibrate: bool = False) -> Evaluation:
+             tta: str = "none", threshold: float | None = None, calibrate: bool = False,
+             tta_threshold: float | None = None) -> Evaluation:
     """Metrics of `model` over the set behind `loader` (a feed of device batches over EvalBatches), with `loss_fn`
     (the training loss) as `prefix/loss`. All ranks must call it.
 
     objects: also object and boundary counts (test). tta: also the counts of probabilities averaged over "flips" or
     "d4" (as `.tta`, prefix `{prefix}_tta`; the plain ones are exactly those without TTA). threshold: also the
-    confusion at `prob > threshold` (`{prefix}_at_threshold/...`). calibrate: also the fine probability histogram
+    confusion at `prob > threshold` (`{prefix}_at_threshold/...`; for the TTA probabilities at `tta_threshold` when
+    given, since a threshold is chosen for one kind of probabilities). calibrate: also the fine probability histogram
     (`.fine`) and the expected calibration error.
     """
     device = accelerator.device
@@ -107,7 +109,8 @@ def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix
     was_training = net.training
     net.eval()
     plain = Counts(num_samples, device, objects, threshold, calibrate)
-    averaged = Counts(num_samples, device, objects, threshold, calibrate) if tta != "none" else None
+    averaged = Counts(num_samples, device, objects, threshold if tta_threshold is None else tta_threshold,
+                      calibrate) if tta != "none" else None
     loss = torch.zeros(num_samples, 2, dtype=torch.float64, device=device)
     with torch.inference_mode():
         for x, y, positions in tqdm(loader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):

@@ -177,6 +177,10 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
     assert C.best_threshold(np.array(chosen["histogram"]))["threshold"] == chosen["threshold"]
     assert chosen["chosen_on"] == "val" and chosen["tta"] == "flips"
     assert metrics["test_tta_at_threshold/threshold"] == chosen["threshold"] and "test/JaccardIndex" in metrics
+    # the plain probabilities get the threshold chosen for them
+    plain = chosen["without_tta"]
+    assert C.best_threshold(np.array(plain["histogram"]))["threshold"] == plain["threshold"]
+    assert metrics["test_at_threshold/threshold"] == plain["threshold"]
     assert {"test_tta/JaccardIndex", "test_tta/InstanceF1Score", "test_at_threshold/JaccardIndex"} <= set(metrics)
     assert "TTA changes test IoU by" in result.stdout and "per region, worst first" in result.stdout
     assert (tmp_path / "figures" / "by_region_tta.csv").is_file()
@@ -193,6 +197,7 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
          "--json", str(changed), "--figures", str(tmp_path / "figures2")], check=True)
     again = json.loads((trained_run / "test" / "threshold.json").read_text())
     assert again["threshold"] == chosen["threshold"] and again["histogram"] == chosen["histogram"]
+    assert again["without_tta"] == chosen["without_tta"]
     assert json.loads(changed.read_text())["metrics"]["test/JaccardIndex"] != metrics["test/JaccardIndex"]
 
     # into the converted file, and used by smptrain-predict --binarize (with the TTA it was chosen with)
