@@ -56,7 +56,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from smptrain.errors import leave
 
-    args = launch_command_parser().parse_args(argv)
+    parser = launch_command_parser()
+    parser.prog = "smptrain-launch"
+    args = parser.parse_args(argv)
     # torch elastic's agent (several processes) would catch these itself, forward them and kill the workers after
     # 30 s; left to us, the workers stop in their own time and the agent sees them exit.
     # (torch.distributed.run's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate builds its args)
