@@ -76,8 +76,8 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
         cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.indices_of(meta["bands"]["bands"], "the checkpoint was trained on")
-    test_rows, split_source = split_rows(run_dir, cfg, meta, info, "test")
-    val_rows = split_rows(run_dir, cfg, meta, info, "val")[0] if threshold == "val-best" else []
+    splits, split_source = run_splits(run_dir, cfg, meta, info, ("test", "val") if threshold == "val-best" else ("test",))
+    test_rows, val_rows = splits["test"], splits.get("val", [])
 
     wandb_project = meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
     accelerator = make_accelerator(resolve_precision(meta.get("mixed_precision", "no")),
@@ -132,8 +132,8 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     return metrics
 
 
-def split_rows(run_dir: Path, cfg, meta: dict, info, name: str) -> tuple[list[int], str]:
-    """The zarr rows of the run's `name` split, and where they came from.
+def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
+    """The zarr rows of the run's splits (each of `names` checked), and where they came from.
 
     The run's own split is reused when the split settings are unchanged and the dataset is the run's (the same path,
     or one with the same fingerprint after a move); otherwise it is recomputed and said so.
@@ -143,16 +143,18 @@ def split_rows(run_dir: Path, cfg, meta: dict, info, name: str) -> tuple[list[in
     known = is_same_data(run_dir, info)  # None for runs made before fingerprints: then the path decides
     same_dataset = cfg.data.dir == meta["config"]["data"].get("dir") if known is None else known
     if same_split and same_dataset and splits_file.is_file():
-        rows, source = json.loads(splits_file.read_text())[name], str(splits_file)
+        splits, source = json.loads(splits_file.read_text()), str(splits_file)
     else:
-        rows = make_splits(info.metadata, cfg.data, cfg.train.seed)[name]
+        splits = make_splits(info.metadata, cfg.data, cfg.train.seed)
         source = "recomputed from the data.* settings"
-    if not rows:
-        raise UserError(f"the {name} split is empty")
-    bad_rows = [r for r in rows if r not in info.metadata.index]
-    if bad_rows:
-        raise UserError(f"{splits_file} lists zarr rows {bad_rows[:5]} that {info.root} does not have; pass --config for this dataset")
-    return rows, source
+    for name in names:
+        if not splits[name]:
+            raise UserError(f"the {name} split is empty")
+        bad_rows = [r for r in splits[name] if r not in info.metadata.index]
+        if bad_rows:
+            raise UserError(f"{splits_file} lists zarr rows {bad_rows[:5]} that {info.root} does not have; pass "
+                            f"--config for this dataset")
+    return splits, source
 
 
 def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info, evaluation, metrics, choice,

@@ -75,7 +75,10 @@ def read_run(run_dir: Path, metric: str) -> dict:
     lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
     best = (min if lower else max)(curve, key=lambda point: point[1]) if curve else (None, math.nan)
     test_file = run_dir / "test" / "metrics.json"
-    test = json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {}
+    try:
+        test = json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {}
+    except ValueError:
+        raise UserError(f"{test_file} is not JSON; run smptrain-test {run_dir} again") from None
     test_key = "test/" + metric.split("/", 1)[-1]
     return {"run": identity.get("run_name", run_dir.name), "dir": run_dir, "config": config, "curve": curve,
             "best": best[1], "best_step": best[0], "last": curve[-1][1] if curve else math.nan,
@@ -131,25 +134,6 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_figure(runs: list[dict], metric: str, path: Path) -> Path:
-    from smptrain import plots
-
-    plt = plots._pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for run in runs:
-        if run["curve"]:
-            steps, values = zip(*run["curve"])
-            ax.plot(steps, values, marker=".", lw=1.3, label=run["run"])
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} of {len(runs)} run(s)", fontsize=10)
-    ax.grid(alpha=0.3)
-    if len(runs) <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    return plots._save(fig, path)
-
-
 def compare(paths, metric: str, out_dir: Path) -> list[dict]:
     runs = [read_run(run_dir, metric) for run_dir in find_runs(paths)]
     rows = table_rows(runs, metric)
@@ -159,7 +143,9 @@ def compare(paths, metric: str, out_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows({k: format_cell(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
                          for row in rows)
-    write_figure(runs, metric, out_dir / "compare.png")
+    from smptrain import plots
+
+    plots.runs_over_steps({run["run"]: run["curve"] for run in runs}, metric, out_dir / "compare.png")
     if not any(run["curve"] for run in runs):
         click.echo(f"note: no run has recorded {metric}", err=True)
     return rows

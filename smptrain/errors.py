@@ -57,18 +57,18 @@ def leave(code) -> None:
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush()
     atexit._run_exitfuncs()
+    _flush()  # what the handlers printed
+    os._exit(code or 0)
+
+
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (OSError, ValueError):  # closed, or a broken pipe
             pass
-    os._exit(code or 0)
 
 
 def _close_progress_bars() -> None:

@@ -259,3 +259,21 @@ def reliability(table: dict, path: Path, heading: str) -> Path:
     share.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def runs_over_steps(curves: dict[str, list[tuple[int, float]]], metric: str, path: Path) -> Path:
+    """One line per run: `metric` against the optimizer step (smptrain-compare)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, curve in curves.items():
+        if curve:
+            steps, values = zip(*curve)
+            ax.plot(steps, values, marker=".", lw=1.3, label=name)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} of {len(curves)} run(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
