@@ -31,9 +31,21 @@ from smptrain.feed import feed, place_in_memory
 from smptrain.losses import loss_from_config
 from smptrain.model import build_model
 from smptrain.runs import find_data, is_same_data
-from smptrain.runtime import configure_threads, end_processes, local_processes, make_accelerator, resolve_precision
+from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes, local_processes,
+                              make_accelerator)
 from smptrain.splits import make_splits
 from smptrain.tta import TTA_CHOICES
+
+TEST_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # what --precision accepts
+PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # Accelerate's names -> what metrics.json records
+
+
+def precision_for_test(choice: str) -> tuple[str, str]:
+    """(Accelerate's precision, why) for --precision. fp32 by default: a test in the run's own precision would
+    give other metrics on a CPU or GPU with native bf16 than on one without, and than the DARTS pipeline's fp32."""
+    if choice == "fp32":
+        return "no", "smptrain-test's default, as the DARTS pipeline computes; --precision to change"
+    return choose_precision(choice)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,20 +64,26 @@ from smptrain.tta import TTA_CHOICES
               help="Also report the test metrics at this probability threshold (test_at_threshold/...); val-best "
                    "chooses the one that maximises IoU (and so F1) on the run's validation split, never on test, and "
                    "records it in RUN_DIR/test/threshold.json for smptrain-convert --threshold val-best.")
+@click.option("--precision", type=click.Choice(TEST_PRECISIONS), default="fp32", show_default=True,
+              help="Precision of the forward pass. fp32 is what the converted model computes in the DARTS pipeline, "
+                   "so the metrics do not depend on the machine; bf16/fp16 autocast as in training, auto as "
+                   "train.mixed_precision = auto.")
 @config_options
 @report_user_errors
-def main(run_dir, checkpoint, batch_size, json_out, figures_dir, tta, threshold, config_path, overrides, debug):
+def main(run_dir, checkpoint, batch_size, json_out, figures_dir, tta, threshold, precision, config_path, overrides,
+         debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set, per region and per
     sample, optionally with test-time augmentation and a threshold chosen on validation."""
     test_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug, figures_dir, tta,
-                    C.parse_threshold(threshold))
+                    C.parse_threshold(threshold), precision)
     end_processes()
 
 
 def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | None = None, json_out=None,
                     config_path=None, overrides=(), debug: bool = False, figures_dir=None, tta: str = "none",
-                    threshold: float | str = 0.5) -> dict:
-    """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures."""
+                    threshold: float | str = 0.5, precision: str = "fp32") -> dict:
+    """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures.
+    `precision`: one of TEST_PRECISIONS; fp32 whatever the run trained with, unless asked otherwise."""
     checkpoint_dir = resolve(run_dir if checkpoint in ("best", "last") else checkpoint,
                              checkpoint if checkpoint in ("best", "last") else "best")
     meta = read_meta(checkpoint_dir)
@@ -80,9 +98,11 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     test_rows, val_rows = splits["test"], splits.get("val", [])
 
     wandb_project = meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
-    accelerator = make_accelerator(resolve_precision(meta.get("mixed_precision", "no")),
-                                   log_with="wandb" if wandb_project else None, deterministic=cfg.train.deterministic)
+    precision, why = precision_for_test(precision)
+    accelerator = make_accelerator(precision, log_with="wandb" if wandb_project else None,
+                                   deterministic=cfg.train.deterministic)
     configure_threads(cfg.train.threads, local_processes(accelerator))
+    accelerator.print(f"precision: {describe_precision(precision)} ({why})")
     torch.manual_seed(42)
     model = build_model(meta["model"]["arch"], meta["model"]["encoder_name"], meta["model"]["in_channels"])
     try:
@@ -127,7 +147,7 @@ def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | N
     metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
     if accelerator.is_main_process:
         report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info, evaluation, metrics, choice,
-               split_source, json_out, figures_dir, wandb_project)
+               split_source, json_out, figures_dir, wandb_project, precision)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -158,7 +178,7 @@ def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
 
 
 def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info, evaluation, metrics, choice,
-           split_source, json_out, figures_dir, wandb_project) -> None:
+           split_source, json_out, figures_dir, wandb_project, precision) -> None:
     """Main process: the metrics file, tables per region and sample, figures, the terminal report, wandb."""
     from smptrain.tracking import Recorder, clean_number
 
@@ -191,7 +211,7 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
                                                f"{label}\ntest: reliability (10 bins)")
     result = {
         "checkpoint": str(checkpoint_dir), "checkpoint_epoch": meta.get("epoch"), "checkpoint_step": meta.get("step"),
-        "split": split_source, "test_patches": len(dataset),
+        "split": split_source, "test_patches": len(dataset), "precision": PRECISION_NAMES[precision],
         "metrics": {k: clean_number(v) for k, v in metrics.items()},
         "threshold": {k: v for k, v in choice.items() if k not in ("histogram", "without_tta")} if choice else None,
         "reliability": {"pixels": calibration["pixels"].tolist(),
@@ -207,7 +227,7 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
 
-    click.echo(f"test metrics of {checkpoint_dir.name} ({len(dataset)} patches):")
+    click.echo(f"test metrics of {checkpoint_dir.name} ({len(dataset)} patches, {PRECISION_NAMES[precision]}):")
     click.echo(format_table(metrics))
     if choice:
         with_tta = f" with TTA {choice['tta']}" if choice["tta"] != "none" else ""

@@ -18,11 +18,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from smptrain import metrics as M
 from smptrain.labels import BACKGROUND, POSITIVE
 
 FINE_BINS = 1000
 CALIBRATION_BINS = 10
 EDGES = torch.linspace(0, 1, FINE_BINS + 1)  # float32
+_EDGES_ON: dict = {}  # EDGES copied once per device
 
 
 def parse_threshold(value) -> float | str:
@@ -43,7 +45,8 @@ def parse_threshold(value) -> float | str:
 def fine_histogram(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """int64 (2, FINE_BINS + 1): counts of background (row 0) and positive (row 1) pixels per probability bin."""
     bins = FINE_BINS + 1
-    level = torch.bucketize(probs.flatten().float(), EDGES.to(probs.device), right=False)
+    # NaN as -1: bin 0, with the pixels `p > t` never counts, on every device
+    level = torch.bucketize(M.nan_below(probs.flatten()), M.on_device(EDGES, probs.device, _EDGES_ON), right=False)
     y = y.flatten()
     slot = torch.where(y == POSITIVE, level + bins, torch.where(y == BACKGROUND, level, torch.full_like(level, 2 * bins)))
     counts = torch.zeros(2 * bins + 1, dtype=torch.long, device=probs.device)

@@ -20,37 +20,64 @@ import threading
 import torch
 
 from smptrain.dataset import PatchDataset, make_loader
+from smptrain.runtime import indexed, same_device
 
 MEMORY_DEVICES = ("auto", "device", "cpu")  # what data.memory_device accepts
 MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of its free memory
 
 
-def place_in_memory(datasets: list[PatchDataset], device: torch.device, memory_device: str) -> str:
+def room_for_patches(free: int, reserved: int, allocated: int, still_to_come: int) -> float:
+    """Bytes the patches may take on a GPU under `data.memory_device = auto`: MEMORY_SHARE of the memory that is
+    free for them. `free` is the driver's (`mem_get_info`), which counts PyTorch's cached but unused blocks
+    (`reserved - allocated`, left by an earlier run of a cross-validation or tuning process) as used although
+    PyTorch will hand them out again; `still_to_come` is what will be allocated before the first step anyway (AdamW's
+    two moment buffers appear only at the first optimizer step)."""
+    return MEMORY_SHARE * max(free + (reserved - allocated) - still_to_come, 0)
+
+
+def place_in_memory(datasets: list[PatchDataset], device: torch.device, memory_device: str,
+                    still_to_come: int = 0) -> str:
     """Move in-memory datasets to the device when configured (or, for 'auto', when they fit); returns where they are.
 
-    'auto' puts them on a CUDA device when all of them together take at most half of its free memory, measured
-    after the model and optimizer are there (the rest is left for activations); 'device' always does (and fails
-    like any out-of-memory error if they do not fit); 'cpu' never does.
+    'auto' puts them on a CUDA device when all of them together fit `room_for_patches` (measured after the model is
+    there, with `still_to_come` bytes of optimizer state counted as taken; the rest is left for activations);
+    'device' always does (and fails like any out-of-memory error if they do not fit); 'cpu' never does.
     """
     unique = list({id(d): d for d in datasets if d.memory is not None}.values())
     if not unique or device.type != "cuda" or memory_device == "cpu":
         return "cpu"
+    device = indexed(device)
     if memory_device == "auto":
         free, _ = torch.cuda.mem_get_info(device)
-        if sum(d.nbytes for d in unique) > MEMORY_SHARE * free:
+        room = room_for_patches(free, torch.cuda.memory_reserved(device), torch.cuda.memory_allocated(device),
+                                still_to_come)
+        if sum(d.nbytes for d in unique) > room:
             return "cpu"
     for dataset in unique:
         dataset.to_device(device)
     return "device"
 
 
+def optimizer_state_to_come(optimizer) -> int:
+    """Bytes AdamW will allocate at its first step: two moment buffers per parameter without state yet."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+    return sum(2 * p.numel() * p.element_size() for group in inner.param_groups for p in group["params"]
+               if p.requires_grad and not inner.state.get(p))
+
+
+def resident_on(dataset: PatchDataset, device: torch.device) -> bool:
+    """Whether the dataset's patches live on this (non-CPU) device, so batches can be gathered there."""
+    return (dataset.memory is not None and torch.device(device).type != "cpu"
+            and same_device(dataset.memory[0].device, device))
+
+
 def feed(dataset: PatchDataset, batches, device: torch.device, num_workers: int, seed: int, rank: int,
          channels_last: bool = False, depth: int = 3):
     """An iterable of device batches over `batches` (a sampler of position lists), as fast as the data allows."""
-    if dataset.memory is not None and dataset.memory[0].device == device and device.type != "cpu":
+    if resident_on(dataset, device):
         return DeviceFeed(dataset, batches, channels_last)
     loader = make_loader(dataset, batches, num_workers, device.type == "cuda", seed, rank)
-    return PrefetchFeed(loader, device, channels_last, depth)
+    return PrefetchFeed(loader, indexed(device), channels_last, depth)
 
 
 class DeviceFeed:
@@ -83,15 +110,23 @@ _END = object()
 
 
 class PrefetchFeed:
-    """A DataLoader drained by a background thread, `depth` batches ahead, copied to CUDA on a side stream."""
+    """A DataLoader drained by a background thread, `depth` batches ahead, copied to CUDA on a side stream.
+
+    One side stream for the feed's whole life: the caching allocator reuses a freed block only on the stream that
+    allocated it, so a new stream per epoch or validation would strand the blocks of the old ones and reserved memory
+    would creep up until the allocator has to free its cache (a stall).
+    """
 
     def __init__(self, loader, device: torch.device, channels_last: bool, depth: int = 3):
         self.loader, self.device, self.channels_last, self.depth = loader, device, channels_last, depth
+        self.stream = None  # made on first use, on the feed's device
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        if self.device.type == "cuda" and self.stream is None:
+            self.stream = torch.cuda.Stream(self.device)
         ready: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
         thread = threading.Thread(target=self._produce, args=(ready, stop), daemon=True, name="smptrain-prefetch")
@@ -131,16 +166,19 @@ class PrefetchFeed:
             return False
 
         try:
-            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+            if self.device.type == "cuda":
+                # A new thread's current device is GPU 0 whatever the main thread set; leaving `torch.cuda.stream`
+                # restores the current device's stream, which would create a CUDA context on GPU 0 in every rank.
+                torch.cuda.set_device(self.device)
             for batch in self.loader:
                 if stop.is_set():
                     return
                 event = None
-                if stream is not None:
-                    with torch.cuda.stream(stream):
+                if self.stream is not None:
+                    with torch.cuda.stream(self.stream):
                         batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
                         event = torch.cuda.Event()
-                        event.record(stream)
+                        event.record(self.stream)
                 elif self.device.type != "cpu":
                     batch = tuple(t.to(self.device) for t in batch)
                 if not put((batch, event)):

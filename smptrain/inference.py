@@ -135,18 +135,22 @@ def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, 
 @click.option("--reflection", default=0, show_default=True,
               help="Extra reflect-padding around the tile, in pixels (DARTS' reflection).")
 @click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
-              help="Test-time augmentation per patch: flips (4) or d4 (8 symmetries) [default: the one the file's "
-                   "threshold was chosen with, else none].")
+              help="Test-time augmentation per patch: flips (4) or d4 (8 symmetries) [default: none, as the DARTS "
+                   "pipeline; with --stored, the file's].")
 @click.option("--binarize", is_flag=True,
               help="Write a uint8 mask (prob > threshold) instead of probabilities.")
 @click.option("--threshold", type=float, default=None,
-              help="Threshold for --binarize [default: the file's config.smptrain.threshold, else 0.5].")
+              help="Threshold for --binarize [default: 0.5, as the DARTS pipeline; with --stored, the file's].")
+@click.option("--stored", is_flag=True,
+              help="Apply the TTA and threshold that smptrain-convert stored in the file (config.smptrain, chosen by "
+                   "smptrain-test --threshold val-best); the DARTS pipeline ignores them.")
 @report_user_errors
-def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold):
-    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint."""
+def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold, stored):
+    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint.
+    By default it computes what the DARTS pipeline computes from the same file."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, config = load_converted(checkpoint, device)
-    extra = config.get("smptrain") or {}
+    extra = (config.get("smptrain") or {}) if stored else {}
     tta = tta or extra.get("tta") or "none"
     threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
     if not 0 < threshold < 1:

@@ -5,7 +5,8 @@
 It checks the layout (files, shapes, dtypes, band names, metadata index), scans every value (labels in {0, 1, 2},
 finite inputs, the `empty` column agreeing with the labels), then prints per-split and per-fold statistics.
 `--json OUT` writes the split manifest {"train", "val", "test"} of sorted zarr row numbers, the same file training
-writes as `splits.json`. Exit status 2 when the dataset cannot be trained on.
+writes as `splits.json`. Exit status 2, after the report, when training would refuse the dataset or the
+configuration (damaged values, a training band without normalisation).
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ def main(json_out, config_path, overrides, debug):
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(splits) + "\n")
         click.echo(f"wrote the split manifest to {json_out}")
-    if problems:
-        raise UserError(f"{info.root / 'data.zarr'}: " + "; ".join(problems) + "; training stops on such patches")
+    errors = [f"{info.root / 'data.zarr'}: " + "; ".join(problems) + "; training stops on such patches"] if problems else []
+    try:
+        info.band_meta(info.band_indices(cfg.data.bands))  # what training refuses before it writes anything
+    except UserError as error:
+        errors.insert(0, str(error))
+    if errors:
+        raise UserError("; and ".join(errors))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,24 @@ from smptrain.labels import BACKGROUND, IGNORE, POSITIVE
 
 NUM_THRESHOLDS = 20
 THRESHOLDS = torch.linspace(0, 1, NUM_THRESHOLDS)  # float32, exactly torchmetrics' thresholds=20
+_ON_DEVICE: dict[torch.device, torch.Tensor] = {}
+
+
+def on_device(table: torch.Tensor, device: torch.device, cache: dict) -> torch.Tensor:
+    """A constant table's copy on `device`, made once: a `.to(device)` per batch is a blocking copy from pageable
+    memory, which waits for the queued work."""
+    if table.device == device:
+        return table
+    if device not in cache:
+        cache[device] = table.to(device)
+    return cache[device]
+
+
+def nan_below(probs: torch.Tensor) -> torch.Tensor:
+    """float32 probabilities with NaN (a diverged model) as -1: below every threshold, as `prob > t` and `prob >= t`
+    treat NaN; `bucketize` would put NaN in the first bin on one device and the last on another."""
+    probs = probs.float()
+    return torch.where(torch.isnan(probs), torch.full_like(probs, -1.0), probs)
 PIXEL_STATS = 4 + 2 * (NUM_THRESHOLDS + 1)
 INSTANCE_STATS = 3 * (NUM_THRESHOLDS + 1)
 BOUNDARY_STATS = 2
@@ -53,7 +71,7 @@ def pixel_stats_scatter(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     code = torch.where(valid, target * 2 + pred, torch.full_like(pred, 4)) + sample * 5
     confusion = torch.zeros(b * 5, dtype=torch.long, device=probs.device).index_add_(0, code.flatten(), ones.flatten())
     # histogram: bin = number of thresholds <= prob (so prob >= t_j  <=>  bin > j)
-    level = torch.bucketize(probs.flatten(1).float(), THRESHOLDS.to(probs.device), right=True)
+    level = torch.bucketize(nan_below(probs.flatten(1)), on_device(THRESHOLDS, probs.device, _ON_DEVICE), right=True)
     code = torch.where(valid, target * bins + level, torch.full_like(level, 2 * bins)) + sample * (2 * bins + 1)
     histogram = torch.zeros(b * (2 * bins + 1), dtype=torch.long, device=probs.device).index_add_(
         0, code.flatten(), ones.flatten())
@@ -69,7 +87,7 @@ def pixel_stats_compare(probs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     n_pos, n_neg = positive.sum(1), negative.sum(1)
     # Pixels with prob >= t_j for the 20 thresholds; ignored pixels get -1, below every threshold.
     scored = torch.where(positive | negative, probs, torch.full_like(probs, -1.0))
-    above = scored.unsqueeze(1) >= THRESHOLDS.to(probs.device).view(1, -1, 1)  # (B, 20, H*W)
+    above = scored.unsqueeze(1) >= on_device(THRESHOLDS, probs.device, _ON_DEVICE).view(1, -1, 1)  # (B, 20, H*W)
     pos_at = (above & positive.unsqueeze(1)).sum(2)
     neg_at = above.sum(2) - pos_at
     zero = torch.zeros_like(n_pos).unsqueeze(1)

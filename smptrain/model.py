@@ -128,3 +128,60 @@ def segmentation_logits(model: torch.nn.Module, x: torch.Tensor, channels_last: 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.float())
 
+
+
+# Backward kernels without a deterministic CUDA implementation (torch.use_deterministic_algorithms' list) that smp
+# models can reach: aten name -> what in the model uses it.
+NONDETERMINISTIC_ON_CUDA = {
+    "upsample_linear1d_backward": "linear upsampling",
+    "upsample_bilinear2d_backward": "bilinear upsampling",
+    "_upsample_bilinear2d_aa_backward": "bilinear upsampling",
+    "upsample_bicubic2d_backward": "bicubic upsampling",
+    "_upsample_bicubic2d_aa_backward": "bicubic upsampling",
+    "upsample_trilinear3d_backward": "trilinear upsampling",
+    "_adaptive_avg_pool2d_backward": "adaptive average pooling to more than 1x1",
+    "_adaptive_avg_pool3d_backward": "adaptive average pooling to more than 1x1x1",
+    "adaptive_max_pool2d_backward": "adaptive max pooling",
+    "adaptive_max_pool3d_backward": "adaptive max pooling",
+    "avg_pool3d_backward": "3-d average pooling",
+    "fractional_max_pool2d_backward": "fractional max pooling",
+    "fractional_max_pool3d_backward": "fractional max pooling",
+    "reflection_pad1d_backward": "reflection padding",
+    "reflection_pad2d_backward": "reflection padding",
+    "reflection_pad3d_backward": "reflection padding",
+    "grid_sampler_2d_backward": "grid sampling",
+    "grid_sampler_3d_backward": "grid sampling",
+}
+
+
+def nondeterministic_on_cuda(arch: str, encoder: str, in_channels: int, patch_size: int) -> list[str] | None:
+    """What a training step of this model runs on CUDA without a deterministic kernel (sorted descriptions; [] when
+    every kernel is deterministic under train.deterministic; None when the model could not be traced).
+
+    Found by running one forward and backward pass on the meta device (shapes only, no memory, well under a second)
+    and recording every aten operator; an adaptive pooling to 1x1 is a mean and counts as deterministic, as it does in
+    PyTorch.
+    """
+    import segmentation_models_pytorch as smp
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with torch.device("meta"):
+            model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
+                                     classes=OUTPUT_CLASSES)
+        model = model.to("meta").train()  # some smp modules make their tensors on the CPU regardless
+        record = Record()
+        with record:  # batch 2: BatchNorm after a global pooling needs more than one value per channel
+            model(torch.zeros(2, in_channels, patch_size, patch_size, device="meta")).sum().backward()
+    except Exception:  # an operator without a meta kernel, say: unknown, not "exact"
+        return None
+    return sorted({NONDETERMINISTIC_ON_CUDA[op] for op in record.ops if op in NONDETERMINISTIC_ON_CUDA})

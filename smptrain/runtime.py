@@ -38,6 +38,21 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def rank_cuda_index() -> int:
+    """The GPU this process trains on, known before Accelerate sets it: the launcher's LOCAL_RANK (Accelerate
+    uses cuda:LOCAL_RANK), else the first visible GPU."""
+    return min(int(os.environ.get("LOCAL_RANK", "0") or 0), max(torch.cuda.device_count() - 1, 0))
+
+
+def cuda_native_bf16(index: int) -> tuple[bool, str]:
+    """(native bf16, card name) of GPU `index`, from its properties alone. Ampere (compute capability 8.0) and newer
+    compute bf16 natively; `torch.cuda.is_bf16_supported()` also counts the emulation on V100/T4 (unless
+    `including_emulation=False`) and asks the current device, which before Accelerate sets the rank's device is
+    GPU 0: every rank would create a CUDA context there."""
+    properties = torch.cuda.get_device_properties(index)
+    return bool(torch.version.hip) or properties.major >= 8, properties.name
+
+
 def choose_precision(configured: str) -> tuple[str, str]:
     """(precision, why) for the config's train.mixed_precision. `accelerate launch --mixed_precision X` (X other
     than 'no') wins; 'auto' becomes bf16 or 'no' (fp32) by what the hardware computes natively."""
@@ -46,9 +61,9 @@ def choose_precision(configured: str) -> tuple[str, str]:
         precision, why = launched, "from accelerate launch --mixed_precision"
     elif configured == "auto":
         if torch.cuda.is_available():
-            native = torch.cuda.is_bf16_supported()
+            native, name = cuda_native_bf16(rank_cuda_index())
             precision = "bf16" if native else "no"
-            why = f"auto: {torch.cuda.get_device_name()} {'supports' if native else 'lacks'} bf16"
+            why = f"auto: {name} {'computes bf16 natively' if native else 'has no native bf16 (before compute capability 8.0)'}"
         else:
             native = cpu_has_native_bf16()
             precision = "bf16" if native else "no"
@@ -63,26 +78,25 @@ def choose_precision(configured: str) -> tuple[str, str]:
     return precision, why
 
 
-def resolve_precision(configured: str) -> str:
-    return choose_precision(configured)[0]
-
-
 def describe_precision(precision: str) -> str:
     return {"no": "fp32", "bf16": "bf16 mixed precision", "fp16": "fp16 mixed precision"}[precision]
 
 
 def configure_determinism(deterministic: bool) -> None:
-    """Deterministic CUDA kernels (cuDNN, cuBLAS, scatter/index ops), or the fastest ones.
+    """Deterministic CUDA kernels (cuDNN, cuBLAS, scatter/index ops), or the fastest ones; set for every run, so a
+    fast run after an exact one in the same process (cross-validation, tuning) is fast again, and the reverse.
 
     On the CPU smptrain's results are exact without this. On CUDA, cuDNN's benchmark mode picks kernels by timing
     and several backward kernels accumulate with atomics, so two runs (or a run and its resumed continuation)
     differ in the last bits and then drift apart. `warn_only`: an op without a deterministic kernel (bilinear
-    upsampling's backward, used by DeepLabV3+) warns instead of stopping the run.
+    upsampling's backward, adaptive average pooling; `model.nondeterministic_on_cuda` names them for a model, and
+    training says so once) warns instead of stopping the run.
     """
-    if deterministic:
-        # cuBLAS reads this when it creates its handle, i.e. at the first matmul: set it before any CUDA work.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    # cuBLAS sizes its workspace from this once per process, at the first matmul: a deterministic run after a
+    # non-deterministic one in the same process would set it too late, so every run sets it before any CUDA work
+    # (32 MiB, the workspace cuBLAS recommends on Hopper anyway). A value the user set is kept.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if torch.cuda.is_available():
         torch.backends.cudnn.deterministic = deterministic
         # Fixed input sizes: unless exactness is asked for, let cuDNN time and pick the fastest kernels.
@@ -134,6 +148,19 @@ def end_processes() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def indexed(device) -> torch.device:
+    """The device with its index: Accelerate's device on one GPU is `cuda` (no index), the one tensors report is
+    `cuda:0`, and the two compare unequal. `cuda` means the current device, which Accelerate has set to the rank's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def same_device(a, b) -> bool:
+    return indexed(a) == indexed(b)
 
 
 def to_device(batch, device: torch.device, channels_last: bool = False):

@@ -37,10 +37,11 @@ from smptrain.config import Config, dump_toml, to_dict
 from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
 from smptrain.errors import UserError, report_user_errors
 from smptrain.evaluate import evaluate, sample_figure, write_curves
-from smptrain.feed import feed, place_in_memory
+from smptrain.feed import feed, optimizer_state_to_come, place_in_memory
 from smptrain.labels import OUTPUT_CLASSES
 from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_patch_size, segmentation_logits, warm_start
+from smptrain.model import (build_model, check_patch_size, nondeterministic_on_cuda, segmentation_logits,
+                            warm_start)
 from smptrain.runs import absolute_paths, find_data, identity, require_same_data
 from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes,
                               local_processes, make_accelerator)
@@ -164,40 +165,51 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
     if resume is not None:
         require_same_data(resume, info)
     band_indices = info.band_indices(cfg.data.bands)
+    # Every check of config and data comes before anything is written: a mistake found once the run directory
+    # exists would leave it behind, and the corrected command would then stop with "already exists".
+    bands = info.band_meta(band_indices)  # a band without normalisation is refused here
+    loss_fn = loss_from_config(cfg.train)
     splits = (json.loads((resume / "splits.json").read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
     model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
                                           None if resume else cfg.model.weights_from, trust_pickle)
-    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices)
+    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
+                                                                       optimizer_state_to_come(optimizer))
+    previews = pick_previews(info, splits["val"])
+    val_regions = info.metadata.loc[val_set.rows, "region"].astype(str).tolist()
+    note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
+                            accelerator.device.type, cfg.train.deterministic)
+    if note:
+        say(note)
 
-    # Only now, with data and model checked, the run directory (named once by the main process).
+    # Only now the run directory (named once by the main process).
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
-    state = TrainState(**meta["train_state"]) if meta else TrainState()
-    say(f"run directory: {run_dir}")
-    if meta:
-        restore(accelerator, run_dir, run_name, state)
+    if not meta and accelerator.is_main_process:
+        stop.undo = lambda: shutil.rmtree(run_dir, ignore_errors=True)  # a new run that saved nothing leaves nothing
     try:
+        state = TrainState(**meta["train_state"]) if meta else TrainState()
+        say(f"run directory: {run_dir}")
+        if meta:
+            restore(accelerator, run_dir, run_name, state)
         recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
                             to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None,
                             group=cfg.log.wandb_group)
-    except UserError:
-        if not meta and accelerator.is_main_process:
-            shutil.rmtree(run_dir)  # made a moment ago by this run (config and splits only): leave no debris
+    except Exception:
+        if stop.undo is not None:
+            stop.undo()
+            stop.undo = None
         raise
-    if not meta and accelerator.is_main_process:
-        stop.undo = lambda: shutil.rmtree(run_dir, ignore_errors=True)  # interrupted before any step: no debris
     describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
                     patch_size=info.patch_size,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
                            "classes": OUTPUT_CLASSES},
-                    bands=info.band_meta(band_indices), config=to_dict(cfg))
+                    bands=bands, config=to_dict(cfg))
     if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
         state.early_stopped = False  # the patience was raised on resume
-    run = Run(cfg, accelerator, precision, model, optimizer, loss_from_config(cfg.train), train_set, val_set, batches,
+    run = Run(cfg, accelerator, precision, model, optimizer, loss_fn, train_set, val_set, batches,
               train_loader, val_loader, run_dir, recorder,
               CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state, stop,
-              NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
-              pick_previews(info, splits["val"]), info.metadata.loc[val_set.rows, "region"].astype(str).tolist())
+              NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None, previews, val_regions)
     if meta:
         run.last = meta.get("metrics") or {}
         best = run_dir / "checkpoints" / "best"
@@ -231,8 +243,9 @@ def build_for_training(cfg: Config, accelerator, precision: str, in_channels: in
     return model, optimizer
 
 
-def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int]):
-    """Training and validation sets, this rank's samplers, and the feeds that bring their batches to the device."""
+def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int], still_to_come: int = 0):
+    """Training and validation sets, this rank's samplers, and the feeds that bring their batches to the device.
+    `still_to_come`: bytes the optimizer will allocate at its first step, kept free when placing patches."""
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory, cfg.data.reader)
     val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices,
@@ -242,7 +255,7 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
         raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
                         f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
     if cfg.data.in_memory:
-        where = place_in_memory([train_set, val_set], device, cfg.data.memory_device)
+        where = place_in_memory([train_set, val_set], device, cfg.data.memory_device, still_to_come)
         size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
         accelerator.print(f"patches in memory on the {'device' if where == 'device' else 'host'} ({size / 2**30:.2f} GiB)")
     train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
@@ -309,6 +322,25 @@ def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> Non
     except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
         raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
     accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
+
+
+def determinism_note(arch: str, encoder: str, in_channels: int, patch_size: int, device_type: str,
+                     deterministic: bool) -> str | None:
+    """The one warning a train.deterministic run on CUDA gets when its model uses a backward kernel that has no
+    deterministic CUDA implementation (PyTorch would otherwise warn per operator, without saying what it means)."""
+    if not deterministic or device_type != "cuda":
+        return None  # on the CPU every kernel smptrain uses is deterministic
+    inexact = nondeterministic_on_cuda(arch, encoder, in_channels, patch_size)
+    if inexact == []:
+        return None
+    import warnings
+
+    # Said once here; PyTorch's own per-operator warnings would repeat it without the consequence.
+    warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+    what = (f"uses {' and '.join(inexact)} in its backward pass, which has no deterministic CUDA kernel"
+            if inexact else "could not be checked for kernels without a deterministic CUDA implementation")
+    return (f"warning: train.deterministic: {arch} with {encoder} {what}; this run and its resumed continuation are "
+            f"not bitwise exact on CUDA (Unet, UnetPlusPlus, MAnet and Linknet are)")
 
 
 def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:

@@ -36,6 +36,40 @@ def test_smptrain_test_needs_no_split_flags(trained_run, tmp_path):
     assert len(list((trained_run.parent / "wandb").glob(f"offline-run-*-{run_id}"))) >= 2
 
 
+def test_smptrain_test_computes_in_fp32_whatever_the_run_trained_with(demo_dir, tmp_path):
+    """A bf16-trained checkpoint is tested in fp32 (what the DARTS pipeline computes) unless --precision says
+    otherwise, so its test metrics equal an independent fp32 torchmetrics computation on any CPU or GPU, with or
+    without native bf16."""
+    import zarr
+    from safetensors.torch import load_file
+
+    from test_metrics import torchmetrics_values
+
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 8}, train={"mixed_precision": "bf16", "max_epochs": 1},
+                         log={"run_name": "bf16", "preview_every_n_val": 0})
+    run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
+    run_dir = tmp_path / "artifacts" / "bf16"
+    best = run_dir / "checkpoints" / "best"
+    assert json.loads((best / "meta.json").read_text())["mixed_precision"] == "bf16"
+    result = run(["smptrain-test", str(run_dir), "--json", str(tmp_path / "fp32.json")], check=True)
+    report = json.loads((tmp_path / "fp32.json").read_text())
+    assert report["precision"] == "fp32" and "patches, fp32)" in result.stdout
+
+    rows = json.loads((run_dir / "splits.json").read_text())["test"]
+    group = zarr.open_group(str(demo_dir / "data.zarr"), mode="r")
+    x, y = torch.from_numpy(group["x"].oindex[rows]), torch.from_numpy(group["y"].oindex[rows])
+    model = smp.create_model("Unet", encoder_name="resnet18", encoder_weights=None, in_channels=x.shape[1], classes=1)
+    model.load_state_dict(load_file(str(best / "model.safetensors")))
+    with torch.inference_mode():
+        probs = torch.sigmoid(model.eval()(x).squeeze(1))
+    for name, value in torchmetrics_values(probs, y).items():
+        assert report["metrics"][f"test/{name}"] == pytest.approx(value, abs=1e-6), name
+
+    from smptrain.assess import precision_for_test
+
+    assert precision_for_test("bf16")[0] == "bf16" and precision_for_test("fp32")[0] == "no"  # --precision
+
+
 @pytest.mark.parametrize("which", ["best", "last"])
 def test_smptrain_test_reports_the_chosen_checkpoint(trained_run, tmp_path, which):
     out = tmp_path / f"{which}.json"
@@ -200,7 +234,8 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
     assert again["without_tta"] == chosen["without_tta"]
     assert json.loads(changed.read_text())["metrics"]["test/JaccardIndex"] != metrics["test/JaccardIndex"]
 
-    # into the converted file, and used by smptrain-predict --binarize (with the TTA it was chosen with)
+    # into the converted file; smptrain-predict computes what the DARTS pipeline computes from it (no TTA, 0.5),
+    # and applies the stored TTA and threshold only with --stored
     run(["smptrain-convert", str(trained_run), "--out-dir", str(tmp_path), "--name", "tile", "--threshold", "val-best"],
         check=True)
     converted = next(tmp_path.glob("tile_*.ckpt"))
@@ -208,12 +243,23 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
     assert extra["threshold"] == chosen["threshold"] and extra["tta"] == "flips" and extra["patch_size"] == 64
     raw = np.random.default_rng(0).uniform(0, 3000, (7, 150, 170)).astype(np.float32)
     np.save(tmp_path / "tile.npy", raw)
-    predicted = run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "probs.npy"),
-                     "--patch-size", "64", "--overlap", "16"], check=True)
-    assert "TTA flips" in predicted.stdout
-    run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / "mask.npy"),
-         "--patch-size", "64", "--overlap", "16", "--binarize"], check=True)
-    probs, mask = np.load(tmp_path / "probs.npy"), np.load(tmp_path / "mask.npy")
+    window = ["--patch-size", "64", "--overlap", "16"]
+
+    def predict(out, *flags):
+        return run(["smptrain-predict", str(converted), str(tmp_path / "tile.npy"), str(tmp_path / out), *window,
+                    *flags], check=True).stdout
+
+    assert "TTA none" in predict("darts.npy")
+    assert "TTA flips" in predict("probs.npy", "--stored")
+    predict("mask.npy", "--binarize", "--stored")
+    predict("darts_mask.npy", "--binarize")
+    from smptrain.inference import load_converted, normalise, predict_in_patches
+
+    model, config = load_converted(converted, "cpu")
+    expected = predict_in_patches(model, normalise(raw, config["bands"])[None], 64, 16, 8, 0, "cpu", "none")[0]
+    darts, probs, mask = np.load(tmp_path / "darts.npy"), np.load(tmp_path / "probs.npy"), np.load(tmp_path / "mask.npy")
+    assert np.array_equal(darts, expected.numpy()) and not np.array_equal(darts, probs)
+    assert (np.load(tmp_path / "darts_mask.npy") == (darts > 0.5)).all()
     assert probs.shape == mask.shape == (150, 170) and probs.min() >= 0 and probs.max() <= 1
     assert mask.dtype == np.uint8 and (mask == (probs > chosen["threshold"])).all()
     # without --patch-size: the training patch size stored in the file; a patch too large names the option to change
@@ -257,3 +303,13 @@ def test_a_checkpoint_stores_the_weights_once(trained_run):
     for checkpoint in (trained_run / "checkpoints").glob("epoch=*"):
         ours, state = checkpoint / "model.safetensors", checkpoint / "state" / "model.safetensors"
         assert ours.stat().st_ino == state.stat().st_ino and ours.stat().st_nlink == 2
+
+
+def test_bench_refuses_data_too_small_for_its_figures_in_one_sentence(demo_dir):
+    """Too few logging windows, or fewer patches than a batch: one sentence naming what to raise, before any timing."""
+    few_windows = run(["python", "tools/bench.py", "--data", str(demo_dir), "--epochs", "1", "--encoders", "resnet18"])
+    assert few_windows.returncode != 0 and "Traceback" not in few_windows.stderr
+    assert "raise --epochs to 2" in few_windows.stderr and "1 logging window(s)" in few_windows.stderr
+    two_tiles = run(["python", "tools/bench.py", "--patches", "2", "--patch-size", "64", "--epochs", "1"])
+    assert two_tiles.returncode != 0 and "Traceback" not in two_tiles.stderr
+    assert "fewer than --batch-size 8" in two_tiles.stderr

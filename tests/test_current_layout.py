@@ -80,16 +80,25 @@ def test_train_test_convert_and_predict_on_todays_layout(current_run, tmp_path):
 
 
 def test_a_band_outside_the_table_is_one_sentence_and_can_be_given(tmp_path):
+    """Refused before the run directory exists, so the corrected command (same run name) runs; inspect exits 2."""
     root = write_current_dataset(tmp_path / "swir", n=24, bands=["red", "swir16"])
     config = tiny_config(tmp_path, root, data={"split_method": "region", "split_by": ["Taymyr"]},
-                         train={"max_epochs": 1})
+                         train={"max_epochs": 1}, log={"run_name": "swir"})
     result = run(["python", "-m", "smptrain.train", "--config", str(config)])
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "swir16" in lines[-1] and "data.band_normalisation" in lines[-1] and "relative_elevation" in lines[-1]
-    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "data.band_normalisation={swir16=[2.0, 0.0]}",
-         "--set", "log.run_name=given"], check=True)
-    meta = json.loads((tmp_path / "artifacts" / "given" / "checkpoints" / "last" / "meta.json").read_text())
+    assert "run directory" not in result.stdout + result.stderr and not (tmp_path / "artifacts").exists()
+
+    inspected = run(["smptrain-inspect", "--config", str(config)])
+    assert inspected.returncode == 2 and "Traceback" not in inspected.stderr
+    assert "swir16" in inspected.stdout and "unknown (give data.band_normalisation)" in inspected.stdout  # the report
+    assert "swir16" in inspected.stderr.strip().splitlines()[-1]  # then the sentence training would end with
+
+    given = ["--set", "data.band_normalisation={swir16=[2.0, 0.0]}"]
+    assert run(["smptrain-inspect", "--config", str(config), *given]).returncode == 0
+    run(["python", "-m", "smptrain.train", "--config", str(config), *given], check=True)
+    meta = json.loads((tmp_path / "artifacts" / "swir" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["bands"]["band_factors"][1] == 2.0
 
 

@@ -141,11 +141,15 @@ def test_non_finite_inputs(base, tmp_path):
     root = variant(base, tmp_path, lambda r: rewrite_array(r, "x", holes))
     assert_clear_error(inspect(tiny_config(tmp_path, root)), "3 patch(es) hold NaN or inf", "[2, 5, 9]")
     assert_clear_error(train(tiny_config(tmp_path, root)), "NaN or inf")
+    streamed = tiny_config(tmp_path, root, name="streamed.toml", data={"in_memory": False, "num_workers": 0})
+    assert_clear_error(train(streamed), "NaN or inf", "zarr rows")  # met at the first batch holding one
+    assert not (tmp_path / "artifacts").exists() or not list((tmp_path / "artifacts").iterdir())
 
 
 def test_patch_size_the_architecture_cannot_take(tmp_path):
     root = write_foreign_dataset(tmp_path / "odd", n=12, patch=48)
     assert_clear_error(train(tiny_config(tmp_path, root)), "patch size 48 is not divisible by 32")
+    assert not (tmp_path / "artifacts").exists()
 
 
 def test_existing_run_directory_is_never_overwritten(base, tmp_path):

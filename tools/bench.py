@@ -109,6 +109,24 @@ def loader_rate(dataset, batch, workers, epochs=2):
     return statistics.median(rates[1:])  # the first epoch starts the workers
 
 
+LOG_EVERY = 5  # optimizer steps per logging window of the smptrain runs
+
+
+def check_sizes(patches: int, batch_size: int, epochs: int) -> None:
+    """Refuse, before measuring anything, data too small for the figures: each smptrain run needs two logging
+    windows (the first holds the warm-up), and the ceiling one full batch."""
+    steps = patches // batch_size * epochs
+    if patches < batch_size:
+        raise click.ClickException(f"the data have {patches} patches, fewer than --batch-size {batch_size}; lower "
+                                   f"--batch-size to {patches} or less, or give more --patches")
+    if steps // LOG_EVERY < 2:
+        epochs_needed = -(-2 * LOG_EVERY // (patches // batch_size))
+        raise click.ClickException(
+            f"{patches} patches in batches of {batch_size} over {epochs} epoch(s) give {steps} training steps, "
+            f"{steps // LOG_EVERY} logging window(s) of {LOG_EVERY} steps, and the figures need 2 (the first is "
+            f"warm-up); raise --epochs to {epochs_needed} (or --patches, or lower --batch-size)")
+
+
 def smptrain_rate(root, tmp, name, encoder, batch_size, epochs, precision, channels_last, in_memory, workers):
     from smptrain.train import train
 
@@ -120,7 +138,7 @@ def smptrain_rate(root, tmp, name, encoder, batch_size, epochs, precision, chann
         f"model.encoder='{encoder}'", f"train.batch_size={batch_size}", f"train.max_epochs={epochs}",
         f"train.val_every_n_epochs={epochs}", f"train.mixed_precision='{precision}'",
         f"train.channels_last={'true' if channels_last else 'false'}", "train.early_stopping_patience=0",
-        f"log.artifact_dir='{tmp / 'artifacts'}'", f"log.run_name='{name}'", "log.log_every_n_steps=5",
+        f"log.artifact_dir='{tmp / 'artifacts'}'", f"log.run_name='{name}'", f"log.log_every_n_steps={LOG_EVERY}",
         "log.preview_every_n_val=0"])
     run_dir = train(cfg).run_dir
     windows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -152,6 +170,8 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
     root = Path(data) if data else make_demo(tmp / "data", patches, patch_size, seed=0)
     info = open_dataset(root)
     rows = sorted(int(r) for r in info.metadata.index)
+    if not loaders_only:
+        check_sizes(len(rows), batch_size, epochs)
     bands = list(range(len(info.bands)))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     results = {"device": name, "cpu": _cpu_model(), "patch_size": info.patch_size, "patches": len(rows),
