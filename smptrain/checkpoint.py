@@ -15,7 +15,6 @@ weights are safetensors, metadata JSON, and Accelerate loads optimizer and RNG s
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -27,6 +26,7 @@ import torch
 
 import smptrain
 from smptrain.errors import UserError
+from smptrain.runs import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MONITOR = "val/JaccardIndex"
@@ -87,8 +87,8 @@ class CheckpointKeeper:
                 "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
         save_checkpoint(accelerator, model, self.run_dir, name, meta)
         if accelerator.is_main_process:
-            point(self.run_dir, "last", name)
-            point(self.run_dir, "best", self.best_name)
+            point(self.run_dir, LAST, name)
+            point(self.run_dir, BEST, self.best_name)
             prune(self.run_dir, {entry[1] for entry in self.state.top_k})
 
 
@@ -113,10 +113,6 @@ def library_versions() -> dict[str, str]:
     return found
 
 
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous fp32 CPU tensors with wrapper prefixes (DDP `module.`, torch.compile `_orig_mod.`, Lightning
     `model.`) removed from every key."""
@@ -136,20 +132,20 @@ def checkpoint_name(epoch: int, step: int, metric: float | None) -> str:
 
 def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) -> Path:
     """Write checkpoint `name` (all ranks call this: save_state is collective). Returns its directory."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_dir(run_dir)
     final, tmp = root / name, root / f".tmp-{name}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "state").mkdir(parents=True)
+        (tmp / STATE).mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
+    accelerator.save_state(str(tmp / STATE))
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
         weights = clean_state_dict(accelerator.unwrap_model(model, keep_torch_compile=False).state_dict())
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _share_weights(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
         _settle_tree(tmp)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
             shutil.rmtree(final)
@@ -160,7 +156,7 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) ->
 
 def point(run_dir: Path, link: str, name: str | None) -> None:
     """Atomically make checkpoints/<link> point to checkpoint `name` (or remove it when name is None)."""
-    root = Path(run_dir) / "checkpoints"
+    root = checkpoints_dir(run_dir)
     target = root / link
     if name is None:
         if target.is_symlink():
@@ -175,8 +171,8 @@ def point(run_dir: Path, link: str, name: str | None) -> None:
 
 def prune(run_dir: Path, keep: set[str]) -> None:
     """Delete checkpoint directories that neither `last`, `best` nor the top-k list refer to, and stale temporaries."""
-    root = Path(run_dir) / "checkpoints"
-    for link in ("last", "best"):
+    root = checkpoints_dir(run_dir)
+    for link in (LAST, BEST):
         if (root / link).is_symlink():
             keep.add(os.readlink(root / link))
     for path in root.iterdir():
@@ -184,18 +180,18 @@ def prune(run_dir: Path, keep: set[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def resolve(path: str | Path, which: str = "best") -> Path:
+def resolve(path: str | Path, which: str = BEST) -> Path:
     """A checkpoint directory from a run directory (+ best/last) or a checkpoint directory."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
-    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / META).is_file() and (path / WEIGHTS).is_file():
         return path
-    root = path / "checkpoints"
+    root = checkpoints_dir(path)
     if root.is_dir():
-        for link in ([which] if which == "last" else [which, "last"]):
+        for link in ([which] if which == LAST else [which, LAST]):
             candidate = root / link
-            if (candidate / "meta.json").is_file():
+            if (candidate / META).is_file():
                 return candidate.resolve()
             if candidate.is_symlink():
                 raise UserError(f"{candidate} points to a missing checkpoint; the run directory is damaged")
@@ -205,7 +201,7 @@ def resolve(path: str | Path, which: str = "best") -> Path:
 
 def read_meta(checkpoint: Path) -> dict:
     try:
-        meta = json.loads((Path(checkpoint) / "meta.json").read_text())
+        meta = json.loads((Path(checkpoint) / META).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise UserError(f"{checkpoint}/meta.json is not a readable smptrain checkpoint description: {error}") from None
     for key in ("model", "bands", "config"):
@@ -219,7 +215,7 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(checkpoint) / "model.safetensors"
+    path = Path(checkpoint) / WEIGHTS
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as error:
@@ -232,7 +228,7 @@ def _share_weights(checkpoint: Path) -> None:
     resume reads state/model.safetensors either way."""
     import filecmp
 
-    ours, theirs = checkpoint / "model.safetensors", checkpoint / "state" / "model.safetensors"
+    ours, theirs = checkpoint / WEIGHTS, checkpoint / STATE / WEIGHTS
     if not theirs.is_file() or not filecmp.cmp(ours, theirs, shallow=False):
         return
     link = theirs.with_name(".model.safetensors.link")

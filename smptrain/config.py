@@ -16,13 +16,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smptrain.augment import AUGMENTATIONS
-from smptrain.dataset import READERS
+from smptrain.choices import (AUGMENTATIONS, FOLD_METHODS, LOSSES, MEMORY_DEVICES, PRECISION_CHOICES, READERS,
+                              SPLIT_METHODS)
 from smptrain.errors import UserError
-from smptrain.feed import MEMORY_DEVICES
-from smptrain.losses import LOSSES
-from smptrain.runtime import PRECISION_CHOICES
-from smptrain.splits import FOLD_METHODS, SPLIT_METHODS
+
 # DARTS train-smp flag names (hyphens as underscores) -> our section.key, for "did you mean" messages.
 DARTS_NAMES = {
     "train_data_dir": "data.dir", "data_split_method": "data.split_method", "data_split_by": "data.split_by",
@@ -38,21 +35,37 @@ DARTS_NAMES = {
 }
 
 
+def setting(default, *, one_of: tuple | None = None, at_least: float | None = None, rule=None):
+    """A config field with its constraint beside it: `one_of` (each element, for a list), `at_least`, or `rule` =
+    (predicate, "what it must be"). Checked by `from_dict` after the types; combinations of keys are checked in
+    `_check_combinations`."""
+    metadata = {"one_of": one_of, "at_least": at_least, "rule": rule}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _unit(value) -> bool:
+    return 0 <= value <= 1
+
+
 @dataclass(frozen=True)
 class DataConfig:
     dir: str = "data/demo"  # dataset root holding data.zarr, metadata.parquet and config.toml
     bands: tuple[str, ...] = ()  # band subset by name, kept in the dataset's order; empty = all bands
-    band_normalisation: dict[str, tuple[float, ...]] = field(default_factory=dict)  # {name = [factor, offset]}: overrides config.toml and DARTS' band table
-    subsample: int = 0  # train on this many patches of the training split (drawn with random_state 42); 0 = all
-    split_method: str = "none"  # test split: random | region | sample | none (none = test on everything)
+    band_normalisation: dict[str, tuple[float, ...]] = setting({}, rule=(  # {name = [factor, offset]}: overrides config.toml and DARTS' band table
+        lambda table: all(len(p) == 2 and all(math.isfinite(v) for v in p) and p[0] != 0 for p in table.values()),
+        "{name = [factor, offset]} with finite values and a non-zero factor"))
+    subsample: int = setting(0, at_least=0)  # train on this many patches of the training split (drawn with random_state 42); 0 = all
+    split_method: str = setting("none", one_of=SPLIT_METHODS)  # test split: random | region | sample | none (none = test on everything)
     split_by: tuple[str | float, ...] = ()  # random: [test fraction]; region: region names; sample: sample ids
-    fold_method: str = "kfold"  # train/val split of the non-test part: kfold | shuffle | stratified | region | region-stratified | none
-    total_folds: int = 5  # number of folds the fold generator makes
-    fold: int = 0  # which fold is the validation set (0-based)
-    num_workers: int = 2  # zarr readers: tensorstore decoding threads in-process (0 = all cores), or zarr-python worker processes
+    fold_method: str = setting("kfold", one_of=FOLD_METHODS)  # train/val split of the non-test part: kfold | shuffle | stratified | region | region-stratified | none
+    total_folds: int = setting(5, at_least=1)  # number of folds the fold generator makes (at least 2 unless fold_method = none)
+    fold: int = 0  # which fold is the validation set (0-based, below total_folds)
+    num_workers: int = setting(2, at_least=0)  # zarr readers: tensorstore decoding threads in-process (0 = all cores), or zarr-python worker processes
     in_memory: bool = False  # read the train/val/test patches into RAM once instead of from zarr every epoch
-    memory_device: str = "auto"  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
-    reader: str = "auto"  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
+    memory_device: str = setting("auto", one_of=MEMORY_DEVICES)  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
+    reader: str = setting("auto", one_of=READERS)  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
 
 
 @dataclass(frozen=True)
@@ -65,36 +78,36 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_epochs: int = 100  # number of passes over the training set
-    batch_size: int = 8  # samples per process and step (also used for validation)
-    lr: float = 1e-3  # AdamW learning rate of epoch 0
-    weight_decay: float = 0.01  # AdamW decoupled weight decay (torch default)
-    gamma: float = 0.9  # the learning rate of epoch e is lr * gamma**e
+    max_epochs: int = setting(100, at_least=1)  # number of passes over the training set
+    batch_size: int = setting(8, at_least=1)  # samples per process and step (also used for validation)
+    lr: float = setting(1e-3, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # AdamW learning rate of epoch 0
+    weight_decay: float = setting(0.01, rule=(lambda v: v >= 0, "not negative"))  # AdamW decoupled weight decay (torch default)
+    gamma: float = setting(0.9, rule=(lambda v: 0 < v <= 1, "in (0, 1]"))  # the learning rate of epoch e is lr * gamma**e
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
-    focal_alpha: float | None = None  # focal loss positive-class weight in [0, 1]; none = no class weighting
+    focal_alpha: float | None = setting(None, rule=(lambda v: v is None or _unit(v), "none or in [0, 1]"))  # focal loss positive-class weight; none = no class weighting
     focal_gamma: float = 2.0  # focal loss focusing exponent
-    tversky_alpha: float = 0.5  # Tversky loss weight of false positives (0.5 and 0.5 = Dice)
-    tversky_beta: float = 0.5  # Tversky loss weight of false negatives
-    augment: tuple[str, ...] = ()  # train-only augmentations in order, from the DARTS list (see README)
-    val_every_n_epochs: int = 3  # validate after every n-th epoch (and after the last one)
-    early_stopping_patience: int = 5  # stop after this many validations without a better val/JaccardIndex; 0 = off
-    save_top_k: int = 1  # how many best checkpoints (by val/JaccardIndex) to keep besides last
-    mixed_precision: str = "auto"  # auto (bf16 where the hardware has it, else fp32) | no | bf16 | fp16 (CUDA only); `accelerate launch --mixed_precision` wins
-    grad_accum_steps: int = 1  # micro-batches per optimizer step
-    grad_clip_norm: float = 0.0  # clip the global gradient norm to this value; 0 = off
+    tversky_alpha: float = setting(0.5, rule=(_unit, "in [0, 1]"))  # Tversky loss weight of false positives (0.5 and 0.5 = Dice)
+    tversky_beta: float = setting(0.5, rule=(_unit, "in [0, 1]"))  # Tversky loss weight of false negatives
+    augment: tuple[str, ...] = setting((), one_of=AUGMENTATIONS)  # train-only augmentations in order, from the DARTS list (see README)
+    val_every_n_epochs: int = setting(3, at_least=1)  # validate after every n-th epoch (and after the last one)
+    early_stopping_patience: int = setting(5, at_least=0)  # stop after this many validations without a better val/JaccardIndex; 0 = off
+    save_top_k: int = setting(1, at_least=0)  # how many best checkpoints (by val/JaccardIndex) to keep besides last
+    mixed_precision: str = setting("auto", one_of=PRECISION_CHOICES)  # auto (bf16 where the hardware has it, else fp32) | no | bf16 | fp16 (CUDA only); `accelerate launch --mixed_precision` wins
+    grad_accum_steps: int = setting(1, at_least=1)  # micro-batches per optimizer step
+    grad_clip_norm: float = setting(0.0, rule=(lambda v: v >= 0, "not negative"))  # clip the global gradient norm to this value; 0 = off
     seed: int = 42  # seeds python, numpy, torch, the data order and the augmentations
     channels_last: bool = False  # NHWC memory format for model and inputs (faster convolutions on tensor cores)
     compile: bool = False  # torch.compile the model (exported weights stay prefix-free)
     deterministic: bool = False  # CUDA: deterministic cuDNN/cuBLAS kernels, so a resumed run is bitwise exact (slower)
-    threads: int = 0  # CPU threads per process for torch; 0 = this machine's cores divided among its processes
+    threads: int = setting(0, at_least=0)  # CPU threads per process for torch; 0 = this machine's cores divided among its processes
 
 
 @dataclass(frozen=True)
 class LogConfig:
     artifact_dir: str = "artifacts"  # runs are written to {artifact_dir}/{run_name}
-    run_name: str = ""  # empty = a readable generated name
-    log_every_n_steps: int = 10  # optimizer steps between train/loss records
-    preview_every_n_val: int = 5  # write a preview grid every n-th validation; 0 = never
+    run_name: str = setting("", rule=(lambda v: "/" not in v and v not in (".", ".."), "a plain directory name"))  # empty = a readable generated name
+    log_every_n_steps: int = setting(10, at_least=1)  # optimizer steps between train/loss records
+    preview_every_n_val: int = setting(5, at_least=0)  # write a preview grid every n-th validation; 0 = never
     wandb_project: str = ""  # log to this Weights & Biases project; empty = no wandb (WANDB_MODE is honoured)
     wandb_entity: str = ""  # wandb entity (team or user); empty = your default entity
     wandb_group: str = ""  # wandb group of the run (cross-validation and tuning set it); empty = none
@@ -106,6 +119,17 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+
+def replace(cfg: Config, **changes) -> Config:
+    """`cfg` with dotted keys changed: `replace(cfg, **{"data.fold": 2, "train.seed": 21})` (frozen dataclasses,
+    so every section that changes is rebuilt)."""
+    sections = {}
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **values)
+                                       for section, values in sections.items()})
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), base: dict | None = None,
@@ -161,7 +185,7 @@ def from_dict(raw: dict, source: str = "config", choices: bool = True) -> Config
         built[section] = cls(**kwargs)
     cfg = Config(**built)
     if choices:
-        _check_choices(cfg, source)
+        _check_settings(cfg, source)
     return cfg
 
 
@@ -289,62 +313,38 @@ def _suggest(name: str, valid, section: str | None = None) -> str:
     return f"; did you mean {best}?"
 
 
-def _check_choices(cfg: Config, source: str) -> None:
-    """Value checks that need no data: choices, ranges and combinations."""
+def _check_settings(cfg: Config, source: str) -> None:
+    """Each field's own constraint (`setting`), then the combinations of keys."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            key, value, rule = f"{section.name}.{f.name}", getattr(values, f.name), f.metadata
+            if rule.get("one_of"):
+                for item in value if isinstance(value, tuple) else (value,):
+                    if item not in rule["one_of"]:
+                        raise UserError(f"{key} in {source} must be one of {', '.join(rule['one_of'])}, got {item!r}")
+            if rule.get("at_least") is not None and value < rule["at_least"]:
+                raise UserError(f"{key} in {source} must be at least {rule['at_least']}, got {value!r}")
+            if rule.get("rule") is not None and not rule["rule"][0](value):
+                shown = {k: list(v) for k, v in value.items()} if isinstance(value, dict) else value
+                raise UserError(f"{key} in {source} must be {rule['rule'][1]}, got {shown!r}")
+    _check_combinations(cfg, source)
 
-    def choice(key: str, value, options):
-        if value not in options:
-            raise UserError(f"{key} in {source} must be one of {', '.join(options)}, got {value!r}")
 
-    def positive(key: str, value, minimum=1):
-        if value < minimum:
-            raise UserError(f"{key} in {source} must be at least {minimum}, got {value!r}")
-
-    choice("data.split_method", cfg.data.split_method, SPLIT_METHODS)
-    choice("data.fold_method", cfg.data.fold_method, FOLD_METHODS)
-    choice("train.mixed_precision", cfg.train.mixed_precision, PRECISION_CHOICES)
+def _check_combinations(cfg: Config, source: str) -> None:
+    """What one field cannot check alone."""
     losses = {cfg.train.loss: 1.0} if isinstance(cfg.train.loss, str) else cfg.train.loss
     for name, weight in losses.items():
-        choice("train.loss", name, LOSSES)
+        if name not in LOSSES:
+            raise UserError(f"train.loss in {source} must be one of {', '.join(LOSSES)}, got {name!r}")
         if not (weight >= 0 and math.isfinite(weight)):
             raise UserError(f"train.loss.{name} in {source} must be a non-negative weight, got {weight!r}")
     if not any(losses.values()):
         raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
-    for key in ("tversky_alpha", "tversky_beta"):
-        if not 0 <= getattr(cfg.train, key) <= 1:
-            raise UserError(f"train.{key} in {source} must be in [0, 1], got {getattr(cfg.train, key)!r}")
-    choice("data.memory_device", cfg.data.memory_device, MEMORY_DEVICES)
-    choice("data.reader", cfg.data.reader, READERS)
-    for name in cfg.train.augment:
-        choice("train.augment", name, AUGMENTATIONS)
-    positive("data.total_folds", cfg.data.total_folds, 2 if cfg.data.fold_method != "none" else 1)
-    positive("data.num_workers", cfg.data.num_workers, 0)
-    positive("data.subsample", cfg.data.subsample, 0)
-    for name, pair in cfg.data.band_normalisation.items():
-        if len(pair) != 2 or not all(math.isfinite(v) for v in pair) or pair[0] == 0:
-            raise UserError(f"data.band_normalisation.{name} in {source} must be [factor, offset] with a non-zero "
-                            f"factor, got {list(pair)}")
-    positive("train.max_epochs", cfg.train.max_epochs)
-    positive("train.batch_size", cfg.train.batch_size)
-    positive("train.val_every_n_epochs", cfg.train.val_every_n_epochs)
-    positive("train.early_stopping_patience", cfg.train.early_stopping_patience, 0)
-    positive("train.save_top_k", cfg.train.save_top_k, 0)
-    positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
-    positive("train.threads", cfg.train.threads, 0)
-    positive("log.log_every_n_steps", cfg.log.log_every_n_steps)
-    positive("log.preview_every_n_val", cfg.log.preview_every_n_val, 0)
-    if not 0 <= cfg.data.fold < cfg.data.total_folds and cfg.data.fold_method != "none":
-        raise UserError(
-            f"data.fold in {source} must be between 0 and data.total_folds - 1 = {cfg.data.total_folds - 1}, "
-            f"got {cfg.data.fold}"
-        )
-    if not (cfg.train.lr > 0 and math.isfinite(cfg.train.lr)):
-        raise UserError(f"train.lr in {source} must be a positive number, got {cfg.train.lr!r}")
-    if not 0 < cfg.train.gamma <= 1:
-        raise UserError(f"train.gamma in {source} must be in (0, 1], got {cfg.train.gamma!r}")
-    if cfg.train.focal_alpha is not None and not 0 <= cfg.train.focal_alpha <= 1:
-        raise UserError(f"train.focal_alpha in {source} must be none or in [0, 1], got {cfg.train.focal_alpha!r}")
-    if cfg.train.grad_clip_norm < 0 or cfg.train.weight_decay < 0:
-        raise UserError(f"train.grad_clip_norm and train.weight_decay in {source} must not be negative")
-    if cfg.log.run_name and ("/" in cfg.log.run_name or cfg.log.run_name in (".", "..")):
-        raise UserError(f"log.run_name in {source} must be a plain directory name, got {cfg.log.run_name!r}")
+    if cfg.data.fold_method != "none":
+        if cfg.data.total_folds < 2:
+            raise UserError(f"data.total_folds in {source} must be at least 2, got {cfg.data.total_folds!r}")
+        if not 0 <= cfg.data.fold < cfg.data.total_folds:
+            raise UserError(
+                f"data.fold in {source} must be between 0 and data.total_folds - 1 = {cfg.data.total_folds - 1}, "
+                f"got {cfg.data.fold}")

@@ -19,7 +19,7 @@ import click
 import numpy as np
 
 from smptrain.errors import UserError, report_user_errors
-from smptrain.labels import IGNORE, POSITIVE
+from smptrain.data.labels import IGNORE, POSITIVE
 
 BANDS = ("blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope")
 FACTORS = (1 / 3000, 1 / 3000, 1 / 3000, 1 / 3000, 1 / 20000, 1 / 30000, 1 / 90)

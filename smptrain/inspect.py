@@ -17,9 +17,9 @@ from pathlib import Path
 import click
 
 from smptrain.cli import config_options, resolve_config
-from smptrain.dataset import open_dataset, scan_values
+from smptrain.data.dataset import open_dataset, scan_values
 from smptrain.errors import UserError, report_user_errors
-from smptrain.splits import make_splits, split_fold, split_stats, split_test
+from smptrain.data.splits import make_splits, split_fold, split_stats, split_test
 
 
 def describe(name: str, stats: dict) -> str:

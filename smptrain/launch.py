@@ -22,7 +22,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from smptrain.errors import UserError
-from smptrain.labels import OUTPUT_CLASSES
+from smptrain.data.labels import OUTPUT_CLASSES
 
 
 def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str = "none") -> torch.nn.Module:
@@ -98,8 +98,9 @@ def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) 
             raise UserError(f"model.weights_from = {source!r} is not a readable DARTS checkpoint: {str(error)[:200]}") from None
     else:
         from smptrain.checkpoint import load_weights, resolve
+        from smptrain.runs import BEST
 
-        state = load_weights(resolve(path, "best"))
+        state = load_weights(resolve(path, BEST))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -185,3 +186,22 @@ def nondeterministic_on_cuda(arch: str, encoder: str, in_channels: int, patch_si
     except Exception:  # an operator without a meta kernel, say: unknown, not "exact"
         return None
     return sorted({NONDETERMINISTIC_ON_CUDA[op] for op in record.ops if op in NONDETERMINISTIC_ON_CUDA})
+
+
+def determinism_note(arch: str, encoder: str, in_channels: int, patch_size: int, device_type: str,
+                     deterministic: bool) -> str | None:
+    """The one warning a train.deterministic run on CUDA gets when its model uses a backward kernel that has no
+    deterministic CUDA implementation (PyTorch would otherwise warn per operator, without saying what it means)."""
+    if not deterministic or device_type != "cuda":
+        return None  # on the CPU every kernel smptrain uses is deterministic
+    inexact = nondeterministic_on_cuda(arch, encoder, in_channels, patch_size)
+    if inexact == []:
+        return None
+    import warnings
+
+    # Said once here; PyTorch's own per-operator warnings would repeat it without the consequence.
+    warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
+    what = (f"uses {' and '.join(inexact)} in its backward pass, which has no deterministic CUDA kernel"
+            if inexact else "could not be checked for kernels without a deterministic CUDA implementation")
+    return (f"warning: train.deterministic: {arch} with {encoder} {what}; this run and its resumed continuation are "
+            f"not bitwise exact on CUDA (Unet, UnetPlusPlus, MAnet and Linknet are)")

@@ -1,4 +1,8 @@
-"""A run directory's identity: where its data is, and whether a dataset is the one it was trained on.
+"""The run directory: every name inside it, its creation and clean-up, and its identity (where its data is, and
+whether a dataset is the one it was trained on).
+
+    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  previews/  test/{metrics.json, threshold.json}
+    RUN_DIR/checkpoints/NAME/{model.safetensors, meta.json, state/}   checkpoints/last -> NAME, checkpoints/best -> NAME
 
 A run records its paths absolute (so test, convert and resume work from any working directory) and, in `run.json`,
 the paths as they were given, where the dataset lies relative to the run directory, and a fingerprint of the
@@ -9,29 +13,125 @@ resuming.
 
 from __future__ import annotations
 
-import dataclasses
+import datetime
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
-from smptrain.config import Config
+from smptrain.config import Config, replace
 from smptrain.errors import UserError
+
+# Every name inside a run directory; other modules ask for them here.
+CONFIG, SPLITS, IDENTITY, METRICS = "config.toml", "splits.json", "run.json", "metrics.jsonl"
+CHECKPOINTS, PREVIEWS, TEST = "checkpoints", "previews", "test"
+TEST_METRICS, THRESHOLD = "metrics.json", "threshold.json"  # inside test/, from smptrain-test
+LAST, BEST = "last", "best"  # links in checkpoints/ to the newest and the best checkpoint
+WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state"  # inside a checkpoint directory
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def checkpoint_link(run_dir: Path, which: str) -> Path:
+    """checkpoints/last or checkpoints/best of a run."""
+    return checkpoints_dir(run_dir) / which
+
+
+def has_checkpoint(run_dir: Path, which: str = LAST) -> bool:
+    """Whether the run has a complete checkpoint behind `which` (a run that saved nothing has none)."""
+    return (checkpoint_link(run_dir, which) / META).is_file()
+
+
+def run_of(checkpoint_dir: Path) -> Path:
+    """The run directory a checkpoint directory lies in (itself when it lies elsewhere)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == CHECKPOINTS else checkpoint_dir
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:
+    """Main process: a new run directory with its config, split manifest and identity; [path, name, id]."""
+    from smptrain.config import dump_toml
+    from smptrain.tracking import new_run_id, new_run_name
+
+    artifact_dir = Path(cfg.log.artifact_dir)
+    name = cfg.log.run_name or new_run_name(artifact_dir)
+    run_dir = artifact_dir / name
+    if run_dir.exists():
+        raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
+                        f"another log.run_name")
+    checkpoints_dir(run_dir).mkdir(parents=True)
+    (run_dir / PREVIEWS).mkdir()
+    (run_dir / CONFIG).write_text(dump_toml(cfg))
+    (run_dir / SPLITS).write_text(json.dumps(splits) + "\n")
+    run_id = new_run_id()
+    (run_dir / IDENTITY).write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
+                                                "world_size": world_size, **identity(cfg, given, info, run_dir)},
+                                               indent=2) + "\n")
+    return [str(run_dir), name, run_id]
+
+
+def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given: dict, info):
+    """The run directory and identity. A new run is named and created by the main process and broadcast; a resumed
+    run is read by everyone from its `last` checkpoint. Returns (run_dir, run_name, run_id, meta or None): meta,
+    the `last` checkpoint's description, is None for a new run, and that is the one place resuming is decided."""
+    from accelerate.utils import broadcast_object_list
+
+    from smptrain.checkpoint import read_meta
+    from smptrain.config import dump_toml
+
+    if resume is not None:
+        if not has_checkpoint(resume):
+            raise UserError(f"{resume} has no complete checkpoint to resume from ({CHECKPOINTS}/{LAST} is missing)")
+        meta = read_meta(checkpoint_link(resume, LAST))
+        if accelerator.is_main_process:
+            (resume / CONFIG).write_text(dump_toml(cfg))  # the --set changes allowed on resume
+        if meta.get("world_size") != accelerator.num_processes:
+            accelerator.print(f"note: the run used {meta.get('world_size')} process(es), this one uses "
+                              f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")
+        return resume, meta["run_name"], meta["run_id"], meta
+    created = {"run": None, "error": None}
+    if accelerator.is_main_process:
+        try:
+            created["run"] = create_run_dir(cfg, splits, accelerator.num_processes, given, info)
+        except (UserError, OSError) as error:
+            created["error"] = (f"{error}" if isinstance(error, UserError) else
+                                f"cannot create the run directory under {cfg.log.artifact_dir}: {error}")
+    payload = [created]
+    broadcast_object_list(payload)  # every rank calls it, also when the main process failed
+    if payload[0]["error"] is not None:
+        raise UserError(payload[0]["error"])
+    run_dir, name, run_id = payload[0]["run"]
+    return Path(run_dir), name, run_id, None
+
+
+def remover(accelerator, run_dir: Path):
+    """What removes a new run's directory when it ends before its first checkpoint (None off the main process):
+    it holds nothing to resume, and leaving it would make the corrected re-run stop with "already exists"."""
+    if not accelerator.is_main_process:
+        return None
+    return lambda: shutil.rmtree(run_dir, ignore_errors=True)
+
 
 PATH_KEYS = (("data", "dir"), ("log", "artifact_dir"), ("model", "encoder_weights"), ("model", "weights_from"))
 
 
 def absolute_paths(cfg: Config) -> tuple[Config, dict]:
     """cfg with its paths made absolute, and the paths as given ({section.key: value})."""
-    given, sections = {}, {}
+    given, changes = {}, {}
     for section, key in PATH_KEYS:
         value = getattr(getattr(cfg, section), key)
         if not value or (key == "encoder_weights" and value.lower() == "none"):
             continue
         given[f"{section}.{key}"] = value
-        sections.setdefault(section, {})[key] = str(Path(value).expanduser().absolute())
-    changed = {s: dataclasses.replace(getattr(cfg, s), **values) for s, values in sections.items()}
-    return dataclasses.replace(cfg, **changed), given
+        changes[f"{section}.{key}"] = str(Path(value).expanduser().absolute())
+    return replace(cfg, **changes), given
 
 
 def fingerprint(info) -> dict:
@@ -50,7 +150,7 @@ def identity(cfg: Config, given: dict, info, run_dir: Path) -> dict:
 
 def read_identity(run_dir: Path) -> dict:
     try:
-        return json.loads((Path(run_dir) / "run.json").read_text())
+        return json.loads((Path(run_dir) / IDENTITY).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -63,7 +163,7 @@ def find_data(run_dir: Path, cfg: Config) -> Config:
     relative = read_identity(run_dir).get("data_dir_from_run")
     moved = (Path(run_dir).absolute() / relative).resolve() if relative else None
     if moved is not None and moved.is_dir():
-        return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(moved)))
+        return replace(cfg, **{"data.dir": str(moved)})
     raise UserError(f"the dataset of run {run_dir} is not at {cfg.data.dir} any more; if it moved, give its new "
                     f"place with --set data.dir=NEW")
 

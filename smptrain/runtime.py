@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
+from smptrain.choices import PRECISIONS
 from smptrain.errors import UserError
 
-PRECISIONS = ("no", "bf16", "fp16")
-PRECISION_CHOICES = ("auto", *PRECISIONS)  # what train.mixed_precision accepts
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:

@@ -14,6 +14,8 @@ import secrets
 import string
 from pathlib import Path
 
+from smptrain.runs import METRICS
+
 ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
               "steady", "gentle", "bold", "crisp", "distant")
 NOUNS = ("pingo", "tundra", "slump", "delta", "ridge", "lake", "taiga", "ice-wedge", "moraine", "fjord", "esker",
@@ -51,7 +53,7 @@ class Recorder:
                  group: str = ""):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS
         self.wandb = bool(wandb_project)
         if self.main and resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again.

@@ -13,12 +13,9 @@ epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.determ
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,33 +26,31 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from smptrain.augment import augment, augment_generator
-from smptrain.breakdown import validation_regions
+from smptrain.data.augment import augment, augment_generator
+from smptrain.evaluation.breakdown import validation_regions
 from smptrain.checkpoint import MONITOR, CheckpointKeeper, TrainState, checkpoint_name, read_meta
 from smptrain.cli import config_options, resolve_config
-from smptrain.config import Config, dump_toml, to_dict
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
+from smptrain.config import Config, replace, to_dict
+from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
 from smptrain.errors import UserError, report_user_errors
-from smptrain.evaluate import evaluate, sample_figure, write_curves
-from smptrain.feed import feed, optimizer_state_to_come, place_in_memory
-from smptrain.labels import OUTPUT_CLASSES
+from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
+from smptrain.data.feed import feed, optimizer_state_to_come, place_in_memory
+from smptrain.data.labels import OUTPUT_CLASSES
 from smptrain.losses import Loss, loss_from_config
-from smptrain.model import (build_model, check_patch_size, nondeterministic_on_cuda, segmentation_logits,
-                            warm_start)
-from smptrain.runs import absolute_paths, find_data, identity, require_same_data
+from smptrain.model import build_model, check_patch_size, determinism_note, segmentation_logits, warm_start
+from smptrain.runs import (BEST, CONFIG, LAST, PREVIEWS, SPLITS, STATE, absolute_paths, checkpoint_link, checkpoints_dir,
+                           find_data, has_checkpoint, open_run, remover, require_same_data)
+from smptrain.divergence import NonFiniteGuard, TrainingStopped, Window, diverged, gradient_norm
+from smptrain.signals import Interrupted, StopSignal, local_main
 from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes,
                               local_processes, make_accelerator)
-from smptrain.splits import make_splits
-from smptrain.tracking import Recorder, new_run_id, new_run_name
+from smptrain.data.splits import make_splits
+from smptrain.tracking import Recorder
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
 RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
              "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
-
-
-class TrainingStopped(UserError):
-    """Training cannot go on (non-finite loss); the message names the step and the last good checkpoint."""
 
 
 @dataclass
@@ -151,7 +146,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
         cfg, given = absolute_paths(cfg)
     else:
         cfg = find_data(resume, cfg)
-        cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, artifact_dir=str(resume.absolute().parent)))
+        cfg = replace(cfg, **{"log.artifact_dir": str(resume.absolute().parent)})
         given = {}
     precision, why = choose_precision(cfg.train.mixed_precision)
     accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
@@ -169,7 +164,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
     # exists would leave it behind, and the corrected command would then stop with "already exists".
     bands = info.band_meta(band_indices)  # a band without normalisation is refused here
     loss_fn = loss_from_config(cfg.train)
-    splits = (json.loads((resume / "splits.json").read_text()) if resume
+    splits = (json.loads((resume / SPLITS).read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
     model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
                                           None if resume else cfg.model.weights_from, trust_pickle)
@@ -184,8 +179,8 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
 
     # Only now the run directory (named once by the main process).
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
-    if not meta and accelerator.is_main_process:
-        stop.undo = lambda: shutil.rmtree(run_dir, ignore_errors=True)  # a new run that saved nothing leaves nothing
+    if not meta:
+        stop.undo = remover(accelerator, run_dir)  # a new run that saved nothing leaves nothing
     try:
         state = TrainState(**meta["train_state"]) if meta else TrainState()
         say(f"run directory: {run_dir}")
@@ -212,8 +207,7 @@ def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: b
               NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None, previews, val_regions)
     if meta:
         run.last = meta.get("metrics") or {}
-        best = run_dir / "checkpoints" / "best"
-        run.best = read_meta(best).get("metrics", {}) if (best / "meta.json").is_file() else {}
+        run.best = read_meta(checkpoint_link(run_dir, BEST)).get("metrics", {}) if has_checkpoint(run_dir, BEST) else {}
     say(f"loss: {run.loss_fn.describe()}")
     return run
 
@@ -264,83 +258,14 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
     return train_set, val_set, batches, train_loader, val_loader
 
 
-def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given: dict, info):
-    """The run directory and identity. A new run is named and created by the main process and broadcast; a resumed
-    run is read by everyone from its `last` checkpoint. Returns (run_dir, run_name, run_id, meta or None)."""
-    from accelerate.utils import broadcast_object_list
-
-    if resume is not None:
-        last = resume / "checkpoints" / "last"
-        if not (last / "meta.json").is_file():
-            raise UserError(f"{resume} has no complete checkpoint to resume from (checkpoints/last is missing)")
-        meta = read_meta(last)
-        if accelerator.is_main_process:
-            (resume / "config.toml").write_text(dump_toml(cfg))  # the --set changes allowed on resume
-        if meta.get("world_size") != accelerator.num_processes:
-            accelerator.print(f"note: the run used {meta.get('world_size')} process(es), this one uses "
-                              f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")
-        return resume, meta["run_name"], meta["run_id"], meta
-    payload = [None, None, None]
-    if accelerator.is_main_process:
-        try:
-            payload = create_run_dir(cfg, splits, accelerator.num_processes, given, info)
-        except (UserError, OSError) as error:
-            payload = [None, None, f"{error}" if isinstance(error, UserError) else
-                       f"cannot create the run directory under {cfg.log.artifact_dir}: {error}"]
-    broadcast_object_list(payload)  # every rank calls it, also when the main process failed
-    if payload[0] is None:
-        raise UserError(payload[2])
-    return Path(payload[0]), payload[1], payload[2], None
-
-
-def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:
-    """Main process: a new run directory with its config, split manifest and identity; [path, name, id]."""
-    from smptrain.checkpoint import now
-
-    artifact_dir = Path(cfg.log.artifact_dir)
-    name = cfg.log.run_name or new_run_name(artifact_dir)
-    run_dir = artifact_dir / name
-    if run_dir.exists():
-        raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
-                        f"another log.run_name")
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "previews").mkdir()
-    (run_dir / "config.toml").write_text(dump_toml(cfg))
-    (run_dir / "splits.json").write_text(json.dumps(splits) + "\n")
-    run_id = new_run_id()
-    (run_dir / "run.json").write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
-                                                  "world_size": world_size, **identity(cfg, given, info, run_dir)},
-                                                 indent=2) + "\n")
-    return [str(run_dir), name, run_id]
-
-
 def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:
     """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
-    state_dir = run_dir / "checkpoints" / "last" / "state"
+    state_dir = checkpoint_link(run_dir, LAST) / STATE
     try:
         accelerator.load_state(str(state_dir))
     except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
         raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
     accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
-
-
-def determinism_note(arch: str, encoder: str, in_channels: int, patch_size: int, device_type: str,
-                     deterministic: bool) -> str | None:
-    """The one warning a train.deterministic run on CUDA gets when its model uses a backward kernel that has no
-    deterministic CUDA implementation (PyTorch would otherwise warn per operator, without saying what it means)."""
-    if not deterministic or device_type != "cuda":
-        return None  # on the CPU every kernel smptrain uses is deterministic
-    inexact = nondeterministic_on_cuda(arch, encoder, in_channels, patch_size)
-    if inexact == []:
-        return None
-    import warnings
-
-    # Said once here; PyTorch's own per-operator warnings would repeat it without the consequence.
-    warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation.*")
-    what = (f"uses {' and '.join(inexact)} in its backward pass, which has no deterministic CUDA kernel"
-            if inexact else "could not be checked for kernels without a deterministic CUDA implementation")
-    return (f"warning: train.deterministic: {arch} with {encoder} {what}; this run and its resumed continuation are "
-            f"not bitwise exact on CUDA (Unet, UnetPlusPlus, MAnet and Linknet are)")
 
 
 def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:
@@ -457,7 +382,7 @@ def validate_and_keep(run: Run, epoch: int) -> None:
 
 def write_previews(run: Run, evaluation) -> None:
     """Main process: curves and the fixed preview samples of this validation, to files and wandb."""
-    previews, step_tag = run.run_dir / "previews", f"_step{run.state.step:06d}"
+    previews, step_tag = run.run_dir / PREVIEWS, f"_step{run.state.step:06d}"
     label = f"{run.keeper.describe['run_name']}, step {run.state.step}"
     figures = write_curves(evaluation, previews, "val", tag=step_tag, label=label)
     if run.previews:
@@ -474,13 +399,13 @@ def stop_interrupted(run: Run, epoch: int) -> RunResult:
     run.keeper.save_interrupted(run.model, epoch)
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
-                     f"stopped at step {run.state.step} (epoch {epoch}); saved {run.run_dir / 'checkpoints' / 'last'}")
+                     f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
 
 
 def discard_if_nothing_saved(run: Run | None) -> None:
     """Remove a new run's directory when it stopped before writing any checkpoint: it holds nothing to resume,
     and leaving it would make the corrected re-run fail ("already exists") and --resume fail too."""
-    if run is None or run.stop.undo is None or (run.run_dir / "checkpoints" / "last").exists():
+    if run is None or run.stop.undo is None or checkpoint_link(run.run_dir, LAST).exists():
         return
     run.recorder.finish()
     run.stop.undo()
@@ -500,34 +425,12 @@ def end(run: Run | None, status: str, message: str = "") -> RunResult:
         run.accelerator.print(
             f"{'finished' if status != 'pruned' else message} after {state.epoch} epoch(s), {state.step} step(s); "
             f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}"
-            f"{f' ({best})' if best else ''}\ncheckpoints: {run.run_dir / 'checkpoints'} (last, best)\n"
+            f"{f' ({best})' if best else ''}\ncheckpoints: {checkpoints_dir(run.run_dir)} ({LAST}, {BEST})\n"
             f"run directory: {run.run_dir}")
     return RunResult(status, run.run_dir, run.best, run.last, state.epoch, state.step, message)
 
 
 # --- what the phases use ------------------------------------------------------------------------------------------
-
-
-class Window:
-    """The train loss and timers between two logging steps; the loss stays on the device until they are reduced."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.loss_sum, self.count, self.wait = torch.zeros((), device=self.device), 0, 0.0
-        self.start = self.fetch_start = time.perf_counter()
-
-    def arrived(self) -> None:
-        self.wait += time.perf_counter() - self.fetch_start
-
-    def fetching(self) -> None:
-        self.fetch_start = time.perf_counter()
-
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()
-        self.count += 1
 
 
 def average_buffers(accelerator, model) -> None:
@@ -539,44 +442,6 @@ def average_buffers(accelerator, model) -> None:
         for buffer in accelerator.unwrap_model(model).buffers():
             if buffer.is_floating_point():
                 buffer.copy_(accelerator.reduce(buffer.detach().clone(), "mean"))
-
-
-def gradient_norm(accelerator, model, clip: float) -> torch.Tensor:
-    if clip > 0:
-        return accelerator.clip_grad_norm_(model.parameters(), clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-
-
-class NonFiniteGuard:
-    """Skips optimizer steps on the device once a gradient norm is not finite, without the host waiting for the GPU.
-
-    Every step adds to a device counter when its norm is not finite or an earlier one was (so the weights stay
-    those of the last good step), and hands the fused AdamW that count as its `found_inf` flag, the way the fp16
-    grad scaler skips steps. The host reads the counter with the other logging numbers (`reduce_window`) and then
-    stops every rank: gradients are averaged over ranks first, so all of them see the same norm.
-    """
-
-    def __init__(self, optimizer, device: torch.device):
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
-        self.skipped = torch.zeros((), dtype=torch.float32, device=device)
-
-    def arm(self, norm: torch.Tensor) -> None:
-        self.skipped += ((~torch.isfinite(norm)) | (self.skipped > 0)).float()
-        self.optimizer.found_inf = (self.skipped > 0).float()
-
-
-def diverged(first_step: int, run_dir: Path, epoch: int, what: str) -> TrainingStopped:
-    last = run_dir / "checkpoints" / "last"
-    if not (last / "meta.json").is_file():
-        return TrainingStopped(
-            f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then "
-            f"on. No checkpoint was written yet, so {run_dir} is removed; lower train.lr (or set "
-            f"train.grad_clip_norm) or fix the data, then run the same command again")
-    return TrainingStopped(
-        f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then on. "
-        f"The last good checkpoint is {last} (step {read_meta(last)['step']}); lower train.lr (or set "
-        f"train.grad_clip_norm) or fix the data, then resume with --resume {run_dir}"
-    )
 
 
 def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
@@ -593,72 +458,6 @@ def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
     return packed[0] / max(packed[1], 1), packed[2] > 0
 
 
-class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
-    """A signal ended the run where no checkpoint could be written (before the first step, or a second signal)."""
-
-    def __init__(self, message: str, undo=None):
-        super().__init__(message)
-        self.undo = undo
-
-
-class StopSignal:
-    """SIGINT and SIGTERM (what SLURM sends before SIGKILL), in three phases.
-
-    Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: the signal
-    raises `Interrupted` at once, and a new run's directory is removed. Once armed, it sets a flag that all ranks
-    agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
-    `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
-
-    A launcher that passes a terminal's Ctrl-C on (torch elastic's agent, `smptrain-launch` when signalled alone)
-    delivers it a second time to processes that already got it from the terminal: the same signal again within
-    `SAME_REQUEST_S` counts as that one request, not as the second one that aborts.
-    """
-
-    SAME_REQUEST_S = 1.5
-
-    def __init__(self):
-        self.raised = False
-        self.first = (None, 0.0)  # the first signal's number and time
-        self.armed = False
-        self.undo = None  # what to remove if interrupted before the first step
-        self.previous = {}
-        if sys.platform != "win32" and _in_main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        now = time.monotonic()
-        if self.first[0] == signum and now - self.first[1] < self.SAME_REQUEST_S:
-            return  # the same request, passed on by a launcher
-        if self.first[0] is None:
-            self.first = (signum, now)
-        if not self.armed:
-            raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
-        if self.raised:
-            raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
-        self.raised = True
-        if _local_main():  # one message per machine, not one per process
-            print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
-                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
-
-
-def _local_main() -> bool:
-    """The first process on this machine (launchers set LOCAL_RANK; a process started alone is the first)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
               help="Continue the run in this directory from its last checkpoint.")
@@ -673,12 +472,12 @@ def main(resume, trust_pickle, config_path, overrides, debug):
         if config_path:
             raise UserError("--resume takes the run's own config.toml; drop --config (use --set for "
                             f"{', '.join(sorted(RESUMABLE))})")
-        if not (resume / "config.toml").is_file():
+        if not (resume / CONFIG).is_file():
             raise UserError(f"{resume} is not a run directory (no config.toml)")
         changed = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
         if changed:
             raise UserError(f"--set {changed[0]} cannot change on resume; only {', '.join(sorted(RESUMABLE))} can")
-        cfg = resolve_config(str(resume / "config.toml"), overrides, debug)
+        cfg = resolve_config(str(resume / CONFIG), overrides, debug)
     else:
         if config_path is None:
             raise UserError("--config is required to start a run (e.g. --config configs/base.toml)")
@@ -696,8 +495,8 @@ def exit_for(result: RunResult) -> None:
         if os.environ.get("SMPTRAIN_DEBUG"):
             print(f"debug: {result}", file=sys.stderr)
         hint = (f"\ncontinue with: python -m smptrain.train --resume {result.run_dir}"
-                if result.run_dir is not None and (result.run_dir / "checkpoints" / "last").exists() else "")
-        if _local_main():
+                if result.run_dir is not None and checkpoint_link(result.run_dir, LAST).exists() else "")
+        if local_main():
             print(f"\n{result.message}{hint}", file=sys.stderr, flush=True)
         sys.exit(130)
 

@@ -172,7 +172,7 @@ def write_current_dataset(root: Path, n: int = 48, patch: int = 64, seed: int = 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from smptrain.bands import VALID_RANGES
+    from smptrain.data.bands import VALID_RANGES
 
     rng = np.random.default_rng(seed)
     regions = ["Peel Plateau", "Taymyr", "Banks Island"]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from smptrain import calibration as C
-from smptrain import metrics as M
-from smptrain.breakdown import by_group, validation_regions
-from smptrain.evaluate import Evaluation
-from smptrain.inference import predict_in_patches
-from smptrain.tta import averaged, symmetries
+from smptrain.evaluation import calibration as C
+from smptrain.evaluation import metrics as M
+from smptrain.evaluation.breakdown import by_group, validation_regions
+from smptrain.evaluation.evaluate import Evaluation
+from smptrain.export.predict import predict_in_patches
+from smptrain.evaluation.tta import averaged, symmetries
 
 
 def evaluation_of(probs: torch.Tensor, y: torch.Tensor) -> Evaluation:

@@ -12,9 +12,9 @@ import torch
 
 from conftest import run, tiny_config
 from smptrain.checkpoint import load_weights
-from smptrain.splits import make_splits
+from smptrain.data.splits import make_splits
 from smptrain.config import load_config
-from smptrain.dataset import open_dataset
+from smptrain.data.dataset import open_dataset
 
 TEST_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
              "HammingDistance", "AUROC", "AveragePrecision", "loss", "InstanceAccuracy", "InstancePrecision",
@@ -65,7 +65,7 @@ def test_smptrain_test_computes_in_fp32_whatever_the_run_trained_with(demo_dir, 
     for name, value in torchmetrics_values(probs, y).items():
         assert report["metrics"][f"test/{name}"] == pytest.approx(value, abs=1e-6), name
 
-    from smptrain.assess import precision_for_test
+    from smptrain.evaluation.test import precision_for_test
 
     assert precision_for_test("bf16")[0] == "bf16" and precision_for_test("fp32")[0] == "no"  # --precision
 
@@ -199,7 +199,7 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
 
     import zarr
 
-    from smptrain import calibration as C
+    from smptrain.evaluation import calibration as C
 
     out = tmp_path / "val-best.json"
     result = run(["smptrain-test", str(trained_run), "--threshold", "val-best", "--tta", "flips", "--json", str(out),
@@ -253,7 +253,7 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
     assert "TTA flips" in predict("probs.npy", "--stored")
     predict("mask.npy", "--binarize", "--stored")
     predict("darts_mask.npy", "--binarize")
-    from smptrain.inference import load_converted, normalise, predict_in_patches
+    from smptrain.export.predict import load_converted, normalise, predict_in_patches
 
     model, config = load_converted(converted, "cpu")
     expected = predict_in_patches(model, normalise(raw, config["bands"])[None], 64, 16, 8, 0, "cpu", "none")[0]
@@ -281,7 +281,8 @@ def test_every_option_of_every_command_has_help_text():
 
     import click
 
-    for name in ("train", "assess", "convert", "inspect", "inference", "demo", "cv", "tune", "compare"):
+    for name in ("train", "evaluation.test", "export.convert", "inspect", "export.predict", "demo", "search.cv",
+                 "search.tune", "evaluation.compare"):
         command = importlib.import_module(f"smptrain.{name}").main
         missing = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
         assert not missing, f"smptrain.{name}: {missing}"

@@ -76,3 +76,35 @@ def test_dump_toml_round_trips(tmp_path):
     path = tmp_path / "resolved.toml"
     path.write_text(dump_toml(cfg))
     assert load_config(path) == cfg
+
+
+def test_the_configuration_imports_neither_torch_nor_pandas():
+    """Reading and checking a configuration (every command does it first) needs no heavy import."""
+    import subprocess
+    import sys
+
+    script = ("import sys, smptrain.config, smptrain.cli; smptrain.config.load_config('configs/base.toml'); "
+              "print(sorted(m for m in ('torch', 'pandas', 'numpy', 'sklearn') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                            cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_nested_replace_changes_only_the_named_keys():
+    from smptrain.config import Config, replace
+
+    cfg = replace(Config(), **{"data.fold": 2, "train.seed": 21, "log.run_name": "x"})
+    assert (cfg.data.fold, cfg.train.seed, cfg.log.run_name) == (2, 21, "x")
+    assert cfg.model == Config().model and cfg.data.dir == Config().data.dir
+
+
+def test_the_names_inside_a_run_directory_are_written_in_runs_py_only():
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "smptrain"
+    names = re.compile(r'"(checkpoints|splits\.json|run\.json|metrics\.jsonl|previews|threshold\.json|model\.safetensors|'
+                       r'meta\.json)"')
+    found = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py") if path.name != "runs.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
+    assert not found, found

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import CURRENT_BANDS, run, tiny_config, write_current_dataset
-from smptrain.bands import TABLE, VALID_RANGES
-from smptrain.dataset import open_dataset
+from smptrain.data.bands import TABLE, VALID_RANGES
+from smptrain.data.dataset import open_dataset
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_train_test_convert_and_predict_on_todays_layout(current_run, tmp_path):
     assert loaded["config"]["bands"]["band_factors"] == pytest.approx(factors)
     assert loaded["config"]["bands"]["band_offsets"] == pytest.approx(offsets)
     # the model input smptrain (and the DARTS pipeline) makes from decoded values is the band table's
-    from smptrain.inference import normalise
+    from smptrain.export.predict import normalise
 
     decoded = np.stack([np.linspace(*VALID_RANGES[b], 5) for b in CURRENT_BANDS])[:, :, None].repeat(3, 2)
     expected = np.stack([(decoded[i] - VALID_RANGES[b][0]) / (VALID_RANGES[b][1] - VALID_RANGES[b][0])
@@ -124,7 +124,7 @@ def test_warm_start_loads_the_source_weights(trained_run, tmp_path, demo_dir):
 def test_subsample_is_deterministic_and_of_the_requested_size(demo_dir):
     from smptrain.config import load_config
     from smptrain.errors import UserError
-    from smptrain.splits import make_splits
+    from smptrain.data.splits import make_splits
 
     info = open_dataset(demo_dir)
     cfg = load_config(None, ["data.split_method=region", "data.split_by=['Yamal']"])
@@ -142,7 +142,7 @@ def test_subsample_is_deterministic_and_of_the_requested_size(demo_dir):
 
 
 def test_posterize_keeps_six_bits():
-    from smptrain.augment import augment
+    from smptrain.data.augment import augment
 
     x = torch.tensor([0.0, 0.01, 0.5, 0.999, 1.0]).view(1, 1, 1, 5)
     out, _ = augment(x, torch.zeros(1, 1, 5, dtype=torch.uint8), ["Posterize"], None)

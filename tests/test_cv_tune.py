@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import BIN, cli_env, run, tiny_config
-from smptrain.cv import darts_seeds, score_runs
+from smptrain.search.cv import darts_seeds, score_runs
 
 
 def harmonic(values):
@@ -149,7 +149,7 @@ def trials(study_dir: Path) -> pd.DataFrame:
 
 def test_two_workers_share_one_study_without_duplicates(demo_dir, tmp_path):
     from smptrain.config import load_config
-    from smptrain.tune import plan, read_space
+    from smptrain.search.tune import plan, read_space
 
     config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
     space = tmp_path / "space.toml"
@@ -216,7 +216,7 @@ def test_a_bad_space_file_is_one_sentence_before_training(demo_dir, tmp_path, sp
 
 
 def test_n_randoms_gives_darts_seeds_and_bad_seeds_are_sentences():
-    from smptrain.cv import parse_seeds
+    from smptrain.search.cv import parse_seeds
     from smptrain.errors import UserError
 
     assert parse_seeds("42,21,69", 4) == darts_seeds(4) and parse_seeds("7,8") == [7, 8]

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import zarr
 
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
+from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
 from smptrain.errors import UserError
 
 

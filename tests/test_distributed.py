@@ -34,13 +34,13 @@ def test_only_the_main_process_writes(ddp_run):
     run_id = json.loads((ddp_run / "run.json").read_text())["run_id"]
     assert len(list((artifacts / "wandb").glob("offline-run-*"))) == 1
     assert len(list((artifacts / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
-    lines = [json.loads(l) for l in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(text) for text in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [r["step"] for r in lines if "train/loss" in r]
     assert len(train_steps) == len(set(train_steps)) > 0
 
 
 def test_learning_rate_of_epoch_e_is_lr_gamma_e(ddp_run):
-    lines = [json.loads(l) for l in (ddp_run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(text) for text in (ddp_run / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["epoch"]: r["learning_rate"] for r in lines if "learning_rate" in r}
     assert lrs == {0: 1e-3, 1: 5e-4, 2: 2.5e-4}
 
@@ -48,9 +48,9 @@ def test_learning_rate_of_epoch_e_is_lr_gamma_e(ddp_run):
 def test_two_process_validation_equals_one_process_evaluation(ddp_run):
     """The metrics the 2-process run logged equal a 1-process evaluation of the same checkpoint, exactly."""
     from smptrain.checkpoint import load_weights, read_meta
-    from smptrain.dataset import EvalBatches, PatchDataset, open_dataset
-    from smptrain.feed import feed
-    from smptrain.evaluate import evaluate
+    from smptrain.data.dataset import EvalBatches, PatchDataset, open_dataset
+    from smptrain.data.feed import feed
+    from smptrain.evaluation.evaluate import evaluate
     from smptrain.losses import Loss
     from smptrain.model import build_model
     from smptrain.runtime import make_accelerator
@@ -78,7 +78,7 @@ def test_two_process_test_equals_one_process_test(trained_run, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     extra = ["--tta", "flips", "--threshold", "val-best", "--figures", str(tmp_path / "figures")]
     run(["smptrain-test", str(trained_run), "--json", str(one), *extra], check=True, OMP_NUM_THREADS="1")
-    result = launch_two(["-m", "smptrain.assess", str(trained_run), "--json", str(two), *extra])
+    result = launch_two(["-m", "smptrain.evaluation.test", str(trained_run), "--json", str(two), *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["test_patches"] == b["test_patches"] and a["metrics"] == b["metrics"]

@@ -21,7 +21,7 @@ def tiny_config(tmp, root, name="tiny.toml", **sections):
 def assert_clear_error(result, *words):
     assert result.returncode == 2, f"exit {result.returncode}\n{result.stdout[-1500:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [l for l in result.stderr.strip().splitlines() if l.startswith("error: ")]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr[-3000:]
     for word in words:
         assert word in lines[0], f"{word!r} not in {lines[0]!r}"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from smptrain.inference import normalise, predict_in_patches
+from smptrain.export.predict import normalise, predict_in_patches
 
 
 def reference_blend(model, tile, patch, overlap):

@@ -5,7 +5,7 @@ from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAver
                                          BinaryF1Score, BinaryHammingDistance, BinaryJaccardIndex, BinaryPrecision,
                                          BinaryRecall, BinarySpecificity)
 
-from smptrain import metrics as M
+from smptrain.evaluation import metrics as M
 
 REFERENCE = {
     "Accuracy": BinaryAccuracy, "Precision": BinaryPrecision, "Specificity": BinarySpecificity,

@@ -2,8 +2,8 @@ import pytest
 import torch
 from segmentation_models_pytorch.losses import FocalLoss
 
-from smptrain.augment import augment, augment_generator
-from smptrain.augment import AUGMENTATIONS
+from smptrain.data.augment import augment, augment_generator
+from smptrain.data.augment import AUGMENTATIONS
 from smptrain.losses import focal_loss
 from smptrain.model import build_model, check_patch_size
 from smptrain.errors import UserError

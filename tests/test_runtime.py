@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset
-from smptrain.feed import DeviceFeed, PrefetchFeed, feed
+from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset
+from smptrain.data.feed import DeviceFeed, PrefetchFeed, feed
 from smptrain.runtime import choose_precision, cpu_has_native_bf16
-from smptrain.train import NonFiniteGuard
+from smptrain.divergence import NonFiniteGuard
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -116,7 +116,7 @@ def test_workers_forked_after_the_main_process_used_tensorstore_still_read(forei
 
     script = f"""
 import numpy as np, torch
-from smptrain.dataset import PatchDataset, TrainBatches, open_dataset
+from smptrain.data.dataset import PatchDataset, TrainBatches, open_dataset
 info = open_dataset({str(foreign_dir)!r})
 rows = sorted(int(r) for r in info.metadata.index)
 main = PatchDataset(info, rows, [0, 1, 2, 3], reader="auto")
@@ -134,7 +134,7 @@ print("ok", total > 0)
 
 @CUDA
 def test_feeds_on_cuda_equal_the_cpu_batches(demo_dir):
-    from smptrain.feed import place_in_memory
+    from smptrain.data.feed import place_in_memory
 
     info = open_dataset(demo_dir)
     rows = sorted(int(r) for r in info.metadata.index)
@@ -154,7 +154,7 @@ def test_feeds_on_cuda_equal_the_cpu_batches(demo_dir):
 
 @CUDA
 def test_pixel_stats_on_cuda_equal_the_cpu():
-    from smptrain import metrics as M
+    from smptrain.evaluation import metrics as M
 
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (4, 64, 64), generator=g).to(torch.uint8)
@@ -164,7 +164,7 @@ def test_pixel_stats_on_cuda_equal_the_cpu():
 
 def test_pixel_stats_have_no_host_sync_on_a_meta_device():
     """Shapes do not depend on the data: the counts can be computed on the meta device, where nothing is known."""
-    from smptrain import metrics as M
+    from smptrain.evaluation import metrics as M
 
     out = M.pixel_stats_compare(torch.empty(2, 8, 8, device="meta"), torch.empty(2, 8, 8, dtype=torch.uint8,
                                                                                    device="meta"))
@@ -178,7 +178,7 @@ def test_accelerates_unindexed_cuda_device_is_the_device_the_patches_report(monk
     """One GPU: Accelerate's device is `cuda`, the patches' is `cuda:0`; the device-resident feed must be chosen."""
     from types import SimpleNamespace
 
-    from smptrain.feed import resident_on
+    from smptrain.data.feed import resident_on
     from smptrain.runtime import indexed, same_device
 
     assert torch.device("cuda:0") != torch.device("cuda")  # why a plain comparison chose the wrong feed
@@ -248,7 +248,7 @@ def test_determinism_is_set_for_every_run_before_any_cuda_work(monkeypatch):
 
 def test_architectures_without_deterministic_cuda_kernels_are_named_once():
     from smptrain.model import nondeterministic_on_cuda
-    from smptrain.train import determinism_note
+    from smptrain.model import determinism_note
 
     for arch in ("Unet", "UnetPlusPlus", "MAnet", "Linknet"):  # nearest upsampling, transposed convolutions
         assert nondeterministic_on_cuda(arch, "resnet18", 7, 64) == [], arch
@@ -266,7 +266,7 @@ def test_architectures_without_deterministic_cuda_kernels_are_named_once():
 
 
 def test_the_in_memory_rule_counts_cached_blocks_as_free_and_keeps_room_for_the_optimizer_state():
-    from smptrain.feed import optimizer_state_to_come, room_for_patches
+    from smptrain.data.feed import optimizer_state_to_come, room_for_patches
 
     gib = 2**30
     # the second training of a CV process: the driver sees 10 GiB free, PyTorch holds 30 GiB cached but unused
@@ -287,8 +287,8 @@ def test_the_in_memory_rule_counts_cached_blocks_as_free_and_keeps_room_for_the_
 def test_a_nan_probability_is_counted_the_same_by_every_implementation():
     """NaN is below every threshold (as `prob > t` treats it): the CPU's scatter, the GPU's comparisons and the fine
     histogram agree, so a diverged model's metrics do not depend on the device."""
-    from smptrain import calibration as C
-    from smptrain import metrics as M
+    from smptrain.evaluation import calibration as C
+    from smptrain.evaluation import metrics as M
 
     g = torch.Generator().manual_seed(4)
     y = torch.randint(0, 3, (3, 16, 16), generator=g).to(torch.uint8)
@@ -306,7 +306,7 @@ def test_a_nan_probability_is_counted_the_same_by_every_implementation():
 
 
 def test_constant_tables_are_copied_once_per_device():
-    from smptrain import metrics as M
+    from smptrain.evaluation import metrics as M
 
     cache = {}
     meta = torch.device("meta")
@@ -342,9 +342,9 @@ def test_a_feed_on_the_second_gpu_creates_no_context_on_the_first(demo_dir):
 
     script = f"""
 import torch
-from smptrain.dataset import EvalBatches, PatchDataset, open_dataset
-from smptrain.feed import feed
-from smptrain import metrics as M
+from smptrain.data.dataset import EvalBatches, PatchDataset, open_dataset
+from smptrain.data.feed import feed
+from smptrain.evaluation import metrics as M
 torch.cuda.set_device(1)  # as Accelerate does for local rank 1
 info = open_dataset({str(demo_dir)!r})
 rows = sorted(int(r) for r in info.metadata.index)
@@ -362,8 +362,8 @@ print("context on GPU 0:", torch._C._cuda_hasPrimaryContext(0))
 def test_evaluation_counts_make_no_host_to_device_copies():
     from torch.profiler import ProfilerActivity, profile
 
-    from smptrain import calibration as C
-    from smptrain import metrics as M
+    from smptrain.evaluation import calibration as C
+    from smptrain.evaluation import metrics as M
 
     g = torch.Generator(device="cuda").manual_seed(0)
     probs = torch.rand(4, 64, 64, device="cuda", generator=g)

@@ -3,7 +3,7 @@ import pytest
 
 from smptrain.config import load_config
 from smptrain.errors import UserError
-from smptrain.splits import make_splits, split_fold, split_test
+from smptrain.data.splits import make_splits, split_fold, split_test
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import check_patience_one, cli_env, run, tiny_config
-from smptrain.dataset import open_dataset
+from smptrain.data.dataset import open_dataset
 
 PIXEL_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
               "HammingDistance", "AUROC", "AveragePrecision", "loss"]
@@ -117,7 +117,7 @@ def start(config: Path, name: str) -> subprocess.Popen:
 
 def logged_steps(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
-    return max([json.loads(l)["step"] for l in path.read_text().splitlines() if l.strip()] or [0]) if path.exists() else 0
+    return max([json.loads(text)["step"] for text in path.read_text().splitlines() if text.strip()] or [0]) if path.exists() else 0
 
 
 def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(resume_setup):

@@ -33,10 +33,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smptrain.config import load_config  # noqa: E402
-from smptrain.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset  # noqa: E402
+from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
-from smptrain.evaluate import evaluate  # noqa: E402
-from smptrain.feed import feed, place_in_memory  # noqa: E402
+from smptrain.evaluation.evaluate import evaluate  # noqa: E402
+from smptrain.data.feed import feed, place_in_memory  # noqa: E402
 from smptrain.losses import Loss, focal_loss  # noqa: E402
 from smptrain.model import build_model  # noqa: E402
 from smptrain.runtime import choose_precision, make_accelerator  # noqa: E402

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from smptrain import calibration as C
-from smptrain import metrics as M
-from smptrain import tta as TTA
-from smptrain.dataset import PatchDataset
+from smptrain.evaluation import calibration as C
+from smptrain.evaluation import metrics as M
+from smptrain.evaluation import tta as TTA
+from smptrain.data.dataset import PatchDataset
 from smptrain.losses import Loss
 from smptrain.model import probabilities, segmentation_logits
 from smptrain.runtime import to_device
@@ -150,7 +150,7 @@ def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, devi
     # `heading` names the run and checkpoint or step; a sample without label or prediction says so instead of "nan".
     """A grid of some samples of an evaluated set (image, label, probability, errors), titled with their zarr row
     and IoU from the evaluation's per-sample counts `pixel`; for validation previews and test figures alike."""
-    from smptrain import plots
+    from smptrain.evaluation import plots
 
     xs, ys, probs = predict(net, dataset, positions, device, channels_last)
     iou = M.sample_iou(pixel[list(positions)])
@@ -162,7 +162,7 @@ def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, devi
 def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = "", label: str = "") -> dict[str, Path]:
     """Confusion matrix, ROC and precision-recall PNGs from an evaluation; `label` (run and checkpoint or step)
     goes into every title."""
-    from smptrain import plots
+    from smptrain.evaluation import plots
 
     total = evaluation.total
     tn, fp, fn, tp = (int(v) for v in total[:4])

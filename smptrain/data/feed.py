@@ -19,10 +19,9 @@ import threading
 
 import torch
 
-from smptrain.dataset import PatchDataset, make_loader
+from smptrain.data.dataset import PatchDataset, make_loader
 from smptrain.runtime import indexed, same_device
 
-MEMORY_DEVICES = ("auto", "device", "cpu")  # what data.memory_device accepts
 MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of its free memory
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-TTA_CHOICES = ("none", "flips", "d4")
+from smptrain.choices import TTA_CHOICES
 
 
 def symmetries(kind: str) -> list[tuple[bool, bool, bool]]:

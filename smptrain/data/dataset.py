@@ -29,10 +29,9 @@ import pandas as pd
 import torch
 
 from smptrain.errors import UserError
-from smptrain.labels import IGNORE, POSITIVE
+from smptrain.data.labels import IGNORE, POSITIVE
 
 REQUIRED_COLUMNS = ("sample_id", "region", "empty")
-READERS = ("auto", "tensorstore", "zarr")  # what data.reader accepts
 _TENSORSTORE_PID = None  # the process that used tensorstore; its forked children must not (tensorstore aborts)
 
 
@@ -47,7 +46,7 @@ class DatasetInfo:
     patch_size: int
     num_rows: int
     metadata: pd.DataFrame
-    convention: str = "config.toml band_factors/band_offsets"  # where the factors come from (smptrain.bands)
+    convention: str = "config.toml band_factors/band_offsets"  # where the factors come from (smptrain.data.bands)
 
     def band_indices(self, names) -> list[int]:
         """Channel indices of a band subset, in the dataset's order (empty = all bands)."""
@@ -70,7 +69,7 @@ class DatasetInfo:
 
     def band_meta(self, indices) -> dict:
         """The three-list band description stored in checkpoints and converted files."""
-        from smptrain.bands import require_known
+        from smptrain.data.bands import require_known
 
         require_known([self.bands[i] for i in indices], [self.band_factors[i] for i in indices],
                       str(self.root / "config.toml"))
@@ -104,7 +103,7 @@ def open_dataset(root: str | Path, band_normalisation: dict | None = None) -> Da
     if not np.issubdtype(np.dtype(str(x.dtype)), np.floating) or not np.issubdtype(np.dtype(str(y.dtype)), np.integer):
         raise UserError(f"{root / 'data.zarr'}: x must be float and y integer, got {x.dtype} and {y.dtype}")
     metadata = _read_metadata(root / "metadata.parquet", n)
-    from smptrain.bands import normalisation
+    from smptrain.data.bands import normalisation
 
     factors, offsets, convention = normalisation(list(darts["bands"]), darts.get("band_factors"),
                                                  darts.get("band_offsets"), dict(band_normalisation or {}),

@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from smptrain.errors import UserError, report_user_errors
+from smptrain.runs import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
 
 LOWER_IS_BETTER = ("loss", "HammingDistance", "ExpectedCalibrationError")
 NOT_COMPARED = ("log.run_name",)  # differs by construction
@@ -30,10 +31,10 @@ NOT_COMPARED = ("log.run_name",)  # differs by construction
 def find_runs(paths) -> list[Path]:
     runs = []
     for path in map(Path, paths):
-        if (path / "run.json").is_file():
+        if (path / IDENTITY).is_file():
             found = [path]
         elif path.is_dir():
-            found = sorted(p.parent for p in path.rglob("run.json"))
+            found = sorted(p.parent for p in path.rglob(IDENTITY))
         else:
             raise UserError(f"{path} is not a directory")
         if not found:
@@ -55,12 +56,12 @@ def flatten(config: dict, prefix: str = "") -> dict:
 def read_run(run_dir: Path, metric: str) -> dict:
     """One run's record: its config (flattened), the metric's curve, best and last, test metrics, steps and time."""
     try:
-        config = flatten(tomllib.loads((run_dir / "config.toml").read_text()))
-        identity = json.loads((run_dir / "run.json").read_text())
+        config = flatten(tomllib.loads((run_dir / CONFIG).read_text()))
+        identity = json.loads((run_dir / IDENTITY).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{run_dir} is not a readable run directory: {error}") from None
     curve, steps = [], 0
-    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file = run_dir / METRICS
     if metrics_file.is_file():
         for number, line in enumerate(metrics_file.read_text().splitlines(), 1):
             if not line.strip():
@@ -74,7 +75,7 @@ def read_run(run_dir: Path, metric: str) -> dict:
                 curve.append((int(record["step"]), float(record[metric])))
     lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
     best = (min if lower else max)(curve, key=lambda point: point[1]) if curve else (None, math.nan)
-    test_file = run_dir / "test" / "metrics.json"
+    test_file = run_dir / TEST / TEST_METRICS
     try:
         test = json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {}
     except ValueError:
@@ -91,7 +92,7 @@ def wall_time(run_dir: Path, identity: dict) -> float | int:
     try:
         created = datetime.datetime.fromisoformat(identity["created"])
         saved = datetime.datetime.fromisoformat(
-            json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["time"])
+            json.loads((checkpoint_link(run_dir, LAST) / META).read_text())["time"])
     except (KeyError, OSError, ValueError):
         return math.nan
     return round((saved - created).total_seconds())
@@ -143,7 +144,7 @@ def compare(paths, metric: str, out_dir: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows({k: format_cell(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
                          for row in rows)
-    from smptrain import plots
+    from smptrain.evaluation import plots
 
     plots.runs_over_steps({run["run"]: run["curve"] for run in runs}, metric, out_dir / "compare.png")
     if not any(run["curve"] for run in runs):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smptrain.labels import IGNORE, POSITIVE
+from smptrain.data.labels import IGNORE, POSITIVE
 
 
 def _pyplot():

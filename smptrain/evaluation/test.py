@@ -18,23 +18,24 @@ from pathlib import Path
 import click
 import torch
 
-from smptrain import calibration as C
-from smptrain import plots
-from smptrain.breakdown import by_group, format_rows, write_csv
+from smptrain.evaluation import calibration as C
+from smptrain.evaluation import plots
+from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
 from smptrain.checkpoint import load_weights, read_meta, resolve
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import to_dict
-from smptrain.dataset import EvalBatches, PatchDataset, open_dataset
+from smptrain.data.dataset import EvalBatches, PatchDataset, open_dataset
 from smptrain.errors import UserError, report_user_errors
-from smptrain.evaluate import best_and_worst, evaluate, format_table, sample_figure, write_curves
-from smptrain.feed import feed, place_in_memory
+from smptrain.evaluation.evaluate import best_and_worst, evaluate, format_table, sample_figure, write_curves
+from smptrain.data.feed import feed, place_in_memory
 from smptrain.losses import loss_from_config
 from smptrain.model import build_model
-from smptrain.runs import find_data, is_same_data
+from smptrain.runs import (BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, checkpoints_dir, find_data,
+                           is_same_data, run_of)
 from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes, local_processes,
                               make_accelerator)
-from smptrain.splits import make_splits
-from smptrain.tta import TTA_CHOICES
+from smptrain.data.splits import make_splits
+from smptrain.evaluation.tta import TTA_CHOICES
 
 TEST_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # what --precision accepts
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # Accelerate's names -> what metrics.json records
@@ -50,7 +51,7 @@ def precision_for_test(choice: str) -> tuple[str, str]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dir", type=click.Path())
-@click.option("--checkpoint", default="best", show_default=True,
+@click.option("--checkpoint", default=BEST, show_default=True,
               help="best, last, or the path of a checkpoint directory.")
 @click.option("--batch-size", type=int, default=None, help="Evaluation batch size (default: the run's).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -74,21 +75,21 @@ def main(run_dir, checkpoint, batch_size, json_out, figures_dir, tta, threshold,
          debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set, per region and per
     sample, optionally with test-time augmentation and a threshold chosen on validation."""
-    test_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug, figures_dir, tta,
+    assess_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug, figures_dir, tta,
                     C.parse_threshold(threshold), precision)
     end_processes()
 
 
-def test_checkpoint(run_dir: Path, checkpoint: str = "best", batch_size: int | None = None, json_out=None,
+def assess_checkpoint(run_dir: Path, checkpoint: str = BEST, batch_size: int | None = None, json_out=None,
                     config_path=None, overrides=(), debug: bool = False, figures_dir=None, tta: str = "none",
                     threshold: float | str = 0.5, precision: str = "fp32") -> dict:
     """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures.
     `precision`: one of TEST_PRECISIONS; fp32 whatever the run trained with, unless asked otherwise."""
-    checkpoint_dir = resolve(run_dir if checkpoint in ("best", "last") else checkpoint,
-                             checkpoint if checkpoint in ("best", "last") else "best")
+    checkpoint_dir = resolve(run_dir if checkpoint in (BEST, LAST) else checkpoint,
+                             checkpoint if checkpoint in (BEST, LAST) else BEST)
     meta = read_meta(checkpoint_dir)
-    if not run_dir.is_dir() or not (run_dir / "checkpoints").is_dir():
-        run_dir = checkpoint_dir.parent.parent if checkpoint_dir.parent.name == "checkpoints" else checkpoint_dir
+    if not run_dir.is_dir() or not checkpoints_dir(run_dir).is_dir():
+        run_dir = run_of(checkpoint_dir)
     cfg = resolve_config(config_path, overrides, debug, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json")
     if cfg.data.dir == meta["config"]["data"].get("dir"):
         cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
@@ -158,7 +159,7 @@ def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
     The run's own split is reused when the split settings are unchanged and the dataset is the run's (the same path,
     or one with the same fingerprint after a move); otherwise it is recomputed and said so.
     """
-    splits_file = run_dir / "splits.json"
+    splits_file = run_dir / SPLITS
     same_split = all(to_dict(cfg)["data"][k] == meta["config"]["data"].get(k) for k in ("split_method", "split_by"))
     known = is_same_data(run_dir, info)  # None for runs made before fingerprints: then the path decides
     same_dataset = cfg.data.dir == meta["config"]["data"].get("dir") if known is None else known
@@ -182,8 +183,8 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
     """Main process: the metrics file, tables per region and sample, figures, the terminal report, wandb."""
     from smptrain.tracking import Recorder, clean_number
 
-    out_json = Path(json_out) if json_out else run_dir / "test" / "metrics.json"
-    figures_dir = Path(figures_dir) if figures_dir else run_dir / "test"  # never next to --json: no overwrites
+    out_json = Path(json_out) if json_out else run_dir / TEST / TEST_METRICS
+    figures_dir = Path(figures_dir) if figures_dir else run_dir / TEST  # never next to --json: no overwrites
     figures_dir.mkdir(parents=True, exist_ok=True)
     label = f"{meta.get('run_name', run_dir.name)}, {checkpoint_dir.name}"
     figures = write_curves(evaluation, figures_dir, "test", label=label)
@@ -220,7 +221,7 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
         "figures": {k: str(v) for k, v in figures.items()},
     }
     if choice:
-        threshold_file = run_dir / "test" / "threshold.json"
+        threshold_file = run_dir / TEST / THRESHOLD
         threshold_file.parent.mkdir(parents=True, exist_ok=True)
         threshold_file.write_text(json.dumps(choice, indent=2) + "\n")
         result["threshold"]["file"] = str(threshold_file)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smptrain import metrics as M
+from smptrain.evaluation import metrics as M
 
 COUNT_COLUMNS = ("tn", "fp", "fn", "tp")
 SHOWN = {"JaccardIndex": "IoU", "F1Score": "F1", "Precision": "Precision", "Recall": "Recall",

@@ -30,7 +30,6 @@ stability, directories), `best.toml` (the best stable configuration, ready for `
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -46,8 +45,8 @@ import click
 import numpy as np
 
 from smptrain.cli import config_options, resolve_config
-from smptrain.config import DARTS_NAMES, Config, dump_toml, from_dict, to_dict
-from smptrain.cv import (DEFAULT_SCORING, STRATEGIES, cross_validate, fold_count, parse_scoring, parse_seeds,
+from smptrain.config import DARTS_NAMES, Config, dump_toml, from_dict, replace, to_dict
+from smptrain.search.cv import (DEFAULT_SCORING, STRATEGIES, cross_validate, fold_count, parse_scoring, parse_seeds,
                          write_frame)
 from smptrain.errors import UserError, report_user_errors
 
@@ -480,7 +479,7 @@ def run_trial(cfg: Config, params: list[Param], planned: list[dict] | None, stud
     say(f"trial {trial.number} (slot {trial.user_attrs['slot']}): "
         + ", ".join(f"{k} = {v}" for k, v in values.items()))
     trial_cfg = _apply(cfg, values, f"trial {trial.number}")
-    trial_cfg = dataclasses.replace(trial_cfg, log=dataclasses.replace(trial_cfg.log, wandb_group=study.study_name))
+    trial_cfg = replace(trial_cfg, **{"log.wandb_group": study.study_name})
     metric = parse_scoring(options.scoring)[0][0]
 
     def report(step: int, metrics: dict) -> bool:
@@ -541,7 +540,7 @@ def best_row(rows: list[dict]) -> dict | None:
 def write_results(cfg: Config, params: list[Param], study, study_dir: Path) -> dict | None:
     import pandas as pd
 
-    from smptrain import plots
+    from smptrain.evaluation import plots
 
     rows = trials_table(study)
     if not rows:
@@ -560,19 +559,17 @@ def write_results(cfg: Config, params: list[Param], study, study_dir: Path) -> d
 def retrain_best(study_dir: Path, say=print) -> Path:
     """DARTS' --retrain-and-test: the best configuration on train + validation (fold_method none, seed 42), with its
     bands (DARTS drops them), then smptrain-test on it."""
-    from smptrain.assess import test_checkpoint
+    from smptrain.evaluation.test import assess_checkpoint
     from smptrain.config import load_config
     from smptrain.train import train
 
     best = load_config(study_dir / "best.toml")
-    best = dataclasses.replace(best, data=dataclasses.replace(best.data, fold_method="none", fold=0),
-                               train=dataclasses.replace(best.train, seed=42),
-                               log=dataclasses.replace(best.log, artifact_dir=str(study_dir),
-                                                       run_name=f"{study_dir.name}-retrain"))
+    best = replace(best, **{"data.fold_method": "none", "data.fold": 0, "train.seed": 42,
+                            "log.artifact_dir": str(study_dir), "log.run_name": f"{study_dir.name}-retrain"})
     result = train(best)
     if result.status not in ("finished", "early-stopped"):
         raise UserError(f"the retraining ended {result.status}: {result.message}")
-    test_checkpoint(result.run_dir)
+    assess_checkpoint(result.run_dir)
     say(f"retrained and tested: {result.run_dir}")
     return result.run_dir
 
@@ -635,7 +632,7 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
     best = write_results(cfg, params, study, study_dir)
     end_processes()
     if status == "interrupted":
-        print(f"\ninterrupted; the study continues when a worker runs the same command", file=sys.stderr)
+        print("\ninterrupted; the study continues when a worker runs the same command", file=sys.stderr)
         sys.exit(130)
     click.echo(f"study {name}: {len(trials_table(study))} trial(s) recorded in {study_dir / 'trials.csv'}")
     if best is None:

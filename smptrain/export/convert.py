@@ -29,11 +29,12 @@ import click
 import torch
 
 import smptrain
-from smptrain.calibration import parse_threshold
+from smptrain.runs import BEST, LAST, TEST, THRESHOLD, run_of
+from smptrain.evaluation.calibration import parse_threshold
 from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_meta, resolve
 from smptrain.errors import UserError, report_user_errors
-from smptrain.inference import load_converted
-from smptrain.labels import OUTPUT_CLASSES
+from smptrain.export.predict import load_converted
+from smptrain.data.labels import OUTPUT_CLASSES
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5
@@ -54,8 +55,8 @@ def from_smptrain(path: Path, which: str, threshold: float | str = 0.5) -> tuple
 
 def recorded_threshold(checkpoint: Path, meta: dict) -> dict:
     """The threshold `smptrain-test --threshold val-best` chose on validation for this checkpoint."""
-    run_dir = checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
-    path = run_dir / "test" / "threshold.json"
+    run_dir = run_of(checkpoint)
+    path = run_dir / TEST / THRESHOLD
     hint = f"run `smptrain-test {run_dir} --checkpoint {checkpoint.name} --threshold val-best` first"
     try:
         chosen = json.loads(path.read_text())
@@ -87,7 +88,7 @@ def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dic
         if bands_from is None:
             raise UserError(f"{path} stores band names {names} without factors and offsets; pass --bands-from with the "
                             f"training dataset directory whose config.toml holds them")
-        from smptrain.dataset import open_dataset
+        from smptrain.data.dataset import open_dataset
 
         info = open_dataset(bands_from)
         idx = info.indices_of(names, f"{path} was trained on")
@@ -129,7 +130,7 @@ def self_check(path: Path, model_config: dict, state: dict) -> float:
         return float((source(x) - loaded(x)).abs().max())
 
 
-def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", which: str = "best",
+def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", which: str = BEST,
             overwrite: bool = False, trust_pickle: bool = False, bands_from: Path | None = None,
             threshold: float | str = 0.5) -> Path:
     """Write the converted file and return its path (see the module docstring)."""
@@ -188,7 +189,7 @@ def _plain(value):
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write NAME_DATE.ckpt.")
 @click.option("--name", required=True, help="Model name, written into config.name and the file name.")
 @click.option("--framework", default="smp", show_default=True, help="Written into config.model_framework.")
-@click.option("--which", type=click.Choice(["best", "last"]), default="best", show_default=True,
+@click.option("--which", type=click.Choice([BEST, LAST]), default=BEST, show_default=True,
               help="Which checkpoint of a run directory.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file of the same name and date.")
 @click.option("--trust-pickle", is_flag=True, help="Allow reading a Lightning .ckpt (a pickle that can run code).")

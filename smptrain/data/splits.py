@@ -22,10 +22,9 @@ import warnings
 import numpy as np
 import pandas as pd
 
+from smptrain.choices import FOLD_METHODS, SPLIT_METHODS
 from smptrain.errors import UserError
 
-SPLIT_METHODS = ("random", "region", "sample", "none")
-FOLD_METHODS = ("kfold", "shuffle", "stratified", "region", "region-stratified", "none")
 RANDOM_SPLIT_SEED = 42  # the user's guide: "the seed is always 42"
 FOLD_SEED = 42  # DARTS' random_state for the shuffled fold generators
 

@@ -16,7 +16,6 @@ runs are kept, an interrupted run resumes from its last checkpoint, a run that n
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import random
@@ -29,8 +28,9 @@ from pathlib import Path
 import click
 import numpy as np
 
+from smptrain.runs import has_checkpoint
 from smptrain.cli import config_options, resolve_config
-from smptrain.config import Config, to_dict
+from smptrain.config import Config, replace, to_dict
 from smptrain.errors import UserError, report_user_errors
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
@@ -136,11 +136,10 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
             run_name = f"{name}-f{fold}s{seed}"
             if rows.get(run_name, {}).get("status") in DONE:
                 continue
-            run_cfg = dataclasses.replace(
-                cfg, data=dataclasses.replace(cfg.data, fold=fold), train=dataclasses.replace(cfg.train, seed=seed),
-                log=dataclasses.replace(cfg.log, artifact_dir=str(cv_dir), run_name=run_name, wandb_group=name))
+            run_cfg = replace(cfg, **{"data.fold": fold, "train.seed": seed, "log.artifact_dir": str(cv_dir),
+                                      "log.run_name": run_name, "log.wandb_group": name})
             run_dir = cv_dir / run_name
-            resume = run_dir if (run_dir / "checkpoints" / "last" / "meta.json").is_file() else None
+            resume = run_dir if has_checkpoint(run_dir) else None
             if run_dir.exists() and resume is None and main_process:
                 shutil.rmtree(run_dir)  # started but never saved a checkpoint: nothing worth keeping
             say(f"cv {name}: fold {fold}, seed {seed}{' (resuming)' if resume else ''}")
@@ -168,7 +167,7 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
                    "score_is_unstable": unstable, "runs": len(ordered), "summary": summary}
         (cv_dir / "cv.json").write_text(json.dumps(outcome, indent=2, default=_clean) + "\n")
         if ordered:
-            from smptrain import plots
+            from smptrain.evaluation import plots
 
             plots.cv_metrics(ordered, [prefix + n for n, _ in scoring], cv_dir / "cv_metrics.png",
                              f"cross-validation {name}: score {score:.4f} ({strategy}, {score_on} validation)")

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smptrain.choices import AUGMENTATIONS
+
 
 def augment_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
     """The generator of one micro-batch's augmentations: a pure function of where it is in training."""
@@ -114,4 +116,4 @@ _TRANSFORMS = {  # the names train.augment accepts (AUGMENTATIONS, below)
     "MultiplicativeNoise": _multiplicative_noise,
     "Posterize": _posterize,
 }
-AUGMENTATIONS = tuple(_TRANSFORMS)
+assert tuple(_TRANSFORMS) == AUGMENTATIONS, "smptrain.choices.AUGMENTATIONS lists what is implemented here"

@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from smptrain import metrics as M
-from smptrain.labels import BACKGROUND, POSITIVE
+from smptrain.evaluation import metrics as M
+from smptrain.data.labels import BACKGROUND, POSITIVE
 
 FINE_BINS = 1000
 CALIBRATION_BINS = 10

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from smptrain.errors import UserError, report_user_errors
-from smptrain.tta import TTA_CHOICES, averaged
+from smptrain.evaluation.tta import TTA_CHOICES, averaged
 
 
 def load_converted(path: str | Path, device: str | torch.device = "cpu"):

@@ -1,0 +1,1 @@
+"""Cross-validation (smptrain-cv) and hyper-parameter search (smptrain-tune)."""

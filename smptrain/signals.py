@@ -1,0 +1,77 @@
+"""Ctrl-C and SIGTERM during training: what a signal does before the first step, after it, and a second time.
+
+`StopSignal` is installed by `train()` for the length of a run; `Interrupted` is what it raises when nothing can be
+saved. The trainer polls `StopSignal.raised` at logging steps, where all ranks agree on stopping.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+
+class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` may swallow it
+    """A signal ended the run where no checkpoint could be written (before the first step, or a second signal)."""
+
+    def __init__(self, message: str, undo=None):
+        super().__init__(message)
+        self.undo = undo
+
+
+class StopSignal:
+    """SIGINT and SIGTERM (what SLURM sends before SIGKILL), in three phases.
+
+    Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: the signal
+    raises `Interrupted` at once, and a new run's directory is removed. Once armed, it sets a flag that all ranks
+    agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
+    `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
+
+    A launcher that passes a terminal's Ctrl-C on (torch elastic's agent, `smptrain-launch` when signalled alone)
+    delivers it a second time to processes that already got it from the terminal: the same signal again within
+    `SAME_REQUEST_S` counts as that one request, not as the second one that aborts.
+    """
+
+    SAME_REQUEST_S = 1.5
+
+    def __init__(self):
+        self.raised = False
+        self.first = (None, 0.0)  # the first signal's number and time
+        self.armed = False
+        self.undo = None  # what to remove if interrupted before the first step
+        self.previous = {}
+        if sys.platform != "win32" and _in_main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self.first[0] == signum and now - self.first[1] < self.SAME_REQUEST_S:
+            return  # the same request, passed on by a launcher
+        if self.first[0] is None:
+            self.first = (signum, now)
+        if not self.armed:
+            raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
+        if self.raised:
+            raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
+        self.raised = True
+        if local_main():  # one message per machine, not one per process
+            print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
+                  f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def local_main() -> bool:
+    """The first process on this machine (launchers set LOCAL_RANK; a process started alone is the first)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
