@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import smptrain
+from smptrain.config import plain
 from smptrain.errors import UserError
 from smptrain.runs import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
@@ -145,7 +146,7 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) ->
         weights = clean_state_dict(accelerator.unwrap_model(model, keep_torch_compile=False).state_dict())
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _share_weights(tmp)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=plain) + "\n")
         _settle_tree(tmp)
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
             shutil.rmtree(final)
@@ -197,6 +198,17 @@ def resolve(path: str | Path, which: str = BEST) -> Path:
                 raise UserError(f"{candidate} points to a missing checkpoint; the run directory is damaged")
         raise UserError(f"run directory {path} has no '{which}' checkpoint yet (no validation has finished)")
     raise UserError(f"{path} is neither a run directory nor a checkpoint directory (expected meta.json and model.safetensors)")
+
+
+def read_lightning(path: Path) -> tuple[dict, dict]:
+    """(the whole checkpoint, the model's weights without Lightning's `model.` prefix) of a DARTS Lightning `.ckpt`.
+    It is a pickle, which can run code: call this only for a file the user said to trust (--trust-pickle)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    except Exception as error:
+        raise UserError(f"{path} is not a readable Lightning checkpoint: {str(error)[:200]}") from None
+    return ckpt, state
 
 
 def read_meta(checkpoint: Path) -> dict:
@@ -256,11 +268,3 @@ def _settle_tree(path: Path) -> None:
             os.chmod(file, mode)
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
-
-
-def _json_default(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")

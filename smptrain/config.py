@@ -191,19 +191,25 @@ def from_dict(raw: dict, source: str = "config", choices: bool = True) -> Config
 
 def to_dict(cfg: Config) -> dict:
     """Nested plain dict (lists, not tuples), suitable for TOML, JSON and the wandb config."""
-
-    def plain(value):
-        if isinstance(value, tuple):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
     return {
         section.name: {f.name: plain(getattr(getattr(cfg, section.name), f.name))
                        for f in dataclasses.fields(getattr(cfg, section.name))}
         for section in dataclasses.fields(cfg)
     }
+
+
+def plain(value):
+    """`value` as plain TOML/JSON values, which a weights-only torch load accepts too: dicts with str keys, lists for
+    tuples, Python numbers for numpy and torch scalars, and str for paths and anything else."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
 
 
 def dump_toml(cfg: Config) -> str:

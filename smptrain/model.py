@@ -37,6 +37,24 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
     return model
 
 
+def described_model(description: dict, state: dict | None, source: str) -> torch.nn.Module:
+    """The network a checkpoint or converted file describes (`{"arch", "encoder_name", "in_channels", "classes"}`,
+    smp.create_model's own arguments, as DARTS' SMPSegmenter builds it), with `state` loaded strictly."""
+    import segmentation_models_pytorch as smp
+
+    try:
+        model = smp.create_model(**{**description, "encoder_weights": None})
+    except (KeyError, ValueError, TypeError, RuntimeError) as error:
+        message = str(error).strip("'\"").split("\n")[0]
+        raise UserError(f"{source}: the model {description} cannot be built: {message}") from None
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            raise UserError(f"{source} does not match {description}: {str(error)[:300]}") from None
+    return model
+
+
 def load_encoder_weights(model: torch.nn.Module, path: Path, encoder_name: str, in_channels: int) -> None:
     """Load an encoder state dict (keys may carry an `encoder.` prefix). A first convolution made for another number
     of input channels is adapted the way smp adapts ImageNet weights (repeated and rescaled)."""
@@ -91,11 +109,9 @@ def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) 
         if not trust_pickle:
             raise UserError(f"model.weights_from = {source!r} is a Lightning pickle, and loading a pickle can run code "
                             f"from its author; pass --trust-pickle if you trust where this file comes from")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        except Exception as error:
-            raise UserError(f"model.weights_from = {source!r} is not a readable DARTS checkpoint: {str(error)[:200]}") from None
+        from smptrain.checkpoint import read_lightning
+
+        _, state = read_lightning(path)
     else:
         from smptrain.checkpoint import load_weights, resolve
         from smptrain.runs import BEST

@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 from smptrain.runs import METRICS
@@ -45,16 +46,29 @@ def clean_number(value):
     return value
 
 
-class Recorder:
-    """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks."""
+@dataclass(frozen=True)
+class WandbRun:
+    """The wandb run a Recorder writes to: the training run's id and name, so a resumed run and its test append."""
 
-    def __init__(self, accelerator, run_dir: Path, wandb_project: str, wandb_entity: str, run_name: str, run_id: str,
-                 config: dict, artifact_dir: Path, resume_step: int | None = None, job: str = "train",
-                 group: str = ""):
+    project: str
+    entity: str  # "" = the user's default entity
+    name: str
+    id: str
+    config: dict
+    dir: Path  # the artifact directory; wandb writes under dir/wandb
+    job: str = "train"
+    group: str = ""  # cross-validation and tuning group their runs
+
+
+class Recorder:
+    """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks.
+    `wandb`: None for no wandb; `resume_step`: drop metrics.jsonl records past the checkpoint resumed from."""
+
+    def __init__(self, accelerator, run_dir: Path, wandb: WandbRun | None, resume_step: int | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(run_dir) / METRICS
-        self.wandb = bool(wandb_project)
+        self.wandb = wandb is not None
         if self.main and resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again.
             kept = [line for line in self.path.read_text().splitlines()
@@ -62,19 +76,19 @@ class Recorder:
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
-        if self.wandb:
-            (Path(artifact_dir) / "wandb").mkdir(parents=True, exist_ok=True) if self.main else None
-            init = {"name": run_name, "id": run_id, "resume": "allow", "dir": str(artifact_dir), "job_type": job}
-            if wandb_entity:
-                init["entity"] = wandb_entity
-            if group:
-                init["group"] = group
+        if wandb is not None:
+            (Path(wandb.dir) / "wandb").mkdir(parents=True, exist_ok=True) if self.main else None
+            init = {"name": wandb.name, "id": wandb.id, "resume": "allow", "dir": str(wandb.dir), "job_type": wandb.job}
+            if wandb.entity:
+                init["entity"] = wandb.entity
+            if wandb.group:
+                init["group"] = wandb.group
             try:
-                accelerator.init_trackers(wandb_project, config=config, init_kwargs={"wandb": init})
+                accelerator.init_trackers(wandb.project, config=wandb.config, init_kwargs={"wandb": init})
             except Exception as error:  # e.g. online mode without an API key
                 from smptrain.errors import UserError
 
-                raise UserError(f"wandb could not start for log.wandb_project = {wandb_project!r}: "
+                raise UserError(f"wandb could not start for log.wandb_project = {wandb.project!r}: "
                                 f"{str(error).splitlines()[0]} (run `wandb login`, or set WANDB_MODE=offline)") from None
 
     def log(self, record: dict, step: int | None, write_jsonl: bool = True) -> None:

@@ -13,7 +13,6 @@ epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.determ
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -26,26 +25,19 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from smptrain.data.augment import augment, augment_generator
-from smptrain.evaluation.breakdown import validation_regions
-from smptrain.checkpoint import MONITOR, CheckpointKeeper, TrainState, checkpoint_name, read_meta
+from smptrain.checkpoint import MONITOR, checkpoint_name
 from smptrain.cli import config_options, resolve_config
-from smptrain.config import Config, replace, to_dict
-from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
+from smptrain.config import Config
+from smptrain.data.augment import augment, augment_generator
+from smptrain.divergence import TrainingStopped, Window, diverged, gradient_norm
 from smptrain.errors import UserError, report_user_errors
+from smptrain.evaluation.breakdown import validation_regions
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
-from smptrain.data.feed import feed, optimizer_state_to_come, place_in_memory
-from smptrain.data.labels import OUTPUT_CLASSES
-from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_patch_size, determinism_note, segmentation_logits, warm_start
-from smptrain.runs import (BEST, CONFIG, LAST, PREVIEWS, SPLITS, STATE, absolute_paths, checkpoint_link, checkpoints_dir,
-                           find_data, has_checkpoint, open_run, remover, require_same_data)
-from smptrain.divergence import NonFiniteGuard, TrainingStopped, Window, diverged, gradient_norm
+from smptrain.model import segmentation_logits
+from smptrain.prepare import Run, set_up
+from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, checkpoint_link, checkpoints_dir
+from smptrain.runtime import end_processes
 from smptrain.signals import Interrupted, StopSignal, local_main
-from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes,
-                              local_processes, make_accelerator)
-from smptrain.data.splits import make_splits
-from smptrain.tracking import Recorder
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
 RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
@@ -64,35 +56,6 @@ class RunResult:
     epochs: int = 0
     steps: int = 0
     message: str = ""  # why it stopped early
-
-
-@dataclass
-class Run:
-    """Everything a run's phases share; built once by `set_up()`."""
-
-    cfg: Config
-    accelerator: object
-    precision: str
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    loss_fn: Loss
-    train_set: PatchDataset
-    val_set: PatchDataset
-    batches: TrainBatches
-    train_loader: object
-    val_loader: object
-    run_dir: Path
-    recorder: Recorder
-    keeper: CheckpointKeeper
-    state: TrainState
-    stop: "StopSignal"
-    guard: "NonFiniteGuard | None"
-    previews: list[int]
-    val_regions: list[str]  # the region of each validation sample, for per-region IoU
-    best: dict = field(default_factory=dict)
-    last: dict = field(default_factory=dict)
-    skipped_in_row: int = 0  # fp16 steps the grad scaler skipped in a row, and in all
-    skipped_total: int = 0
 
 
 def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int, dict], bool] | None = None,
@@ -134,146 +97,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
         stop.restore()
 
 
-# --- the phases of train(), in the order it uses them -------------------------------------------------------------
-
-
-def set_up(cfg: Config, resume: Path | None, stop: "StopSignal", trust_pickle: bool = False) -> Run:
-    """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
-    resumed state and the trackers."""
-    # Paths absolute, so the run can be tested, converted and resumed from anywhere; a resumed run finds its data
-    # again if it moved with the run, and lives where its directory is now.
-    if resume is None:
-        cfg, given = absolute_paths(cfg)
-    else:
-        cfg = find_data(resume, cfg)
-        cfg = replace(cfg, **{"log.artifact_dir": str(resume.absolute().parent)})
-        given = {}
-    precision, why = choose_precision(cfg.train.mixed_precision)
-    accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
-                                   cfg.train.deterministic)
-    say = accelerator.print
-    threads = configure_threads(cfg.train.threads, local_processes(accelerator))
-    say(f"precision: {describe_precision(precision)} ({why}); {threads} CPU thread(s) per process")
-
-    # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
-    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
-    if resume is not None:
-        require_same_data(resume, info)
-    band_indices = info.band_indices(cfg.data.bands)
-    # Every check of config and data comes before anything is written: a mistake found once the run directory
-    # exists would leave it behind, and the corrected command would then stop with "already exists".
-    bands = info.band_meta(band_indices)  # a band without normalisation is refused here
-    loss_fn = loss_from_config(cfg.train)
-    splits = (json.loads((resume / SPLITS).read_text()) if resume
-              else make_splits(info.metadata, cfg.data, cfg.train.seed))
-    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
-                                          None if resume else cfg.model.weights_from, trust_pickle)
-    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
-                                                                       optimizer_state_to_come(optimizer))
-    previews = pick_previews(info, splits["val"])
-    val_regions = info.metadata.loc[val_set.rows, "region"].astype(str).tolist()
-    note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
-                            accelerator.device.type, cfg.train.deterministic)
-    if note:
-        say(note)
-
-    # Only now the run directory (named once by the main process).
-    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
-    if not meta:
-        stop.undo = remover(accelerator, run_dir)  # a new run that saved nothing leaves nothing
-    try:
-        state = TrainState(**meta["train_state"]) if meta else TrainState()
-        say(f"run directory: {run_dir}")
-        if meta:
-            restore(accelerator, run_dir, run_name, state)
-        recorder = Recorder(accelerator, run_dir, cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id,
-                            to_dict(cfg), Path(cfg.log.artifact_dir), resume_step=state.step if meta else None,
-                            group=cfg.log.wandb_group)
-    except Exception:
-        if stop.undo is not None:
-            stop.undo()
-            stop.undo = None
-        raise
-    describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
-                    patch_size=info.patch_size,
-                    model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
-                           "classes": OUTPUT_CLASSES},
-                    bands=bands, config=to_dict(cfg))
-    if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
-        state.early_stopped = False  # the patience was raised on resume
-    run = Run(cfg, accelerator, precision, model, optimizer, loss_fn, train_set, val_set, batches,
-              train_loader, val_loader, run_dir, recorder,
-              CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state, stop,
-              NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None, previews, val_regions)
-    if meta:
-        run.last = meta.get("metrics") or {}
-        run.best = read_meta(checkpoint_link(run_dir, BEST)).get("metrics", {}) if has_checkpoint(run_dir, BEST) else {}
-    say(f"loss: {run.loss_fn.describe()}")
-    return run
-
-
-def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
-                       weights_from: str | None = None, trust_pickle: bool = False):
-    """The model (same initial weights on every rank, or those of `weights_from`) and AdamW, prepared by
-    Accelerate. A resumed run skips `weights_from`: its own checkpoint comes back afterwards."""
-    from accelerate.utils import set_seed
-
-    set_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, cfg.model.encoder_weights)
-    check_patch_size(model, cfg.model.arch, patch_size)
-    if weights_from:
-        warm_start(model, weights_from, trust_pickle)
-    if cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
-    # does the skipping and counts it, which only works with the unfused optimizer.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=precision != "fp16")
-    if cfg.train.compile:
-        model = torch.compile(model)
-    # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    set_seed(cfg.train.seed, device_specific=True)  # from here on each rank draws its own random numbers
-    return model, optimizer
-
-
-def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int], still_to_come: int = 0):
-    """Training and validation sets, this rank's samplers, and the feeds that bring their batches to the device.
-    `still_to_come`: bytes the optimizer will allocate at its first step, kept free when placing patches."""
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory, cfg.data.reader)
-    val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices,
-                                                                                cfg.data.in_memory, cfg.data.reader)
-    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps)
-    if batches.steps_per_epoch == 0:
-        raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
-                        f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
-    if cfg.data.in_memory:
-        where = place_in_memory([train_set, val_set], device, cfg.data.memory_device, still_to_come)
-        size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
-        accelerator.print(f"patches in memory on the {'device' if where == 'device' else 'host'} ({size / 2**30:.2f} GiB)")
-    train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
-    val_loader = feed(val_set, EvalBatches(len(val_set), cfg.train.batch_size, world, rank), device,
-                      cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
-    return train_set, val_set, batches, train_loader, val_loader
-
-
-def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:
-    """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
-    state_dir = checkpoint_link(run_dir, LAST) / STATE
-    try:
-        accelerator.load_state(str(state_dir))
-    except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
-        raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
-    accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
-
-
-def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:
-    """Fixed preview samples: the first few validation patches with and without positives (positions in val)."""
-    empty = info.metadata.loc[val_rows, "empty"].astype(bool).to_numpy()
-    pos = [i for i, e in enumerate(empty) if not e][:positives]
-    neg = [i for i, e in enumerate(empty) if e][:negatives]
-    return pos + neg
+# --- the phases of train(), in the order it uses them (set_up: smptrain.prepare) ---------------------------------
 
 
 def train_one_epoch(run: Run, epoch: int) -> bool:
@@ -388,7 +212,7 @@ def write_previews(run: Run, evaluation) -> None:
     if run.previews:
         figures["samples"] = sample_figure(
             run.accelerator.unwrap_model(run.model), run.val_set, run.previews, evaluation.pixel, run.accelerator.device,
-            run.keeper.describe["bands"]["bands"], previews / f"val{step_tag}.png",
+            previews / f"val{step_tag}.png",
             f"{label}: validation preview", run.cfg.train.channels_last)
     for key, path in figures.items():
         run.recorder.image(f"val/{key}", path, run.state.step)

@@ -149,7 +149,7 @@ def trials(study_dir: Path) -> pd.DataFrame:
 
 def test_two_workers_share_one_study_without_duplicates(demo_dir, tmp_path):
     from smptrain.config import load_config
-    from smptrain.search.tune import plan, read_space
+    from smptrain.search.space import plan, read_space
 
     config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
     space = tmp_path / "space.toml"

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import zarr
 
-from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset
+from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.batches import EvalBatches, TrainBatches
 from smptrain.errors import UserError
 
 

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, make_loader, open_dataset
+from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.batches import EvalBatches, TrainBatches, make_loader
 from smptrain.data.feed import DeviceFeed, PrefetchFeed, feed
 from smptrain.runtime import choose_precision, cpu_has_native_bf16
 from smptrain.divergence import NonFiniteGuard
@@ -116,7 +117,8 @@ def test_workers_forked_after_the_main_process_used_tensorstore_still_read(forei
 
     script = f"""
 import numpy as np, torch
-from smptrain.data.dataset import PatchDataset, TrainBatches, open_dataset
+from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.batches import TrainBatches
 info = open_dataset({str(foreign_dir)!r})
 rows = sorted(int(r) for r in info.metadata.index)
 main = PatchDataset(info, rows, [0, 1, 2, 3], reader="auto")
@@ -342,7 +344,8 @@ def test_a_feed_on_the_second_gpu_creates_no_context_on_the_first(demo_dir):
 
     script = f"""
 import torch
-from smptrain.data.dataset import EvalBatches, PatchDataset, open_dataset
+from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.batches import EvalBatches
 from smptrain.data.feed import feed
 from smptrain.evaluation import metrics as M
 torch.cuda.set_device(1)  # as Accelerate does for local rank 1

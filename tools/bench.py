@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smptrain.config import load_config  # noqa: E402
-from smptrain.data.dataset import EvalBatches, PatchDataset, TrainBatches, open_dataset  # noqa: E402
+from smptrain.data.dataset import PatchDataset, open_dataset  # noqa: E402
+from smptrain.data.batches import EvalBatches, TrainBatches  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluation.evaluate import evaluate  # noqa: E402
 from smptrain.data.feed import feed, place_in_memory  # noqa: E402

@@ -19,7 +19,8 @@ import threading
 
 import torch
 
-from smptrain.data.dataset import PatchDataset, make_loader
+from smptrain.data.dataset import PatchDataset
+from smptrain.data.batches import EvalBatches, make_loader
 from smptrain.runtime import indexed, same_device
 
 MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of its free memory
@@ -68,6 +69,13 @@ def resident_on(dataset: PatchDataset, device: torch.device) -> bool:
     """Whether the dataset's patches live on this (non-CPU) device, so batches can be gathered there."""
     return (dataset.memory is not None and torch.device(device).type != "cpu"
             and same_device(dataset.memory[0].device, device))
+
+
+def evaluation_feed(dataset: PatchDataset, batch_size: int, accelerator, data_cfg, seed: int, channels_last: bool):
+    """This rank's whole batches of an evaluation set (validation or test), brought to the device."""
+    batches = EvalBatches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index)
+    return feed(dataset, batches, accelerator.device, data_cfg.num_workers, seed, accelerator.process_index,
+                channels_last)
 
 
 def feed(dataset: PatchDataset, batches, device: torch.device, num_workers: int, seed: int, rank: int,

@@ -90,27 +90,33 @@ class Counts:
         return Evaluation(result, pixel, loss, instances, boundary, fine, at_threshold, self.threshold)
 
 
-def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix: str, objects: bool = False,
-             tta: str = "none", threshold: float | None = None, calibrate: bool = False,
-             tta_threshold: float | None = None) -> Evaluation:
-    """Metrics of `model` over the set behind `loader` (a feed of device batches over EvalBatches), with `loss_fn`
-    (the training loss) as `prefix/loss`. All ranks must call it.
+@dataclass(frozen=True)
+class Extras:
+    """What an evaluation counts beyond validation's pixel metrics (smptrain-test asks for them)."""
 
-    objects: also object and boundary counts (test). tta: also the counts of probabilities averaged over "flips" or
-    "d4" (as `.tta`, prefix `{prefix}_tta`; the plain ones are exactly those without TTA). threshold: also the
-    confusion at `prob > threshold` (`{prefix}_at_threshold/...`; for the TTA probabilities at `tta_threshold` when
-    given, since a threshold is chosen for one kind of probabilities). calibrate: also the fine probability histogram
-    (`.fine`) and the expected calibration error.
+    objects: bool = False  # object and boundary counts
+    tta: str = "none"  # also the probabilities averaged over "flips" or "d4" (`.tta`, prefix `{prefix}_tta`)
+    threshold: float | None = None  # also the confusion at `prob > threshold` (`{prefix}_at_threshold/...`)
+    tta_threshold: float | None = None  # the TTA probabilities' own threshold (a threshold is chosen per kind)
+    calibrate: bool = False  # the fine probability histogram (`.fine`) and the expected calibration error
+
+
+def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix: str,
+             extras: Extras = Extras()) -> Evaluation:
+    """Metrics of `model` over the set behind `loader` (a feed of device batches over EvalBatches), with `loss_fn`
+    (the training loss) as `prefix/loss`, and what `extras` asks for. All ranks must call it. With TTA the plain
+    counts are exactly those without it.
     """
+    tta, threshold, tta_threshold = extras.tta, extras.threshold, extras.tta_threshold
     device = accelerator.device
     # The unwrapped module keeps Accelerate's autocast wrapper but not DDP, whose forward may talk to other ranks:
     # ranks evaluate different numbers of batches.
     net = accelerator.unwrap_model(model)
     was_training = net.training
     net.eval()
-    plain = Counts(num_samples, device, objects, threshold, calibrate)
-    averaged = Counts(num_samples, device, objects, threshold if tta_threshold is None else tta_threshold,
-                      calibrate) if tta != "none" else None
+    plain = Counts(num_samples, device, extras.objects, threshold, extras.calibrate)
+    averaged = Counts(num_samples, device, extras.objects, threshold if tta_threshold is None else tta_threshold,
+                      extras.calibrate) if tta != "none" else None
     loss = torch.zeros(num_samples, 2, dtype=torch.float64, device=device)
     with torch.inference_mode():
         for x, y, positions in tqdm(loader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
@@ -145,7 +151,7 @@ def predict(net, dataset: PatchDataset, positions, device, channels_last: bool =
     return x.numpy(), y.numpy(), probs.cpu().numpy()
 
 
-def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, device, bands, path: Path, heading: str,
+def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, device, path: Path, heading: str,
                   channels_last: bool = False) -> Path:
     # `heading` names the run and checkpoint or step; a sample without label or prediction says so instead of "nan".
     """A grid of some samples of an evaluated set (image, label, probability, errors), titled with their zarr row
@@ -156,7 +162,7 @@ def sample_figure(net, dataset: PatchDataset, positions, pixel: np.ndarray, devi
     iou = M.sample_iou(pixel[list(positions)])
     titles = [f"row {dataset.rows[p]}\n" + (f"IoU {v:.3f}" if np.isfinite(v) else "no positives")
               for p, v in zip(positions, iou)]
-    return plots.sample_grid(xs, ys, probs, bands, titles, path, heading)
+    return plots.sample_grid(xs, ys, probs, dataset.band_names, titles, path, heading)
 
 
 def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = "", label: str = "") -> dict[str, Path]:
@@ -179,10 +185,11 @@ def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = 
         "cmx": plots.confusion_matrix(tn, fp, fn, tp, out_dir / f"confusion_matrix{tag}.png",
                                       f"{prefix_title}\nconfusion matrix (normalised by label)"),
         "roc": plots.curve(fpr, tpr, out_dir / f"roc{tag}.png", f"{prefix_title}\nROC (20 thresholds)",
-                           "false positive rate", "true positive rate", "AUROC", m[f"{prefix}/AUROC"], diagonal=True),
+                           ("false positive rate", "true positive rate"), ("AUROC", m[f"{prefix}/AUROC"]),
+                           diagonal=True),
         "prc": plots.curve(recall, precision, out_dir / f"precision_recall{tag}.png",
-                           f"{prefix_title}\nprecision-recall (20 thresholds)", "recall", "precision", "AP",
-                           m[f"{prefix}/AveragePrecision"]),
+                           f"{prefix_title}\nprecision-recall (20 thresholds)", ("recall", "precision"),
+                           ("AP", m[f"{prefix}/AveragePrecision"])),
     }
 
 

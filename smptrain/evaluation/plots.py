@@ -96,17 +96,17 @@ def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: st
     return _save(fig, path)
 
 
-def curve(x, y, path: Path, heading: str, xlabel: str, ylabel: str, score_name: str, score: float,
-          diagonal: bool = False) -> Path:
+def curve(x, y, path: Path, heading: str, axes: tuple[str, str], score: tuple[str, float], diagonal: bool = False) -> Path:
+    """A curve in the unit square (ROC, precision-recall); `axes` = (x label, y label), `score` = (name, value)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    ax.plot(x, y, marker=".", lw=1.5, label=f"{score_name} = {score:.4f}")
+    ax.plot(x, y, marker=".", lw=1.5, label=f"{score[0]} = {score[1]:.4f}")
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     ax.set_title(heading, fontsize=8)
     ax.legend(loc="lower right" if diagonal else "lower left")
     ax.grid(alpha=0.3)

@@ -13,6 +13,7 @@ at that threshold beside those at 0.5.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -24,18 +25,19 @@ from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
 from smptrain.checkpoint import load_weights, read_meta, resolve
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import to_dict
-from smptrain.data.dataset import EvalBatches, PatchDataset, open_dataset
+from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.errors import UserError, report_user_errors
-from smptrain.evaluation.evaluate import best_and_worst, evaluate, format_table, sample_figure, write_curves
-from smptrain.data.feed import feed, place_in_memory
+from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
+from smptrain.data.feed import evaluation_feed, place_in_memory
 from smptrain.losses import loss_from_config
-from smptrain.model import build_model
-from smptrain.runs import (BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, checkpoints_dir, find_data,
+from smptrain.model import described_model
+from smptrain.runs import (BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, find_data,
                            is_same_data, run_of)
 from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes, local_processes,
                               make_accelerator)
 from smptrain.data.splits import make_splits
 from smptrain.evaluation.tta import TTA_CHOICES
+from smptrain.tracking import clean_number
 
 TEST_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # what --precision accepts
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # Accelerate's names -> what metrics.json records
@@ -75,82 +77,127 @@ def main(run_dir, checkpoint, batch_size, json_out, figures_dir, tta, threshold,
          debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set, per region and per
     sample, optionally with test-time augmentation and a threshold chosen on validation."""
-    assess_checkpoint(Path(run_dir), checkpoint, batch_size, json_out, config_path, overrides, debug, figures_dir, tta,
-                    C.parse_threshold(threshold), precision)
+    options = AssessOptions(checkpoint, batch_size, json_out, figures_dir, tta, C.parse_threshold(threshold), precision,
+                            config_path, overrides, debug)
+    assess_checkpoint(Path(run_dir), options)
     end_processes()
 
 
-def assess_checkpoint(run_dir: Path, checkpoint: str = BEST, batch_size: int | None = None, json_out=None,
-                    config_path=None, overrides=(), debug: bool = False, figures_dir=None, tta: str = "none",
-                    threshold: float | str = 0.5, precision: str = "fp32") -> dict:
+@dataclass(frozen=True)
+class AssessOptions:
+    """What smptrain-test was asked for (its options); the defaults are the command's."""
+
+    checkpoint: str = BEST  # best, last, or a checkpoint directory
+    batch_size: int | None = None  # None: the run's
+    json_out: str | None = None  # None: RUN_DIR/test/metrics.json
+    figures_dir: str | None = None  # None: RUN_DIR/test
+    tta: str = "none"
+    threshold: float | str = 0.5  # a probability, or "val-best"
+    precision: str = "fp32"  # one of TEST_PRECISIONS
+    config_path: str | None = None  # another dataset or split: --config / --set
+    overrides: tuple = ()
+    debug: bool = False
+
+
+@dataclass
+class Tested:
+    """A checkpoint being tested: what it is, on which data, and the model ready on this rank's device."""
+
+    run_dir: Path
+    checkpoint_dir: Path
+    meta: dict
+    cfg: object
+    info: object
+    band_indices: list
+    splits: dict
+    split_source: str
+    accelerator: object
+    model: torch.nn.Module
+    precision: str
+
+
+def assess_checkpoint(run_dir: Path, options: AssessOptions = AssessOptions()) -> dict:
     """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures.
-    `precision`: one of TEST_PRECISIONS; fp32 whatever the run trained with, unless asked otherwise."""
+    fp32 whatever the run trained with, unless `options.precision` says otherwise."""
+    tested = open_checkpoint(run_dir, options)
+    cfg, accelerator, model = tested.cfg, tested.accelerator, tested.model
+    batch_size = options.batch_size or cfg.train.batch_size
+    loss_fn = loss_from_config(cfg.train)
+
+    def loader_of(rows):
+        dataset = PatchDataset(tested.info, rows, tested.band_indices, in_memory=cfg.data.in_memory,
+                               reader=cfg.data.reader)
+        if cfg.data.in_memory:
+            place_in_memory([dataset], accelerator.device, cfg.data.memory_device)
+        return dataset, evaluation_feed(dataset, batch_size, accelerator, cfg.data, 42, cfg.train.channels_last)
+
+    tta, threshold, choice, tta_threshold = options.tta, options.threshold, None, None
+    if threshold == "val-best":
+        val_set, val_loader = loader_of(tested.splits.get("val", []))
+        accelerator.print(f"choosing the threshold on {len(val_set)} validation patches"
+                          + (f" with TTA {tta}" if tta != "none" else ""))
+        choice = choose_threshold(tested, evaluate(model, val_loader, accelerator, len(val_set), loss_fn, "val",
+                                                   Extras(tta=tta, calibrate=True)), tta, len(val_set))
+        threshold = choice["without_tta"]["threshold"] if "without_tta" in choice else choice["threshold"]
+        tta_threshold = choice["threshold"] if "without_tta" in choice else None
+    dataset, loader = loader_of(tested.splits["test"])
+    accelerator.print(f"testing {tested.checkpoint_dir} on {len(dataset)} patches (test split {tested.split_source})")
+    extras = Extras(objects=True, tta=tta, threshold=threshold if choice or threshold != 0.5 else None,
+                    tta_threshold=tta_threshold, calibrate=True)
+    evaluation = evaluate(model, loader, accelerator, len(dataset), loss_fn, "test", extras)
+
+    metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
+    if accelerator.is_main_process:
+        report(tested, dataset, evaluation, metrics, choice, options)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def open_checkpoint(run_dir: Path, options: AssessOptions) -> Tested:
+    """The checkpoint, its configuration (with --config/--set), its data and splits, and the model prepared by an
+    Accelerator in the test's precision."""
+    checkpoint = options.checkpoint
     checkpoint_dir = resolve(run_dir if checkpoint in (BEST, LAST) else checkpoint,
                              checkpoint if checkpoint in (BEST, LAST) else BEST)
     meta = read_meta(checkpoint_dir)
     if not run_dir.is_dir() or not checkpoints_dir(run_dir).is_dir():
         run_dir = run_of(checkpoint_dir)
-    cfg = resolve_config(config_path, overrides, debug, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json")
+    cfg = resolve_config(options.config_path, options.overrides, options.debug, base=meta["config"],
+                         base_source=f"{checkpoint_dir}/meta.json")
     if cfg.data.dir == meta["config"]["data"].get("dir"):
         cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.indices_of(meta["bands"]["bands"], "the checkpoint was trained on")
-    splits, split_source = run_splits(run_dir, cfg, meta, info, ("test", "val") if threshold == "val-best" else ("test",))
-    test_rows, val_rows = splits["test"], splits.get("val", [])
-
-    wandb_project = meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
-    precision, why = precision_for_test(precision)
-    accelerator = make_accelerator(precision, log_with="wandb" if wandb_project else None,
+    splits, split_source = run_splits(run_dir, cfg, meta, info,
+                                      ("test", "val") if options.threshold == "val-best" else ("test",))
+    precision, why = precision_for_test(options.precision)
+    accelerator = make_accelerator(precision, log_with="wandb" if wandb_project_of(meta) else None,
                                    deterministic=cfg.train.deterministic)
     configure_threads(cfg.train.threads, local_processes(accelerator))
     accelerator.print(f"precision: {describe_precision(precision)} ({why})")
     torch.manual_seed(42)
-    model = build_model(meta["model"]["arch"], meta["model"]["encoder_name"], meta["model"]["in_channels"])
-    try:
-        model.load_state_dict(load_weights(checkpoint_dir), strict=True)
-    except RuntimeError as error:
-        raise UserError(f"{checkpoint_dir}/model.safetensors does not match {meta['model']}: {str(error)[:300]}") from None
-    model = accelerator.prepare(model)
-    batch_size = batch_size or cfg.train.batch_size
-    loss_fn = loss_from_config(cfg.train)
+    model = accelerator.prepare(described_model(meta["model"], load_weights(checkpoint_dir),
+                                                str(checkpoint_dir / WEIGHTS)))
+    return Tested(run_dir, checkpoint_dir, meta, cfg, info, band_indices, splits, split_source, accelerator, model,
+                  precision)
 
-    def loader_of(rows):
-        dataset = PatchDataset(info, rows, band_indices, in_memory=cfg.data.in_memory, reader=cfg.data.reader)
-        if cfg.data.in_memory:
-            place_in_memory([dataset], accelerator.device, cfg.data.memory_device)
-        batches = EvalBatches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index)
-        return dataset, feed(dataset, batches, accelerator.device, cfg.data.num_workers, 42, accelerator.process_index,
-                             cfg.train.channels_last)
 
-    choice, tta_threshold = None, None
-    if threshold == "val-best":
-        # Chosen on the validation split only: the test data cannot move it.
-        val_set, val_loader = loader_of(val_rows)
-        accelerator.print(f"choosing the threshold on {len(val_rows)} validation patches"
-                          + (f" with TTA {tta}" if tta != "none" else ""))
-        val = evaluate(model, val_loader, accelerator, len(val_set), loss_fn, "val", tta=tta, calibrate=True)
-        # One threshold per kind of probabilities: the TTA-averaged ones (what --tta predicts with, and what goes
-        # into threshold.json's top level) and the plain ones.
-        chosen_on = val.tta if val.tta is not None else val
-        choice = {**C.best_threshold(chosen_on.fine), "chosen_on": "val", "val_patches": len(val_rows), "tta": tta,
-                  "checkpoint": str(checkpoint_dir), "checkpoint_step": meta.get("step"),
-                  "histogram": chosen_on.fine.tolist()}
-        threshold = choice["threshold"]
-        if val.tta is not None:
-            choice["without_tta"] = {**C.best_threshold(val.fine), "histogram": val.fine.tolist()}
-            tta_threshold, threshold = threshold, choice["without_tta"]["threshold"]
-    dataset, loader = loader_of(test_rows)
-    accelerator.print(f"testing {checkpoint_dir} on {len(test_rows)} patches (test split {split_source})")
-    evaluation = evaluate(model, loader, accelerator, len(dataset), loss_fn, "test", objects=True, tta=tta,
-                          threshold=threshold if choice or threshold != 0.5 else None, calibrate=True,
-                          tta_threshold=tta_threshold)
+def wandb_project_of(meta: dict) -> str:
+    """The training run's wandb project, which the test appends to ("" when it had none)."""
+    return meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
 
-    metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
-    if accelerator.is_main_process:
-        report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info, evaluation, metrics, choice,
-               split_source, json_out, figures_dir, wandb_project, precision)
-    accelerator.wait_for_everyone()
-    return metrics
+
+def choose_threshold(tested: Tested, val, tta: str, val_patches: int) -> dict:
+    """The val-best choice from a validation evaluation (calibrated, with `tta`), chosen on validation only, so the
+    test data cannot move it. One threshold per kind of probabilities: the TTA-averaged ones (what --tta predicts
+    with, threshold.json's top level) and, with TTA, the plain ones (under `without_tta`)."""
+    chosen_on = val.tta if val.tta is not None else val
+    choice = {**C.best_threshold(chosen_on.fine), "chosen_on": "val", "val_patches": val_patches, "tta": tta,
+              "checkpoint": str(tested.checkpoint_dir), "checkpoint_step": tested.meta.get("step"),
+              "histogram": chosen_on.fine.tolist()}
+    if val.tta is not None:
+        choice["without_tta"] = {**C.best_threshold(val.fine), "histogram": val.fine.tolist()}
+    return choice
 
 
 def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
@@ -178,32 +225,15 @@ def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
     return splits, source
 
 
-def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info, evaluation, metrics, choice,
-           split_source, json_out, figures_dir, wandb_project, precision) -> None:
+def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | None, options: AssessOptions) -> None:
     """Main process: the metrics file, tables per region and sample, figures, the terminal report, wandb."""
-    from smptrain.tracking import Recorder, clean_number
-
-    out_json = Path(json_out) if json_out else run_dir / TEST / TEST_METRICS
-    figures_dir = Path(figures_dir) if figures_dir else run_dir / TEST  # never next to --json: no overwrites
+    run_dir = tested.run_dir
+    out_json = Path(options.json_out) if options.json_out else run_dir / TEST / TEST_METRICS
+    figures_dir = Path(options.figures_dir) if options.figures_dir else run_dir / TEST  # never next to --json
     figures_dir.mkdir(parents=True, exist_ok=True)
-    label = f"{meta.get('run_name', run_dir.name)}, {checkpoint_dir.name}"
-    figures = write_curves(evaluation, figures_dir, "test", label=label)
-    best, worst = best_and_worst(evaluation)
-    net = accelerator.unwrap_model(model)
-    for name, chosen in (("best", best), ("worst", worst)):
-        if chosen:
-            figures[name] = sample_figure(net, dataset, chosen, evaluation.pixel, accelerator.device,
-                                          meta["bands"]["bands"], figures_dir / f"samples_{name}.png",
-                                          f"{label}\ntest: {name} samples by IoU", cfg.train.channels_last)
-    test_meta = info.metadata.loc[dataset.rows]
-    tables = {}
-    for column, group_name in (("region", "region"), ("sample_id", "sample_id")):
-        rows = by_group(evaluation, test_meta[column].to_numpy(), "test")
-        tta_rows = by_group(evaluation.tta, test_meta[column].to_numpy(), "test_tta") if evaluation.tta else None
-        tables[column] = (rows, tta_rows)
-        write_csv(rows, figures_dir / f"by_{column}.csv", group_name)
-        if tta_rows:
-            write_csv(tta_rows, figures_dir / f"by_{column}_tta.csv", group_name)
+    label = f"{tested.meta.get('run_name', run_dir.name)}, {tested.checkpoint_dir.name}"
+    figures = write_figures(tested, dataset, evaluation, figures_dir, label)
+    tables = write_tables(tested, dataset, evaluation, figures_dir)
     region_rows, region_tta = tables["region"]
     figures["regions"] = plots.groups(region_rows, "test", figures_dir / "regions.png",
                                       f"{label}\ntest: IoU per region (worst at the top)", "region", region_tta)
@@ -211,8 +241,9 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
     figures["reliability"] = plots.reliability(calibration, figures_dir / "reliability.png",
                                                f"{label}\ntest: reliability (10 bins)")
     result = {
-        "checkpoint": str(checkpoint_dir), "checkpoint_epoch": meta.get("epoch"), "checkpoint_step": meta.get("step"),
-        "split": split_source, "test_patches": len(dataset), "precision": PRECISION_NAMES[precision],
+        "checkpoint": str(tested.checkpoint_dir), "checkpoint_epoch": tested.meta.get("epoch"),
+        "checkpoint_step": tested.meta.get("step"), "split": tested.split_source, "test_patches": len(dataset),
+        "precision": PRECISION_NAMES[tested.precision],
         "metrics": {k: clean_number(v) for k, v in metrics.items()},
         "threshold": {k: v for k, v in choice.items() if k not in ("histogram", "without_tta")} if choice else None,
         "reliability": {"pixels": calibration["pixels"].tolist(),
@@ -227,8 +258,41 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
         result["threshold"]["file"] = str(threshold_file)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(result, indent=2) + "\n")
+    print_report(tested, dataset, evaluation, metrics, choice, tables)
+    click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}")
+    if wandb_project_of(tested.meta):
+        send_to_wandb(tested, metrics, figures, tables)
 
-    click.echo(f"test metrics of {checkpoint_dir.name} ({len(dataset)} patches, {PRECISION_NAMES[precision]}):")
+
+def write_figures(tested: Tested, dataset, evaluation, figures_dir: Path, label: str) -> dict:
+    """Curves, and grids of the best and worst test patches by IoU; {name: path}."""
+    figures = write_curves(evaluation, figures_dir, "test", label=label)
+    net = tested.accelerator.unwrap_model(tested.model)
+    for name, chosen in zip(("best", "worst"), best_and_worst(evaluation)):
+        if chosen:
+            figures[name] = sample_figure(net, dataset, chosen, evaluation.pixel, tested.accelerator.device,
+                                          figures_dir / f"samples_{name}.png",
+                                          f"{label}\ntest: {name} samples by IoU", tested.cfg.train.channels_last)
+    return figures
+
+
+def write_tables(tested: Tested, dataset, evaluation, figures_dir: Path) -> dict:
+    """Metrics per region and per sample id (and with TTA), as CSV files; {column: (rows, tta rows or None)}."""
+    test_meta = tested.info.metadata.loc[dataset.rows]
+    tables = {}
+    for column in ("region", "sample_id"):
+        rows = by_group(evaluation, test_meta[column].to_numpy(), "test")
+        tta_rows = by_group(evaluation.tta, test_meta[column].to_numpy(), "test_tta") if evaluation.tta else None
+        tables[column] = (rows, tta_rows)
+        write_csv(rows, figures_dir / f"by_{column}.csv", column)
+        if tta_rows:
+            write_csv(tta_rows, figures_dir / f"by_{column}_tta.csv", column)
+    return tables
+
+
+def print_report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | None, tables: dict) -> None:
+    click.echo(f"test metrics of {tested.checkpoint_dir.name} ({len(dataset)} patches, "
+               f"{PRECISION_NAMES[tested.precision]}):")
     click.echo(format_table(metrics))
     if choice:
         with_tta = f" with TTA {choice['tta']}" if choice["tta"] != "none" else ""
@@ -241,24 +305,27 @@ def report(run_dir, checkpoint_dir, meta, cfg, accelerator, model, dataset, info
     if evaluation.tta is not None:
         gain = metrics["test_tta/JaccardIndex"] - metrics["test/JaccardIndex"]
         click.echo(f"TTA changes test IoU by {gain:+.4f}")
-    click.echo(f"per region, worst first:\n{format_rows(region_rows, 'test', 'region')}")
+    click.echo(f"per region, worst first:\n{format_rows(tables['region'][0], 'test', 'region')}")
     click.echo(f"per sample_id, worst first:\n{format_rows(tables['sample_id'][0], 'test', 'sample_id', limit=5)}")
-    click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}")
-    meta_cfg = meta["config"]["log"]
-    if wandb_project:
-        # Append to the training run: same id, resume="allow" (DARTS' test-smp does the same).
-        recorder = Recorder(accelerator, run_dir, meta_cfg["wandb_project"], meta_cfg.get("wandb_entity", ""),
-                            meta.get("run_name", run_dir.name), meta["run_id"], meta["config"],
-                            Path(meta_cfg["artifact_dir"]), job="test")
-        recorder.log(metrics, step=None, write_jsonl=False)
-        recorder.summary(metrics)
-        for key, path in figures.items():
-            recorder.image(f"test/{key}", path, step=None)
-        for column, (rows, tta_rows) in tables.items():
-            recorder.table(f"test/by_{column}", rows)
-            if tta_rows:
-                recorder.table(f"test_tta/by_{column}", tta_rows)
-        recorder.finish()
+
+
+def send_to_wandb(tested: Tested, metrics: dict, figures: dict, tables: dict) -> None:
+    """Append to the training run: same id, resume="allow" (DARTS' test-smp does the same)."""
+    from smptrain.tracking import Recorder, WandbRun
+
+    meta, log = tested.meta, tested.meta["config"]["log"]
+    recorder = Recorder(tested.accelerator, tested.run_dir,
+                        WandbRun(log["wandb_project"], log.get("wandb_entity", ""), meta.get("run_name", tested.run_dir.name),
+                                 meta["run_id"], meta["config"], Path(log["artifact_dir"]), job="test"))
+    recorder.log(metrics, step=None, write_jsonl=False)
+    recorder.summary(metrics)
+    for key, path in figures.items():
+        recorder.image(f"test/{key}", path, step=None)
+    for column, (rows, tta_rows) in tables.items():
+        recorder.table(f"test/by_{column}", rows)
+        if tta_rows:
+            recorder.table(f"test_tta/by_{column}", tta_rows)
+    recorder.finish()
 
 
 if __name__ == "__main__":

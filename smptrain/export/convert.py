@@ -23,18 +23,21 @@ import datetime
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 import torch
 
 import smptrain
-from smptrain.runs import BEST, LAST, TEST, THRESHOLD, run_of
-from smptrain.evaluation.calibration import parse_threshold
-from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_meta, resolve
-from smptrain.errors import UserError, report_user_errors
-from smptrain.export.predict import load_converted
+from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_lightning, read_meta, resolve
+from smptrain.config import plain
 from smptrain.data.labels import OUTPUT_CLASSES
+from smptrain.errors import UserError, report_user_errors
+from smptrain.evaluation.calibration import parse_threshold
+from smptrain.export.predict import load_converted
+from smptrain.model import described_model
+from smptrain.runs import BEST, LAST, TEST, THRESHOLD, run_of
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5
@@ -70,13 +73,9 @@ def recorded_threshold(checkpoint: Path, meta: dict) -> dict:
 
 def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dict, dict]:
     """The same from a DARTS Lightning checkpoint (a pickle: call only when the user trusts the file)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise UserError(f"{path} is not a readable Lightning checkpoint: {str(error)[:200]}") from None
+    ckpt, state = read_lightning(path)
     try:
         config = ckpt["hyper_parameters"]["config"]
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         model = {k: config["model"][k] for k in MODEL_KEYS}
     except (KeyError, TypeError) as error:
         raise UserError(f"{path} lacks {error} (expected a DARTS train-smp checkpoint with hyper_parameters.config)") from None
@@ -111,7 +110,7 @@ def build_converted(model: dict, bands: dict, state: dict, name: str, framework:
             "time": datetime.date.today().isoformat(),
             "name": name,
             "model_framework": framework,
-            "smptrain": _plain(extra),
+            "smptrain": plain(extra),
         },
         "statedict": clean_state_dict(state),
     }
@@ -119,10 +118,7 @@ def build_converted(model: dict, bands: dict, state: dict, name: str, framework:
 
 def self_check(path: Path, model_config: dict, state: dict) -> float:
     """Largest |logit difference| between the source weights and the file loaded as the consumer loads it."""
-    import segmentation_models_pytorch as smp
-
-    source = smp.create_model(**{**model_config, "encoder_weights": None}).eval()
-    source.load_state_dict(clean_state_dict(state))
+    source = described_model(model_config, clean_state_dict(state), str(path)).eval()
     loaded, _ = load_converted(path)
     size = 64
     x = torch.rand(2, int(model_config["in_channels"]), size, size, generator=torch.Generator().manual_seed(0))
@@ -130,24 +126,34 @@ def self_check(path: Path, model_config: dict, state: dict) -> float:
         return float((source(x) - loaded(x)).abs().max())
 
 
-def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", which: str = BEST,
-            overwrite: bool = False, trust_pickle: bool = False, bands_from: Path | None = None,
-            threshold: float | str = 0.5) -> Path:
+@dataclass(frozen=True)
+class ConvertOptions:
+    """smptrain-convert's options beside the source, the directory and the name; the defaults are the command's."""
+
+    framework: str = "smp"  # model_framework in the converted config
+    which: str = BEST  # the run's checkpoint to convert: best or last
+    overwrite: bool = False  # replace an existing file of the same name and date
+    trust_pickle: bool = False  # read a DARTS Lightning .ckpt (a pickle)
+    bands_from: Path | None = None  # a dataset whose config.toml gives a names-only checkpoint its factors
+    threshold: float | str = 0.5  # stored in config.smptrain.threshold; val-best: smptrain-test's choice
+
+
+def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = ConvertOptions()) -> Path:
     """Write the converted file and return its path (see the module docstring)."""
     if not name or "/" in name:
         raise UserError(f"--name must be a plain file name stem, got {name!r}")
-    threshold = parse_threshold(threshold)
+    threshold, overwrite = parse_threshold(options.threshold), options.overwrite
     if source.is_file() and source.suffix == ".ckpt":
-        if not trust_pickle:
+        if not options.trust_pickle:
             raise UserError(f"{source} is a Lightning pickle, and loading a pickle can run code from its author; "
                             f"pass --trust-pickle if you trust where this file comes from")
-        model, bands, state, extra = from_lightning(source, bands_from)
+        model, bands, state, extra = from_lightning(source, options.bands_from)
         if threshold == "val-best":
             raise UserError("--threshold val-best needs an smptrain run (smptrain-test chooses it); give a number")
         extra["threshold"] = threshold
     else:
-        model, bands, state, extra = from_smptrain(source, which, threshold)
-    converted = build_converted(model, bands, state, name, framework, extra)
+        model, bands, state, extra = from_smptrain(source, options.which, threshold)
+    converted = build_converted(model, bands, state, name, options.framework, extra)
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
@@ -169,19 +175,6 @@ def convert(source: Path, out_dir: Path, name: str, framework: str = "smp", whic
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def _plain(value):
-    """Only str/int/float/bool/None, lists and dicts: what a weights-only load accepts."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -207,8 +200,9 @@ def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, b
     source = Path(checkpoint)
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist")
-    target = convert(source, Path(out_dir), name, framework, which, overwrite, trust_pickle,
-                     Path(bands_from) if bands_from else None, threshold)
+    options = ConvertOptions(framework, which, overwrite, trust_pickle, Path(bands_from) if bands_from else None,
+                             threshold)
+    target = convert(source, Path(out_dir), name, options)
     click.echo(f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
 
 

@@ -24,12 +24,11 @@ import torch
 
 from smptrain.errors import UserError, report_user_errors
 from smptrain.evaluation.tta import TTA_CHOICES, averaged
+from smptrain.model import described_model
 
 
 def load_converted(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, config) from a converted file, loaded without unpickling any object."""
-    import segmentation_models_pytorch as smp
-
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
@@ -40,8 +39,7 @@ def load_converted(path: str | Path, device: str | torch.device = "cpu"):
     if not isinstance(ckpt, dict) or "config" not in ckpt or "statedict" not in ckpt:
         raise UserError(f"{path} is not a converted checkpoint (expected the keys 'config' and 'statedict')")
     config = ckpt["config"]
-    model = smp.create_model(**{**config["model"], "encoder_weights": None})
-    model.load_state_dict(ckpt["statedict"])  # strict, as SMPSegmenter
+    model = described_model(config["model"], ckpt["statedict"], str(path))  # strict, as SMPSegmenter
     return model.to(device).eval(), config
 
 

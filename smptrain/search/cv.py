@@ -30,7 +30,7 @@ import numpy as np
 
 from smptrain.runs import has_checkpoint
 from smptrain.cli import config_options, resolve_config
-from smptrain.config import Config, replace, to_dict
+from smptrain.config import Config, plain, replace, to_dict
 from smptrain.errors import UserError, report_user_errors
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
@@ -43,6 +43,32 @@ def darts_seeds(count: int) -> list[int]:
     """DARTS' `--n-randoms`: 42, 21, 69, then `random.Random(42).sample(range(9999), count - 3)`."""
     extra = random.Random(42).sample(range(9999), count - 3) if count > 3 else []
     return [*DEFAULT_SEEDS[:count], *extra]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How runs are scored, as DARTS scores them: the metrics ((key, higher is better), ...), the strategy that
+    combines several per run, and which validation of each run counts (its last, as DARTS, or its best)."""
+
+    metrics: tuple[tuple[str, bool], ...] = tuple((name, True) for name in DEFAULT_SCORING)
+    strategy: str = "harmonic"
+    score_on: str = "last"
+
+    @classmethod
+    def parse(cls, text: str, strategy: str = "harmonic", score_on: str = "last") -> "Scoring":
+        """From the command line: `--scoring val/JaccardIndex,val/loss:lower --strategy ... --score-on ...`."""
+        return cls(tuple(parse_scoring([s for s in str(text).split(",") if s.strip()])), strategy, score_on)
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys read from each run's row: its last validation's metrics, or its best's (`best/...`)."""
+        prefix = "best/" if self.score_on == "best" else ""
+        return [prefix + name for name, _ in self.metrics]
+
+    @property
+    def first(self) -> str:
+        """The first scoring metric's name (what tuning's pruner watches)."""
+        return self.metrics[0][0]
 
 
 def parse_scoring(metrics) -> list[tuple[str, bool]]:
@@ -107,9 +133,8 @@ class CVResult:
     summary: dict  # per-metric mean and std over runs
 
 
-def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int], scoring=DEFAULT_SCORING,
-                   strategy: str = "harmonic", score_on: str = "last", on_validation=None, extra: dict | None = None,
-                   say=print) -> CVResult:
+def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int], scoring: Scoring = Scoring(),
+                   on_validation=None, extra: dict | None = None, say=print) -> CVResult:
     """Run (or continue) every fold x seed of `cfg` under `cv_dir`; every rank calls it.
 
     `on_validation(validations_so_far_in_this_cv, metrics)` is called after each validation of each run; True
@@ -119,7 +144,6 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
 
     from smptrain.train import train
 
-    scoring = parse_scoring(scoring)
     main_process = PartialState().is_main_process
     definition = {"config": to_dict(cfg), "folds": list(folds), "seeds": list(seeds), **(extra or {})}
     rows = open_cv(cv_dir, definition, main_process)
@@ -158,20 +182,27 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
             break
     ordered = [rows[k] for k in sorted(rows, key=lambda k: (seeds.index(rows[k]["seed"]) if rows[k]["seed"] in seeds
                                                               else len(seeds), rows[k]["fold"]))]
-    prefix = "best/" if score_on == "best" else ""
-    score, unstable, _ = score_runs(ordered, [(prefix + n, h) for n, h in scoring], strategy)
-    summary = summarise(ordered)
+    score, unstable, _ = score_runs(ordered, [(key, higher) for key, (_, higher) in zip(scoring.keys, scoring.metrics)],
+                                    scoring.strategy)
+    result = CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered))
     if main_process:
-        outcome = {**definition, "scoring": [f"{n}:{'higher' if h else 'lower'}" for n, h in scoring],
-                   "strategy": strategy, "score_on": score_on, "status": status, "score": score,
-                   "score_is_unstable": unstable, "runs": len(ordered), "summary": summary}
-        (cv_dir / "cv.json").write_text(json.dumps(outcome, indent=2, default=_clean) + "\n")
-        if ordered:
-            from smptrain.evaluation import plots
+        write_outcome(result, definition, scoring)
+    return result
 
-            plots.cv_metrics(ordered, [prefix + n for n, _ in scoring], cv_dir / "cv_metrics.png",
-                             f"cross-validation {name}: score {score:.4f} ({strategy}, {score_on} validation)")
-    return CVResult(cv_dir, status, score, unstable, ordered, summary)
+
+def write_outcome(result: CVResult, definition: dict, scoring: Scoring) -> None:
+    """Main process: cv.json (the definition, the score, every metric's mean and std) and cv_metrics.png."""
+    outcome = {**definition, "scoring": [f"{n}:{'higher' if h else 'lower'}" for n, h in scoring.metrics],
+               "strategy": scoring.strategy, "score_on": scoring.score_on, "status": result.status,
+               "score": result.score, "score_is_unstable": result.is_unstable, "runs": len(result.rows),
+               "summary": result.summary}
+    (result.cv_dir / "cv.json").write_text(json.dumps(outcome, indent=2, default=plain) + "\n")
+    if result.rows:
+        from smptrain.evaluation import plots
+
+        plots.cv_metrics(result.rows, scoring.keys, result.cv_dir / "cv_metrics.png",
+                         f"cross-validation {result.cv_dir.name}: score {result.score:.4f} ({scoring.strategy}, "
+                         f"{scoring.score_on} validation)")
 
 
 def open_cv(cv_dir: Path, definition: dict, main_process: bool) -> dict[str, dict]:
@@ -182,13 +213,13 @@ def open_cv(cv_dir: Path, definition: dict, main_process: bool) -> dict[str, dic
     if state.is_file():
         stored = json.loads(state.read_text())
         for key in ("config", "folds", "seeds"):
-            if stored.get(key) != json.loads(json.dumps(definition[key], default=_clean)):
+            if stored.get(key) != json.loads(json.dumps(definition[key], default=plain)):
                 differing = _first_difference(stored.get(key), definition[key], key)
                 raise UserError(f"{cv_dir} holds a cross-validation with a different {differing}; continue it with "
                                 f"the same configuration, or choose another --name")
     elif main_process:
         cv_dir.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({**definition, "status": "running"}, indent=2, default=_clean) + "\n")
+        state.write_text(json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
     PartialState().wait_for_everyone()
     table = cv_dir / "runs.parquet"
     if not table.is_file():
@@ -236,15 +267,9 @@ def summarise(rows: list[dict]) -> dict:
 def _first_difference(a, b, where: str) -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
-            if json.dumps(a.get(key), default=_clean) != json.dumps(b.get(key), default=_clean):
+            if json.dumps(a.get(key), default=plain) != json.dumps(b.get(key), default=plain):
                 return _first_difference(a.get(key), b.get(key), f"{where}.{key}")
     return f"{where} ({a!r} there, {b!r} now)"
-
-
-def _clean(value):
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
 
 
 def fold_count(cfg: Config, requested: int | None) -> list[int]:
@@ -271,16 +296,16 @@ def parse_seeds(text: str, n_randoms: int | None = None) -> list[int]:
     return seeds
 
 
-def print_result(result: CVResult, scoring, strategy: str) -> None:
+def print_result(result: CVResult, scoring: Scoring) -> None:
     click.echo(f"cross-validation {result.cv_dir.name}: {len(result.rows)} run(s), {result.status}")
     for row in result.rows:
-        metrics = "  ".join(f"{n}={_fmt(row.get(n))}" for n, _ in parse_scoring(scoring))
+        metrics = "  ".join(f"{n}={_fmt(row.get(n))}" for n, _ in scoring.metrics)
         click.echo(f"  fold {row['fold']} seed {row['seed']:<5} {row['status']:<13} {metrics}")
     for key, stats in result.summary.items():
         if not key.startswith("val/") or stats["mean"] is None:
             continue
         click.echo(f"  {key:<22} mean {stats['mean']:.4f}  std {_fmt(stats['std'])}")
-    click.echo(f"score ({strategy}): {result.score:.4f}{' (unstable runs)' if result.is_unstable else ''}\n"
+    click.echo(f"score ({scoring.strategy}): {result.score:.4f}{' (unstable runs)' if result.is_unstable else ''}\n"
                f"wrote {result.cv_dir / 'runs.csv'}, runs.parquet, cv.json and cv_metrics.png")
 
 
@@ -310,18 +335,17 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
     cfg = resolve_config(config_path, overrides, debug)
-    scoring_list = [s for s in scoring.split(",") if s.strip()]
-    parse_scoring(scoring_list)
+    scoring = Scoring.parse(scoring, strategy, score_on)
     name = name or new_run_name(Path(cfg.log.artifact_dir))
     if "/" in name:
         raise UserError(f"--name must be a plain directory name, got {name!r}")
     result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, fold_count(cfg, folds), parse_seeds(seeds, n_randoms),
-                            scoring_list, strategy, score_on)
+                            scoring)
     end_processes()
     if result.status == "interrupted":
         print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
         sys.exit(130)
-    print_result(result, scoring_list, strategy)
+    print_result(result, scoring)
 
 
 if __name__ == "__main__":

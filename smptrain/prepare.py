@@ -1,0 +1,215 @@
+"""Everything a run needs before its first step, built once by `set_up()`: the `Run` the loop in `train.py` shares.
+
+In order: the accelerator and precision; the data as it is on disk and the split manifest; model and optimizer;
+the training and validation feeds; every remaining check of config and data; and only then the run directory (new,
+or the one being resumed), the resumed state and the trackers. A mistake found before the run directory exists
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from smptrain.checkpoint import CheckpointKeeper, TrainState, read_meta
+from smptrain.config import Config, replace, to_dict
+from smptrain.data.batches import TrainBatches
+from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
+from smptrain.data.labels import OUTPUT_CLASSES
+from smptrain.data.splits import make_splits
+from smptrain.divergence import NonFiniteGuard
+from smptrain.errors import UserError
+from smptrain.losses import Loss, loss_from_config
+from smptrain.model import build_model, check_patch_size, determinism_note, warm_start
+from smptrain.runs import (BEST, LAST, STATE, SPLITS, absolute_paths, checkpoint_link, find_data, has_checkpoint,
+                           open_run, remover, require_same_data)
+from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
+from smptrain.signals import StopSignal
+from smptrain.tracking import Recorder, WandbRun
+
+
+@dataclass
+class Run:
+    """Everything a run's phases share; built once by `set_up()`."""
+
+    cfg: Config
+    accelerator: object
+    precision: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Loss
+    train_set: PatchDataset
+    val_set: PatchDataset
+    batches: TrainBatches
+    train_loader: object
+    val_loader: object
+    run_dir: Path
+    recorder: Recorder
+    keeper: CheckpointKeeper
+    state: TrainState
+    stop: "StopSignal"
+    guard: "NonFiniteGuard | None"
+    previews: list[int]
+    val_regions: list[str]  # the region of each validation sample, for per-region IoU
+    best: dict = field(default_factory=dict)
+    last: dict = field(default_factory=dict)
+    skipped_in_row: int = 0  # fp16 steps the grad scaler skipped in a row, and in all
+    skipped_total: int = 0
+
+
+def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: bool = False) -> Run:
+    """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
+    resumed state and the trackers."""
+    cfg, given = run_paths(cfg, resume)
+    precision, accelerator = start_accelerator(cfg)
+    # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
+    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
+    if resume is not None:
+        require_same_data(resume, info)
+    band_indices = info.band_indices(cfg.data.bands)
+    # Every check of config and data comes before anything is written: a mistake found once the run directory
+    # exists would leave it behind, and the corrected command would then stop with "already exists".
+    bands = info.band_meta(band_indices)  # a band without normalisation is refused here
+    loss_fn = loss_from_config(cfg.train)
+    splits = (json.loads((resume / SPLITS).read_text()) if resume
+              else make_splits(info.metadata, cfg.data, cfg.train.seed))
+    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
+                                          None if resume else cfg.model.weights_from, trust_pickle)
+    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
+                                                                       optimizer_state_to_come(optimizer))
+    note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
+                            accelerator.device.type, cfg.train.deterministic)
+    if note:
+        accelerator.print(note)
+
+    # Only now the run directory (named once by the main process); `meta` (None for a new run) decides resuming.
+    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
+    state, recorder = start_recording(accelerator, cfg, run_dir, run_name, run_id, meta, stop)
+    describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
+                    patch_size=info.patch_size,
+                    model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
+                           "classes": OUTPUT_CLASSES},
+                    bands=bands, config=to_dict(cfg))
+    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, model=model, optimizer=optimizer, loss_fn=loss_fn,
+              train_set=train_set, val_set=val_set, batches=batches, train_loader=train_loader, val_loader=val_loader,
+              run_dir=run_dir, recorder=recorder,
+              keeper=CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state=state,
+              stop=stop, guard=NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
+              previews=pick_previews(info, splits["val"]),
+              val_regions=info.metadata.loc[val_set.rows, "region"].astype(str).tolist())
+    if meta:
+        run.last = meta.get("metrics") or {}
+        run.best = read_meta(checkpoint_link(run_dir, BEST)).get("metrics", {}) if has_checkpoint(run_dir, BEST) else {}
+    accelerator.print(f"loss: {run.loss_fn.describe()}")
+    return run
+
+
+def run_paths(cfg: Config, resume: Path | None) -> tuple[Config, dict]:
+    """cfg with absolute paths (so the run can be tested, converted and resumed from anywhere) and the paths as
+    given; a resumed run finds its data again if it moved with the run, and lives where its directory is now."""
+    if resume is None:
+        return absolute_paths(cfg)
+    cfg = find_data(resume, cfg)
+    return replace(cfg, **{"log.artifact_dir": str(resume.absolute().parent)}), {}
+
+
+def start_accelerator(cfg: Config):
+    """(precision, Accelerator), with torch's CPU threads set, and the choice said once."""
+    precision, why = choose_precision(cfg.train.mixed_precision)
+    accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
+                                   cfg.train.deterministic)
+    threads = configure_threads(cfg.train.threads, local_processes(accelerator))
+    accelerator.print(f"precision: {describe_precision(precision)} ({why}); {threads} CPU thread(s) per process")
+    return precision, accelerator
+
+
+def start_recording(accelerator, cfg: Config, run_dir: Path, run_name: str, run_id: str, meta: dict | None,
+                    stop: StopSignal) -> tuple[TrainState, Recorder]:
+    """The training state (a resumed run's from its `last` checkpoint, with weights, optimizer and RNG) and the
+    trackers. A new run that fails here, or ends before its first checkpoint, leaves no directory."""
+    if not meta:
+        stop.undo = remover(accelerator, run_dir)
+    try:
+        state = TrainState(**meta["train_state"]) if meta else TrainState()
+        accelerator.print(f"run directory: {run_dir}")
+        if meta:
+            restore(accelerator, run_dir, run_name, state)
+        wandb = (WandbRun(cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id, to_dict(cfg),
+                          Path(cfg.log.artifact_dir), group=cfg.log.wandb_group) if cfg.log.wandb_project else None)
+        recorder = Recorder(accelerator, run_dir, wandb, resume_step=state.step if meta else None)
+    except Exception:
+        if stop.undo is not None:
+            stop.undo()
+            stop.undo = None
+        raise
+    if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
+        state.early_stopped = False  # the patience was raised on resume
+    return state, recorder
+
+
+def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
+                       weights_from: str | None = None, trust_pickle: bool = False):
+    """The model (same initial weights on every rank, or those of `weights_from`) and AdamW, prepared by
+    Accelerate. A resumed run skips `weights_from`: its own checkpoint comes back afterwards."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, cfg.model.encoder_weights)
+    check_patch_size(model, cfg.model.arch, patch_size)
+    if weights_from:
+        warm_start(model, weights_from, trust_pickle)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
+    # does the skipping and counts it, which only works with the unfused optimizer.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                  fused=precision != "fp16")
+    if cfg.train.compile:
+        model = torch.compile(model)
+    # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.train.seed, device_specific=True)  # from here on each rank draws its own random numbers
+    return model, optimizer
+
+
+def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int], still_to_come: int = 0):
+    """Training and validation sets, this rank's samplers, and the feeds that bring their batches to the device.
+    `still_to_come`: bytes the optimizer will allocate at its first step, kept free when placing patches."""
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory, cfg.data.reader)
+    val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices,
+                                                                                cfg.data.in_memory, cfg.data.reader)
+    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps)
+    if batches.steps_per_epoch == 0:
+        raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
+                        f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
+    if cfg.data.in_memory:
+        where = place_in_memory([train_set, val_set], device, cfg.data.memory_device, still_to_come)
+        size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
+        accelerator.print(f"patches in memory on the {'device' if where == 'device' else 'host'} ({size / 2**30:.2f} GiB)")
+    train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
+    val_loader = evaluation_feed(val_set, cfg.train.batch_size, accelerator, cfg.data, cfg.train.seed,
+                                 cfg.train.channels_last)
+    return train_set, val_set, batches, train_loader, val_loader
+
+
+def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:
+    """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
+    state_dir = checkpoint_link(run_dir, LAST) / STATE
+    try:
+        accelerator.load_state(str(state_dir))
+    except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
+        raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
+    accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
+
+
+def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:
+    """Fixed preview samples: the first few validation patches with and without positives (positions in val)."""
+    empty = info.metadata.loc[val_rows, "empty"].astype(bool).to_numpy()
+    pos = [i for i, e in enumerate(empty) if not e][:positives]
+    neg = [i for i, e in enumerate(empty) if e][:negatives]
+    return pos + neg
