@@ -16,6 +16,8 @@ from smptrain.data.splits import make_splits
 from smptrain.config import load_config
 from smptrain.data.dataset import open_dataset
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 TEST_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
              "HammingDistance", "AUROC", "AveragePrecision", "loss", "InstanceAccuracy", "InstancePrecision",
              "InstanceRecall", "InstanceF1Score", "InstanceAveragePrecision", "BoundaryIoU", "ExpectedCalibrationError"]

@@ -16,6 +16,8 @@ from conftest import CURRENT_BANDS, run, tiny_config, write_current_dataset
 from smptrain.data.bands import TABLE, VALID_RANGES
 from smptrain.data.dataset import open_dataset
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 
 @pytest.fixture(scope="module")
 def current_dir(tmp_path_factory) -> Path:

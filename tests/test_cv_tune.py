@@ -16,6 +16,8 @@ import pytest
 from conftest import BIN, cli_env, run, tiny_config
 from smptrain.search.cv import darts_seeds, score_runs
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 
 def harmonic(values):
     return len(values) / sum(1 / v for v in values)

@@ -10,6 +10,8 @@ import torch
 
 from conftest import check_patience_one, launch_two, run, tiny_config
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, demo_dir):

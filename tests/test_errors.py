@@ -11,6 +11,8 @@ import zarr
 
 from conftest import run, tiny_config as _tiny_config, write_foreign_dataset
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 
 def tiny_config(tmp, root, name="tiny.toml", **sections):
     """configs/tiny.toml for the foreign dataset's regions (North, South, West, East)."""

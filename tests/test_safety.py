@@ -11,6 +11,8 @@ import torch
 
 from conftest import run
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 
 class Payload:
     def __init__(self, marker):

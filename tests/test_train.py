@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from conftest import check_patience_one, cli_env, run, tiny_config
 from smptrain.data.dataset import open_dataset
 
+pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
+
 PIXEL_KEYS = ["Accuracy", "Precision", "Specificity", "Recall", "F1Score", "JaccardIndex", "CohenKappa",
               "HammingDistance", "AUROC", "AveragePrecision", "loss"]
 
