@@ -108,3 +108,15 @@ def test_the_names_inside_a_run_directory_are_written_in_runs_py_only():
     found = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py") if path.name != "runs.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
     assert not found, found
+
+
+def test_every_subpackage_is_a_package_that_installs():
+    """A folder of modules without __init__.py imports from a checkout but is left out of a wheel."""
+    from pathlib import Path
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    folders = {".".join(p.parent.relative_to(root).parts) for p in (root / "smptrain").rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert folders == set(find_packages(str(root), include=["smptrain*"]))

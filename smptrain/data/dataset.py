@@ -16,7 +16,6 @@ each batch.
 
 from __future__ import annotations
 
-import math
 import os
 import tomllib
 from dataclasses import dataclass

@@ -22,7 +22,6 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from smptrain.choices import FOLD_METHODS, SPLIT_METHODS
 from smptrain.errors import UserError
 
 RANDOM_SPLIT_SEED = 42  # the user's guide: "the seed is always 42"
