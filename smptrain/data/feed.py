@@ -23,7 +23,7 @@ from smptrain.data.dataset import PatchDataset
 from smptrain.data.batches import EvalBatches, make_loader
 from smptrain.runtime import indexed, same_device
 
-MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of its free memory
+MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of the room for them
 
 
 def room_for_patches(free: int, reserved: int, allocated: int, still_to_come: int) -> float:
