@@ -18,22 +18,8 @@ from pathlib import Path
 
 from smptrain.choices import (AUGMENTATIONS, FOLD_METHODS, LOSSES, MEMORY_DEVICES, PRECISION_CHOICES, READERS,
                               SPLIT_METHODS)
+from smptrain.darts_config import DARTS_KEYS, Reading, darts_override, merge_darts
 from smptrain.errors import UserError
-
-# DARTS train-smp flag names (hyphens as underscores) -> our section.key, for "did you mean" messages.
-DARTS_NAMES = {
-    "train_data_dir": "data.dir", "data_split_method": "data.split_method", "data_split_by": "data.split_by",
-    "fold_method": "data.fold_method", "total_folds": "data.total_folds", "num_workers": "data.num_workers",
-    "model_arch": "model.arch", "model_encoder": "model.encoder", "model_encoder_weights": "model.encoder_weights",
-    "learning_rate": "train.lr", "focal_loss_alpha": "train.focal_alpha", "focal_loss_gamma": "train.focal_gamma",
-    "check_val_every_n_epoch": "train.val_every_n_epochs", "random_seed": "train.seed",
-    "plot_every_n_val_epochs": "log.preview_every_n_val", "run_name": "log.run_name", "artifact_dir": "log.artifact_dir",
-    "max_epochs": "train.max_epochs", "batch_size": "train.batch_size", "augment": "train.augment",
-    "early_stopping_patience": "train.early_stopping_patience", "log_every_n_steps": "log.log_every_n_steps",
-    "wandb_project": "log.wandb_project", "wandb_entity": "log.wandb_entity", "bands": "data.bands",
-    "subsample": "data.subsample", "weights_from_checkpoint": "model.weights_from", "name": "log.run_name",
-}
-
 
 def setting(default, *, one_of: tuple | None = None, at_least: float | None = None, rule=None):
     """A config field with its constraint beside it: `one_of` (each element, for a list), `at_least`, or `rule` =
@@ -121,6 +107,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
 
+_SECTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
 def replace(cfg: Config, **changes) -> Config:
     """`cfg` with dotted keys changed: `replace(cfg, **{"data.fold": 2, "train.seed": 21})` (frozen dataclasses,
     so every section that changes is rebuilt)."""
@@ -132,13 +121,31 @@ def replace(cfg: Config, **changes) -> Config:
                                        for section, values in sections.items()})
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A configuration as read: the Config, and what a DARTS `[darts]` table in the file said (its command options
+    and how each key was read; empty without one)."""
+
+    config: Config
+    darts: Reading = field(default_factory=Reading)
+    source: str = "the defaults"
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), base: dict | None = None,
                 base_source: str = "the defaults") -> Config:
     """Read a TOML config (or start from `base`, a nested dict, or the defaults when `path` is None) and apply
     `section.key=value` overrides."""
+    return read_config(path, overrides, base, base_source).config
+
+
+def read_config(path: str | Path | None, overrides: typing.Sequence[str] = (), base: dict | None = None,
+                base_source: str = "the defaults") -> Loaded:
+    """`load_config` with what a `[darts]` table said. Precedence: defaults < `[darts]` < our own sections <
+    `--set`. A `[hyperparameters]` table (DARTS' tuning space, read by smptrain-tune) is left to its reader."""
     import copy
 
     raw: dict = copy.deepcopy(base) if base is not None and path is None else {}
+    darts = Reading()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -147,12 +154,20 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), b
             raw = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as error:
             raise UserError(f"config file {path} is not valid TOML: {error}") from None
+        if isinstance(raw.get("hyperparameters"), dict):
+            raw.pop("hyperparameters")
+        if "darts" in raw:
+            darts = merge_darts(raw, path, _SECTIONS, _check_one)
     source = str(path) if path is not None else base_source
     for item in overrides:
         key, sep, text = item.partition("=")
-        if not sep or "." not in key:
+        if not sep:
             raise UserError(f"--set {item!r} must look like section.key=value, e.g. train.lr=3e-4")
-        section, _, name = key.strip().partition(".")
+        key = key.strip()
+        if "." not in key or key.startswith("darts."):  # a DARTS name: --set learning-rate=4e-4
+            key = darts_override(key.removeprefix("darts."))
+        section, _, name = key.partition(".")
+        name = name.replace("-", "_")
         value = _parse_value(text.strip())
         # Check the key and its type here, so the error names --set rather than the file it would land in.
         from_dict({section: {name: value}}, f"--set {section}.{name}", choices=False)
@@ -160,7 +175,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), b
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] in {source} must be a table")
         raw[section][name] = value
-    return from_dict(raw, source)
+    return Loaded(from_dict(raw, source), darts, source)
+
+
+def _check_one(section: str, name: str, value, source: str) -> None:
+    """One key's type and its own constraint, with the error naming `source`."""
+    cfg = from_dict({section: {name: value}}, source, choices=False)
+    f = next(f for f in dataclasses.fields(getattr(cfg, section)) if f.name == name)
+    _check_field(f"{section}.{name}", getattr(getattr(cfg, section), name), f.metadata, source)
 
 
 def from_dict(raw: dict, source: str = "config", choices: bool = True) -> Config:
@@ -178,6 +200,7 @@ def from_dict(raw: dict, source: str = "config", choices: bool = True) -> Config
         field_types = typing.get_type_hints(cls)
         kwargs = {}
         for key, value in values.items():
+            key = key.replace("-", "_")  # hyphenated as DARTS writes keys: max-epochs = max_epochs
             if key not in field_types:
                 where = " (given with --set)" if source.startswith("--set") else f" in {source}"
                 raise UserError(f"unknown key {section}.{key}{where}{_suggest(key, field_types, section)}")
@@ -299,13 +322,13 @@ def _suggest(name: str, valid, section: str | None = None) -> str:
     """'; did you mean X?' for an unknown key: DARTS' flag names and common synonyms first (also misspelt), then
     the most similar key name in any section, this section winning ties."""
     name = name.replace("-", "_")
-    darts = DARTS_NAMES.get(name)
+    darts = DARTS_KEYS.get(name)
     if darts and section is not None:
         return f"; did you mean {darts} (DARTS' --{name.replace('_', '-')})?"
     if section is None:
         close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
         return f"; did you mean {close[0]}?" if close else f"; valid: {', '.join(valid)}"
-    known = {**SYNONYMS, **DARTS_NAMES}
+    known = {**SYNONYMS, **DARTS_KEYS}
     word = difflib.get_close_matches(name, list(known), n=1, cutoff=0.8)
     if word:
         return f"; did you mean {known[word[0]]}?"
@@ -324,17 +347,20 @@ def _check_settings(cfg: Config, source: str) -> None:
     for section in dataclasses.fields(cfg):
         values = getattr(cfg, section.name)
         for f in dataclasses.fields(values):
-            key, value, rule = f"{section.name}.{f.name}", getattr(values, f.name), f.metadata
-            if rule.get("one_of"):
-                for item in value if isinstance(value, tuple) else (value,):
-                    if item not in rule["one_of"]:
-                        raise UserError(f"{key} in {source} must be one of {', '.join(rule['one_of'])}, got {item!r}")
-            if rule.get("at_least") is not None and value < rule["at_least"]:
-                raise UserError(f"{key} in {source} must be at least {rule['at_least']}, got {value!r}")
-            if rule.get("rule") is not None and not rule["rule"][0](value):
-                shown = {k: list(v) for k, v in value.items()} if isinstance(value, dict) else value
-                raise UserError(f"{key} in {source} must be {rule['rule'][1]}, got {shown!r}")
+            _check_field(f"{section.name}.{f.name}", getattr(values, f.name), f.metadata, source)
     _check_combinations(cfg, source)
+
+
+def _check_field(key: str, value, rule, source: str) -> None:
+    if rule.get("one_of"):
+        for item in value if isinstance(value, tuple) else (value,):
+            if item not in rule["one_of"]:
+                raise UserError(f"{key} in {source} must be one of {', '.join(rule['one_of'])}, got {item!r}")
+    if rule.get("at_least") is not None and value < rule["at_least"]:
+        raise UserError(f"{key} in {source} must be at least {rule['at_least']}, got {value!r}")
+    if rule.get("rule") is not None and not rule["rule"][0](value):
+        shown = {k: list(v) for k, v in value.items()} if isinstance(value, dict) else value
+        raise UserError(f"{key} in {source} must be {rule['rule'][1]}, got {shown!r}")
 
 
 def _check_combinations(cfg: Config, source: str) -> None:

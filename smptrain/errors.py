@@ -16,6 +16,11 @@ class UserError(Exception):
     """A problem with the user's input: its message names the file, key or value and what was expected."""
 
 
+class CannotBuild(UserError):
+    """The configured model cannot be built or cannot take the run's patches (architecture, encoder and patch size
+    together); cross-validation and tuning record it as a failed trial and go on."""
+
+
 def report_user_errors(main):
     """Wrap a CLI entry point: a `UserError` becomes one line on stderr and exit code 2.
 

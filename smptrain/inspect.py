@@ -2,8 +2,9 @@
 
     smptrain-inspect --config FILE [--set section.key=value ...] [--json OUT]
 
-It checks the layout (files, shapes, dtypes, band names, metadata index), scans every value (labels in {0, 1, 2},
-finite inputs, the `empty` column agreeing with the labels), then prints per-split and per-fold statistics.
+It prints how each key of a DARTS `[darts]` table was read, checks the layout (files, shapes, dtypes, band names,
+metadata index), scans every value (labels in {0, 1, 2}, finite inputs, the `empty` column agreeing with the
+labels), builds the model and passes one zero patch through it, then prints per-split and per-fold statistics.
 `--json OUT` writes the split manifest {"train", "val", "test"} of sorted zarr row numbers, the same file training
 writes as `splits.json`. Exit status 2, after the report, when training would refuse the dataset or the
 configuration (damaged values, a training band without normalisation).
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import click
 
-from smptrain.cli import config_options, resolve_config
+from smptrain.cli import config_options, resolve
+from smptrain.prepare import check_model_of
 from smptrain.data.dataset import open_dataset, scan_values
 from smptrain.errors import UserError, report_user_errors
 from smptrain.data.splits import make_splits, split_fold, split_stats, split_test
@@ -35,7 +37,12 @@ def describe(name: str, stats: dict) -> str:
 @report_user_errors
 def main(json_out, config_path, overrides, debug):
     """Validate the dataset of a config and print split and fold statistics."""
-    cfg = resolve_config(config_path, overrides, debug)
+    loaded = resolve(config_path, overrides, debug)
+    cfg = loaded.config
+    if loaded.darts.lines:
+        click.echo(f"DARTS configuration [darts] in {loaded.source}, read as:")
+        for key, value, target in loaded.darts.lines:
+            click.echo(f"  {key} = {value!r} -> {target}")
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     bands = [info.bands[i] for i in info.band_indices(cfg.data.bands)]
     click.echo(f"dataset {info.root}: {info.num_rows} zarr rows, {len(info.metadata)} in metadata, "
@@ -79,6 +86,11 @@ def main(json_out, config_path, overrides, debug):
     errors = [f"{info.root / 'data.zarr'}: " + "; ".join(problems) + "; training stops on such patches"] if problems else []
     try:
         info.band_meta(info.band_indices(cfg.data.bands))  # what training refuses before it writes anything
+    except UserError as error:
+        errors.insert(0, str(error))
+    try:
+        check_model_of(cfg)
+        click.echo(f"model: {cfg.model.arch} with {cfg.model.encoder} takes {info.patch_size} x {info.patch_size} patches")
     except UserError as error:
         errors.insert(0, str(error))
     if errors:

@@ -7,11 +7,12 @@ DARTS builds the model with `activation="sigmoid"` and feeds its probabilities t
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
 
-from smptrain.errors import UserError
+from smptrain.errors import CannotBuild, UserError
 from smptrain.data.labels import OUTPUT_CLASSES
 
 
@@ -31,7 +32,7 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
                                  classes=OUTPUT_CLASSES)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
         message = str(error).strip("'\"").split("\n")[0]
-        raise UserError(f"model.arch = {arch!r} with model.encoder = {encoder!r} cannot be built: {message}") from None
+        raise CannotBuild(f"model.arch = {arch!r} with model.encoder = {encoder!r} cannot be built: {message}") from None
     if local is not None:
         load_encoder_weights(model, local, encoder, in_channels)
     return model
@@ -129,10 +130,42 @@ def check_patch_size(model: torch.nn.Module, arch: str, patch_size: int) -> None
     """Fail early when the architecture cannot take this patch size (Unet needs a multiple of 32)."""
     stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32) or 32)
     if patch_size % stride:
-        raise UserError(
+        raise CannotBuild(
             f"patch size {patch_size} is not divisible by {stride}, the output stride of {arch} with this encoder; "
             f"use patches of {patch_size // stride * stride or stride} or {(patch_size // stride + 1) * stride} pixels"
         )
+
+
+def check_forward(model: torch.nn.Module, arch: str, encoder: str, in_channels: int, patch_size: int,
+                  device: torch.device, autocast=contextlib.nullcontext, channels_last: bool = False) -> None:
+    """One forward pass of a zero batch (1 x channels x patch x patch) on the training device, without gradients
+    and in eval mode (no BatchNorm statistic moves, no random number is drawn): what an architecture, an encoder and
+    a patch size cannot do together (a timm window that does not divide the feature map, a stage that pools to
+    nothing) fails here as one sentence, before the run directory exists."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, in_channels, patch_size, patch_size, device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.no_grad(), autocast():
+            shape = tuple(model(x).shape)
+    except torch.OutOfMemoryError:
+        raise UserError(f"model.arch = {arch!r} with model.encoder = {encoder!r} does not fit on {device} even for "
+                        f"one {patch_size} x {patch_size} patch") from None
+    except Exception as error:  # the library's own reason, whatever it raised (timm asserts)
+        raise CannotBuild(f"model.arch = {arch!r} with model.encoder = {encoder!r} cannot take {patch_size} x "
+                          f"{patch_size} patches: {_reason(error)}") from None
+    finally:
+        model.train(was_training)
+    if shape[-2:] != (patch_size, patch_size):
+        raise CannotBuild(f"model.arch = {arch!r} with model.encoder = {encoder!r} turns {patch_size} x {patch_size} "
+                          f"patches into {shape[-2]} x {shape[-1]} logits; choose another patch size or encoder")
+
+
+def _reason(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).strip().strip("'\"").splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
 
 
 def segmentation_logits(model: torch.nn.Module, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:

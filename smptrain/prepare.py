@@ -24,7 +24,7 @@ from smptrain.data.splits import make_splits
 from smptrain.divergence import NonFiniteGuard
 from smptrain.errors import UserError
 from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_patch_size, determinism_note, warm_start
+from smptrain.model import build_model, check_forward, check_patch_size, determinism_note, warm_start
 from smptrain.runs import (BEST, LAST, STATE, SPLITS, absolute_paths, checkpoint_link, find_data, has_checkpoint,
                            open_run, remover, require_same_data)
 from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
@@ -108,6 +108,20 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
     return run
 
 
+def check_model_of(cfg: Config) -> None:
+    """What `set_up` checks of the model, alone: cfg's model built and a zero batch passed through it at the
+    dataset's patch size on this process's device (fp32), so that a cross-validation or tuning trial that cannot be
+    built fails before its directory exists. Raises `CannotBuild` with the reason."""
+    from accelerate import PartialState
+
+    info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
+    channels = len(info.band_indices(cfg.data.bands))
+    model = build_model(cfg.model.arch, cfg.model.encoder, channels, "none")
+    check_patch_size(model, cfg.model.arch, info.patch_size)
+    device = PartialState().device
+    check_forward(model.to(device), cfg.model.arch, cfg.model.encoder, channels, info.patch_size, device)
+
+
 def run_paths(cfg: Config, resume: Path | None) -> tuple[Config, dict]:
     """cfg with absolute paths (so the run can be tested, converted and resumed from anywhere) and the paths as
     given; a resumed run finds its data again if it moved with the run, and lives where its directory is now."""
@@ -164,6 +178,8 @@ def build_for_training(cfg: Config, accelerator, precision: str, in_channels: in
         warm_start(model, weights_from, trust_pickle)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    check_forward(model.to(accelerator.device), cfg.model.arch, cfg.model.encoder, in_channels, patch_size,
+                  accelerator.device, accelerator.autocast, cfg.train.channels_last)
     # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
     # does the skipping and counts it, which only works with the unfused optimizer.
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,

@@ -29,7 +29,7 @@ import click
 import numpy as np
 
 from smptrain.runs import has_checkpoint
-from smptrain.cli import config_options, resolve_config
+from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
 from smptrain.errors import UserError, report_user_errors
 
@@ -57,6 +57,9 @@ class Scoring:
     @classmethod
     def parse(cls, text: str, strategy: str = "harmonic", score_on: str = "last") -> "Scoring":
         """From the command line: `--scoring val/JaccardIndex,val/loss:lower --strategy ... --score-on ...`."""
+        if strategy not in STRATEGIES:
+            raise UserError(f"--strategy (DARTS' multi-score-strategy) must be one of {', '.join(STRATEGIES)}, "
+                            f"got {strategy!r}")
         return cls(tuple(parse_scoring([s for s in str(text).split(",") if s.strip()])), strategy, score_on)
 
     @property
@@ -137,13 +140,16 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
                    on_validation=None, extra: dict | None = None, say=print) -> CVResult:
     """Run (or continue) every fold x seed of `cfg` under `cv_dir`; every rank calls it.
 
+    A model that cannot be built raises `CannotBuild` before anything is written.
     `on_validation(validations_so_far_in_this_cv, metrics)` is called after each validation of each run; True
     prunes the CV (tuning's pruner). `extra` is recorded in cv.json (a tuning trial's parameters).
     """
     from accelerate import PartialState
 
+    from smptrain.prepare import check_model_of
     from smptrain.train import train
 
+    check_model_of(cfg)  # a model that cannot be built, or cannot take these patches, stops here: nothing written
     main_process = PartialState().is_main_process
     definition = {"config": to_dict(cfg), "folds": list(folds), "seeds": list(seeds), **(extra or {})}
     rows = open_cv(cv_dir, definition, main_process)
@@ -314,38 +320,58 @@ def _fmt(value) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--folds", type=int, default=None, help="Run folds 0..N-1 (default: all data.total_folds).")
-@click.option("--seeds", default="42,21,69", show_default=True, help="Comma-separated seeds (train.seed) per fold.")
+@click.option("--folds", type=int, default=None, help="Run folds 0..N-1 (default: DARTS' n-folds, else all data.total_folds).")
+@click.option("--seeds", default=None, help="Comma-separated seeds (train.seed) per fold [default: 42,21,69].")
 @click.option("--n-randoms", type=int, default=None,
               help="DARTS' --n-randoms instead of --seeds: 42, 21, 69, then random.Random(42).sample(range(9999), N - 3).")
 @click.option("--name", default=None, help="CV name, the directory {log.artifact_dir}/NAME; the same name continues it.")
-@click.option("--scoring", default=",".join(DEFAULT_SCORING), show_default=True,
-              help="Comma-separated metrics, each optionally :higher or :lower.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="harmonic", show_default=True,
-              help="How several scoring metrics combine per run.")
+@click.option("--scoring", default=None, help="Comma-separated metrics, each optionally :higher or :lower "
+                                              f"[default: {','.join(DEFAULT_SCORING)}].")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="How several scoring metrics combine per run [default: harmonic].")
 @click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Score each run's last validation (DARTS) or its best one.")
 @config_options
 @report_user_errors
 def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path, overrides, debug):
-    """Cross-validate a configuration: every fold x seed, scored as DARTS scores them."""
+    """Cross-validate a configuration: every fold x seed, scored as DARTS scores them. A DARTS [darts] table gives
+    n-folds, n-randoms, scoring-metric, multi-score-strategy and cv-name where the command line does not."""
     from smptrain.runtime import end_processes
     from smptrain.tracking import new_run_name
 
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
-    cfg = resolve_config(config_path, overrides, debug)
-    scoring = Scoring.parse(scoring, strategy, score_on)
-    name = name or new_run_name(Path(cfg.log.artifact_dir))
+    loaded = resolve(config_path, overrides, debug)
+    cfg, plan = loaded.config, cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on)
+    name = given_or(name, loaded, "cv_name") or new_run_name(Path(cfg.log.artifact_dir))
     if "/" in name:
         raise UserError(f"--name must be a plain directory name, got {name!r}")
-    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, fold_count(cfg, folds), parse_seeds(seeds, n_randoms),
-                            scoring)
+    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, plan.folds, plan.seeds, plan.scoring)
     end_processes()
     if result.status == "interrupted":
         print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
         sys.exit(130)
-    print_result(result, scoring)
+    print_result(result, plan.scoring)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The runs of a cross-validation and how they are scored."""
+
+    folds: list[int]
+    seeds: list[int]
+    scoring: Scoring
+
+
+def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on) -> Plan:
+    """Folds, seeds and scoring from the command line, else the `[darts]` table, else DARTS' defaults. Seeds given
+    on the command line win over the table's n-randoms."""
+    if seeds is None and n_randoms is None:
+        n_randoms = loaded.darts.options.get("n_randoms")
+    return Plan(fold_count(loaded.config, given_or(folds, loaded, "folds")),
+                parse_seeds(seeds or ",".join(map(str, DEFAULT_SEEDS)), n_randoms),
+                Scoring.parse(given_or(scoring, loaded, "scoring", ",".join(DEFAULT_SCORING)),
+                              given_or(strategy, loaded, "strategy", "harmonic"), score_on))
 
 
 if __name__ == "__main__":

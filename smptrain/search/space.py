@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smptrain.config import Config, DARTS_NAMES, from_dict, plain, to_dict
+from smptrain.config import Config, from_dict, plain, to_dict
+from smptrain.darts_config import DARTS_KEYS
 from smptrain.errors import UserError
 
 SAMPLERS = ("random", "grid", "tpe")
@@ -97,7 +98,7 @@ def _param(name: str, spec, path: Path) -> Param:
     where = f"space file {path}, entry {name!r}"
     key = DARTS_HYPERPARAMETERS.get(name) or (name if "." in name else None)
     if key is None:
-        hint = DARTS_NAMES.get(name)
+        hint = DARTS_KEYS.get(name)
         raise UserError(f"{where}: unknown hyper-parameter; use a DARTS name ({', '.join(DARTS_HYPERPARAMETERS)}) or "
                         f"a config key such as \"train.lr\"{f' (did you mean {hint}?)' if hint else ''}")
     if isinstance(spec, list):

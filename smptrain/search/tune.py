@@ -28,109 +28,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from smptrain.cli import config_options, resolve_config
+from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, dump_toml, replace
-from smptrain.search.cv import (DEFAULT_SCORING, STRATEGIES, Scoring, cross_validate, fold_count, parse_seeds,
-                         write_frame)
-from smptrain.errors import UserError, report_user_errors
+from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Scoring, cross_validate, cv_plan, write_frame
+from smptrain.errors import CannotBuild, UserError, report_user_errors
+from smptrain.search.study import Heartbeat, fresh_slots, me, open_study, recover_dead_trials
 from smptrain.search.space import (SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space,
                                    to_optuna, values_of)
-
-# --- the study ---------------------------------------------------------------------------------------------------
-
-
-def open_study(name: str, storage: str | None, study_dir: Path):
-    """The study, created by whichever worker comes first. `storage`: None (a journal file in the study directory),
-    a file path (a journal file, e.g. on a shared filesystem) or an Optuna RDB URL."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        if storage is None or "://" not in storage:
-            journal = Path(storage) if storage else study_dir / "study.journal"
-            journal.parent.mkdir(parents=True, exist_ok=True)
-            storage = JournalStorage(JournalFileBackend(str(journal)))
-        return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    except Exception as error:  # a URL Optuna cannot open (driver missing, server down), an unwritable path
-        raise UserError(f"--storage {storage!r} cannot be opened: {str(error).splitlines()[0][:200]}") from None
-
-
-def me() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def is_stale(trial, grace: float) -> bool:
-    owner = str(trial.user_attrs.get("worker", ":"))
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
-    return time.time() - float(trial.user_attrs.get("heartbeat", time.time())) > grace
-
-
-def recover_dead_trials(study, grace: float, say) -> None:
-    """Mark the trials of dead workers FAIL and queue each once more with its parameters and slot; the storage lets
-    only one worker make a given trial FAIL, so each is queued once."""
-    from optuna.trial import TrialState
-
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(trial, grace):
-            continue
-        try:
-            study.tell(trial.number, state=TrialState.FAIL)
-        except (RuntimeError, ValueError):  # another worker got there first
-            continue
-        study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
-                                                      "retry_of": trial.number,
-                                                      "directory": trial.user_attrs.get("directory"),
-                                                      **({"values": trial.user_attrs["values"]}
-                                                         if "values" in trial.user_attrs else {})})
-        say(f"trial {trial.number} lost its worker ({trial.user_attrs.get('worker')}); queued again")
-
-
-def fresh_slots(study) -> int:
-    """How many slots have been handed out (retries reuse their slot)."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if "retry_of" not in t.user_attrs
-               and "slot" in t.user_attrs)
-
-
-class Heartbeat:
-    """Records, every `interval` seconds, that this worker is still running its trial."""
-
-    def __init__(self, trial, interval: float):
-        self.stop = threading.Event()
-
-        def beat():
-            while not self.stop.wait(interval):
-                try:
-                    trial.set_user_attr("heartbeat", time.time())
-                except Exception:  # the trial was finished meanwhile
-                    return
-
-        self.thread = threading.Thread(target=beat, daemon=True, name="smptrain-heartbeat")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-
 
 @dataclass
 class TuneOptions:
@@ -209,6 +120,8 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
     """One trial: its parameters (a retry's own, the plan's slot, or TPE's), then a CV of them, told to the study."""
     from optuna.trial import TrialState
 
+    from smptrain.prepare import check_model_of
+
     cfg, params, planned, study, study_dir = search.cfg, search.params, search.planned, search.study, search.study_dir
     distributions = search.distributions
     optuna_params = {name: suggest(trial, name, distribution) for name, distribution in distributions.items()}
@@ -217,13 +130,20 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
         values = json.loads(trial.user_attrs["values"])
     else:
         values = planned[trial.user_attrs["slot"]] if planned is not None else values_of(params, optuna_params)
-    directory = trial.user_attrs.get("directory") or f"trial-{trial.number:04d}"
-    trial.set_user_attr("directory", directory)
     trial.set_user_attr("values", json.dumps(values))
     say(f"trial {trial.number} (slot {trial.user_attrs['slot']}): "
         + ", ".join(f"{k} = {v}" for k, v in values.items()))
     trial_cfg = apply_values(cfg, values, f"trial {trial.number}")
     trial_cfg = replace(trial_cfg, **{"log.wandb_group": study.study_name})
+    try:  # a model these values cannot build fails the trial, not the worker, and leaves no directory
+        check_model_of(trial_cfg)
+    except CannotBuild as error:
+        trial.set_user_attr("failure", str(error))
+        study.tell(trial, state=TrialState.FAIL)
+        say(f"trial {trial.number}: failed, {error}")
+        return "failed"
+    directory = trial.user_attrs.get("directory") or f"trial-{trial.number:04d}"
+    trial.set_user_attr("directory", directory)
     metric = options.scoring.first
 
     def report(step: int, metrics: dict) -> bool:
@@ -269,7 +189,7 @@ def trials_table(study) -> list[dict]:
         rows.append({"number": t.number, "slot": t.user_attrs.get("slot"), "state": t.state.name,
                      "score": t.value, "score_is_unstable": t.user_attrs.get("score_is_unstable"),
                      "retry_of": t.user_attrs.get("retry_of"), "worker": t.user_attrs.get("worker"),
-                     "directory": t.user_attrs.get("directory"),
+                     "directory": t.user_attrs.get("directory"), "failure": t.user_attrs.get("failure"),
                      **{k: json.dumps(v) if isinstance(v, list) else v for k, v in values.items()}})
     return rows
 
@@ -318,34 +238,40 @@ def retrain_best(study_dir: Path, say=print) -> Path:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--space", "space_path", type=click.Path(dir_okay=False), required=True,
-              help="The search space: a DARTS hpconfig TOML with a [hyperparameters] table.")
-@click.option("--trials", type=int, default=None, help="Trials in the study (default: 100; grid: every combination).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default="random", show_default=True,
-              help="random and grid: DARTS' plan (sklearn, random_state 42); tpe: Optuna's TPE.")
+@click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,
+              help="The search space: a DARTS hpconfig TOML with a [hyperparameters] table [default: DARTS' hpconfig, "
+                   "else the --config file when it holds one].")
+@click.option("--trials", type=int, default=None, help="Trials in the study (default: DARTS' n-trials, else 100; grid: "
+                                                       "every combination).")
+@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
+              help="random and grid: DARTS' plan (sklearn, random_state 42); tpe: Optuna's TPE [default: random; "
+                   "DARTS' n-trials = \"grid\": grid].")
 @click.option("--study", "study_name", default=None, help="Study name, the directory {log.artifact_dir}/NAME.")
 @click.option("--storage", default=None,
               help="Optuna storage shared by the workers (default: a journal file in the study directory).")
 @click.option("--single-run", is_flag=True, help="Each trial is one run (data.fold, train.seed) instead of a CV.")
-@click.option("--folds", type=int, default=None, help="Folds per trial's CV (default: all).")
-@click.option("--seeds", default="42,21,69", show_default=True, help="Seeds per trial's CV.")
+@click.option("--folds", type=int, default=None, help="Folds per trial's CV (default: DARTS' n-folds, else all).")
+@click.option("--seeds", default=None, help="Seeds per trial's CV [default: 42,21,69].")
 @click.option("--n-randoms", type=int, default=None, help="DARTS' --n-randoms instead of --seeds, as smptrain-cv.")
-@click.option("--scoring", default=",".join(DEFAULT_SCORING), show_default=True, help="As smptrain-cv.")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default="harmonic", show_default=True,
-              help="How several scoring metrics combine per run, as smptrain-cv.")
+@click.option("--scoring", default=None, help=f"As smptrain-cv [default: {','.join(DEFAULT_SCORING)}].")
+@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
+              help="How several scoring metrics combine per run, as smptrain-cv [default: harmonic].")
 @click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Score each run's last validation (DARTS) or its best one.")
 @click.option("--prune", is_flag=True, help="Stop hopeless trials early (Optuna's median pruner on the first "
                                             "scoring metric, reported at every validation).")
 @click.option("--heartbeat", type=float, default=60.0, show_default=True,
               help="Seconds between a worker's heartbeats; a trial without one for 3 intervals is taken as dead.")
-@click.option("--retrain-and-test", is_flag=True, help="Retrain the best configuration on train + val and test it.")
+@click.option("--retrain-and-test/--no-retrain-and-test", default=None,
+              help="Retrain the best configuration on train + val and test it [default: DARTS' retrain-and-test, "
+                   "else no].")
 @config_options
 @report_user_errors
 def main(space_path, trials, sampler, study_name, storage, single_run, folds, seeds, n_randoms, scoring, strategy,
-         score_on, prune,
-         heartbeat, retrain_and_test, config_path, overrides, debug):
-    """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it."""
+         score_on, prune, heartbeat, retrain_and_test, config_path, overrides, debug):
+    """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it. A DARTS
+    [darts] table gives hpconfig, n-trials, tune-name, retrain-and-test and the CV options where the command line
+    does not."""
     from accelerate import PartialState
 
     from smptrain.runtime import end_processes
@@ -355,19 +281,22 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
     if PartialState().num_processes > 1:
         raise UserError("smptrain-tune runs one process per worker; start one worker per GPU (CUDA_VISIBLE_DEVICES) "
                         "with the same --study and --storage instead of accelerate launch")
-    cfg = resolve_config(config_path, overrides, debug)
-    params = read_space(Path(space_path), cfg)  # every entry is checked before any training starts
+    loaded = resolve(config_path, overrides, debug)
+    cfg = loaded.config
+    space_path = Path(given_or(space_path, loaded, "space") or space_of(config_path))
+    params = read_space(space_path, cfg)  # every entry is checked before any training starts
+    sampler = sampler or loaded.darts.options.get("sampler", "random")
+    trials = given_or(trials, loaded, "trials")
     if trials is not None and trials < 1:
-        raise UserError(f"--trials must be at least 1, got {trials}")
+        raise UserError(f"--trials (DARTS' n-trials) must be at least 1, got {trials}")
     if sampler != "grid" and trials is None:
         trials = 100  # DARTS' default
-    options = TuneOptions(trials, sampler, single_run,
-                          [cfg.data.fold] if single_run else fold_count(cfg, folds),
-                          [cfg.train.seed] if single_run else parse_seeds(seeds, n_randoms),
-                          Scoring.parse(scoring, strategy, score_on), prune, heartbeat)
+    cv = cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on)
+    options = TuneOptions(trials, sampler, single_run, [cfg.data.fold] if single_run else cv.folds,
+                          [cfg.train.seed] if single_run else cv.seeds, cv.scoring, prune, heartbeat)
     if sampler != "tpe":
         plan(params, sampler, trials)  # a grid of non-lists fails here, before any training
-    name = study_name or Path(space_path).stem
+    name = given_or(study_name, loaded, "study") or space_path.stem
     study_dir = Path(cfg.log.artifact_dir) / name
     study = open_study(name, storage, study_dir)
     status = work(cfg, params, study_dir, study, options)
@@ -381,8 +310,23 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
         click.echo("no stable trial with a score above 0 yet")
         return
     click.echo(f"best: trial {best['number']}, score {best['score']:.4f}; configuration in {study_dir / 'best.toml'}")
-    if retrain_and_test:
+    if given_or(retrain_and_test, loaded, "retrain_and_test", False):
         retrain_best(study_dir)
+
+
+def space_of(config_path: str) -> str:
+    """DARTS' fallback for the hpconfig: the config file itself, when it holds a [hyperparameters] table."""
+    import tomllib
+
+    try:
+        holds = isinstance(tomllib.loads(Path(config_path).read_text()).get("hyperparameters"), dict)
+    except (OSError, tomllib.TOMLDecodeError):
+        holds = False
+    if not holds:
+        raise UserError(f"--space is required: neither the command line, nor DARTS' hpconfig in {config_path}, nor a "
+                        f"[hyperparameters] table in it gives the search space")
+    return config_path
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,100 @@
+"""The shared Optuna study of `smptrain-tune`: opened (or created) by whichever worker comes first, with each
+worker's heartbeat on its running trial, and the trials of dead workers found and queued once more.
+
+A worker records `host:pid` and a heartbeat on its trial; a trial whose worker's pid is gone on the same host, or
+whose heartbeat is older than the grace period, is marked FAIL and queued again with its parameters, its slot and
+its directory (the storage lets only one worker make that transition).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from smptrain.errors import UserError
+
+
+def open_study(name: str, storage: str | None, study_dir: Path):
+    """The study, created by whichever worker comes first. `storage`: None (a journal file in the study directory),
+    a file path (a journal file, e.g. on a shared filesystem) or an Optuna RDB URL."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if storage is None or "://" not in storage:
+            journal = Path(storage) if storage else study_dir / "study.journal"
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            storage = JournalStorage(JournalFileBackend(str(journal)))
+        return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
+    except Exception as error:  # a URL Optuna cannot open (driver missing, server down), an unwritable path
+        raise UserError(f"--storage {storage!r} cannot be opened: {str(error).splitlines()[0][:200]}") from None
+
+
+def me() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def is_stale(trial, grace: float) -> bool:
+    owner = str(trial.user_attrs.get("worker", ":"))
+    host, _, pid = owner.rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    return time.time() - float(trial.user_attrs.get("heartbeat", time.time())) > grace
+
+
+def recover_dead_trials(study, grace: float, say) -> None:
+    """Mark the trials of dead workers FAIL and queue each once more with its parameters and slot; the storage lets
+    only one worker make a given trial FAIL, so each is queued once."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(trial, grace):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (RuntimeError, ValueError):  # another worker got there first
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"slot": trial.user_attrs.get("slot"),
+                                                      "retry_of": trial.number,
+                                                      "directory": trial.user_attrs.get("directory"),
+                                                      **({"values": trial.user_attrs["values"]}
+                                                         if "values" in trial.user_attrs else {})})
+        say(f"trial {trial.number} lost its worker ({trial.user_attrs.get('worker')}); queued again")
+
+
+def fresh_slots(study) -> int:
+    """How many slots have been handed out (retries reuse their slot)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if "retry_of" not in t.user_attrs
+               and "slot" in t.user_attrs)
+
+
+class Heartbeat:
+    """Records, every `interval` seconds, that this worker is still running its trial."""
+
+    def __init__(self, trial, interval: float):
+        self.stop = threading.Event()
+
+        def beat():
+            while not self.stop.wait(interval):
+                try:
+                    trial.set_user_attr("heartbeat", time.time())
+                except Exception:  # the trial was finished meanwhile
+                    return
+
+        self.thread = threading.Thread(target=beat, daemon=True, name="smptrain-heartbeat")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
