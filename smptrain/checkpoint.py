@@ -27,6 +27,7 @@ import torch
 import smptrain
 from smptrain.config import plain
 from smptrain.errors import UserError
+from smptrain.storage import WriteFailed, writing
 from smptrain.runs import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -72,21 +73,21 @@ class CheckpointKeeper:
             state.top_k = sorted([*state.top_k, [value, name]], key=lambda entry: -entry[0])[:self.top_k]
         return improved
 
-    def save_interrupted(self, model, epoch: int) -> None:
+    def save_interrupted(self, model, epoch: int, pending: Exception | None = None) -> None:
         """`last` at the current step, mid-epoch if need be (Ctrl-C / SIGTERM)."""
-        self.save(model, epoch, {}, checkpoint_name(epoch, self.state.step, None))
+        self.save(model, epoch, {}, checkpoint_name(epoch, self.state.step, None), pending)
 
     @property
     def best_name(self) -> str | None:
         return self.state.top_k[0][1] if self.state.top_k else None
 
-    def save(self, model, epoch: int, metrics: dict, name: str) -> None:
+    def save(self, model, epoch: int, metrics: dict, name: str, pending: Exception | None = None) -> None:
         """Write checkpoint `name` with its metadata, make it `last` (and `best` the top of the top-k), prune."""
         accelerator = self.accelerator
         meta = {**self.describe, "epoch": epoch, "step": self.state.step, "metrics": metrics,
                 "train_state": asdict(self.state), "time": now(), "smptrain_version": smptrain.__version__,
                 "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
-        save_checkpoint(accelerator, model, self.run_dir, name, meta)
+        save_checkpoint(accelerator, model, self.run_dir, name, meta, pending)
         if accelerator.is_main_process:
             point(self.run_dir, LAST, name)
             point(self.run_dir, BEST, self.best_name)
@@ -131,14 +132,39 @@ def checkpoint_name(epoch: int, step: int, metric: float | None) -> str:
     return name if metric is None else f"{name}-val_JaccardIndex={metric:.4f}"
 
 
-def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) -> Path:
-    """Write checkpoint `name` (all ranks call this: save_state is collective). Returns its directory."""
+def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pending: Exception | None = None) -> Path:
+    """Write checkpoint `name` (all ranks call this: save_state is collective). Returns its directory.
+
+    Every rank catches its own failure, and the ranks agree on whether any failed before the main process renames
+    the checkpoint into place: a disk that fills up on one rank ends every rank with the same `WriteFailed`, the
+    partial temporary removed and `last` left on the previous complete checkpoint. `pending`: a write that failed
+    earlier on the main process (metrics.jsonl, a figure), raised here on every rank."""
     root = checkpoints_dir(run_dir)
     final, tmp = root / name, root / f".tmp-{name}"
+    needed = checkpoint_bytes(model)
+    remove_tmp = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if accelerator.is_main_process else None
+    failure = pending
+    if failure is None and accelerator.is_main_process:
+        failure = _attempt(lambda: (remove_tmp(), (tmp / STATE).mkdir(parents=True)), final, needed, remove_tmp)
+    failed = _any_failed(accelerator, failure)  # every rank takes the same branch: the collectives stay paired
+    if not failed:
+        failure = _attempt(lambda: _write(accelerator, model, tmp, meta), final, needed, remove_tmp)
+        failed = _any_failed(accelerator, failure)
+    if failed:
+        if remove_tmp is not None:
+            remove_tmp()
+        if failure is not None and not isinstance(failure, WriteFailed):
+            raise failure
+        raise failure or WriteFailed(f"another process could not write checkpoint {final}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / STATE).mkdir(parents=True)
+        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
     accelerator.wait_for_everyone()
+    return final
+
+
+def _write(accelerator, model, tmp: Path, meta: dict) -> None:
     accelerator.save_state(str(tmp / STATE))
     if accelerator.is_main_process:
         from safetensors.torch import save_file
@@ -148,11 +174,41 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict) ->
         _share_weights(tmp)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=plain) + "\n")
         _settle_tree(tmp)
-        if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    accelerator.wait_for_everyone()
-    return final
+
+
+def _attempt(write, final: Path, needed: int, cleanup) -> Exception | None:
+    """Run `write`; a filesystem refusal comes back as `WriteFailed` naming the checkpoint, anything else as
+    itself (raised once the ranks agree)."""
+    last = final.parent / LAST
+    resume = (f"the last complete checkpoint ({os.readlink(last)}) stays the resume point: free space, then "
+              f"--resume {final.parent.parent}") if last.is_symlink() else "no checkpoint of this run was kept"
+    try:
+        with writing(final, needed, cleanup, then=resume):
+            write()
+    except Exception as error:
+        return error
+    return None
+
+
+def _any_failed(accelerator, failure) -> bool:
+    """Whether any rank failed (one small all-reduce; every rank calls it)."""
+    if accelerator.num_processes == 1:
+        return failure is not None
+    flag = torch.tensor([1.0 if failure is not None else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def raise_pending(accelerator, failure: Exception | None) -> None:
+    """Raise, on every rank, a write that failed on one (every rank calls this)."""
+    if _any_failed(accelerator, failure):
+        raise failure or WriteFailed("another process could not write its files")
+
+
+def checkpoint_bytes(model) -> int:
+    """About what one checkpoint takes on disk: the fp32 weights (shared by model.safetensors and the state) and
+    AdamW's two moment buffers."""
+    state = model.state_dict()
+    return 3 * sum(t.numel() * 4 for t in state.values() if t.is_floating_point()) + 2**20
 
 
 def point(run_dir: Path, link: str, name: str | None) -> None:

@@ -52,6 +52,7 @@ class DataConfig:
     in_memory: bool = False  # read the train/val/test patches into RAM once instead of from zarr every epoch
     memory_device: str = setting("auto", one_of=MEMORY_DEVICES)  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
     reader: str = setting("auto", one_of=READERS)  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
+    accept_empty_mismatch: bool = False  # train although some patches' labels contradict their metadata `empty` flag (a half-copied dataset reads as zeros)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,16 @@ def report_user_errors(main):
                 text = text.strip().splitlines()[-1].split("Error: ", 1)[-1]
             print(f"error: {text}", file=sys.stderr, flush=True)
             code = 2
+        except OSError as error:  # a refusal of the filesystem that no writer turned into a sentence of its own
+            from smptrain.storage import REASONS, free_space, human
+
+            if error.errno not in REASONS or os.environ.get("SMPTRAIN_DEBUG"):
+                raise
+            _close_progress_bars()
+            where = error.filename or "a file"
+            print(f"error: {where}: {error.strerror} ({human(free_space(where if error.filename else '.'))} free there)",
+                  file=sys.stderr, flush=True)
+            code = 2
         except SystemExit as stop:
             code = stop.code
         leave(code)

@@ -19,7 +19,9 @@ import click
 
 from smptrain.cli import config_options, resolve
 from smptrain.prepare import check_model_of
-from smptrain.data.dataset import open_dataset, scan_values
+from smptrain.data.dataset import open_dataset
+from smptrain.data.scan import MISSING_CHUNKS, mismatch_sentence, scan_values
+from smptrain.storage import write_text
 from smptrain.errors import UserError, report_user_errors
 from smptrain.data.splits import make_splits, split_fold, split_stats, split_test
 
@@ -58,10 +60,16 @@ def main(json_out, config_path, overrides, debug):
         problems.append(f"{len(found['bad_labels'])} patch(es) have labels outside {{0, 1, 2}} (zarr rows {found['bad_labels'][:10]})")
     if found["non_finite"]:
         problems.append(f"{len(found['non_finite'])} patch(es) hold NaN or inf in x (zarr rows {found['non_finite'][:10]})")
-    for key, text in (("out_of_range", "have inputs outside [0, 1] (DARTS data is normalised to [0, 1])"),
-                      ("empty_mismatch", "have an 'empty' flag that disagrees with their labels")):
-        if found[key]:
-            click.echo(f"warning: {len(found[key])} patch(es) {text}: zarr rows {found[key][:10]}")
+    if found["out_of_range"]:
+        click.echo(f"warning: {len(found['out_of_range'])} patch(es) have inputs outside [0, 1] (DARTS data is "
+                   f"normalised to [0, 1]): zarr rows {found['out_of_range'][:10]}")
+    for band, rows in found["zero_bands"].items():
+        click.echo(f"warning: band {band} is all zeros in {len(rows)} labelled patch(es): zarr rows {rows[:10]} "
+                   f"({MISSING_CHUNKS})")
+    contradiction = mismatch_sentence(found["empty_mismatch"], info.root / "metadata.parquet")
+    refused = contradiction and not cfg.data.accept_empty_mismatch
+    if contradiction and not refused:
+        click.echo(f"warning: {contradiction} (data.accept_empty_mismatch = true: training uses them as they are)")
     if found["unreferenced_rows"]:
         click.echo(f"note: {found['unreferenced_rows']} zarr row(s) have no metadata row and are never used")
 
@@ -80,10 +88,11 @@ def main(json_out, config_path, overrides, debug):
             click.echo(f"  fold {fold}: train {len(train):>6}, val {s['patches']:>6} ({s['positive_patches']} with "
                        f"positives; regions: {', '.join(s['regions'][:6])})")
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(splits) + "\n")
+        write_text(Path(json_out), json.dumps(splits) + "\n")
         click.echo(f"wrote the split manifest to {json_out}")
     errors = [f"{info.root / 'data.zarr'}: " + "; ".join(problems) + "; training stops on such patches"] if problems else []
+    if refused:
+        errors.append(f"{contradiction}; training refuses them unless data.accept_empty_mismatch = true")
     try:
         info.band_meta(info.band_indices(cfg.data.bands))  # what training refuses before it writes anything
     except UserError as error:

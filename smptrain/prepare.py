@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from smptrain.checkpoint import CheckpointKeeper, TrainState, read_meta
+from smptrain.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, read_meta
 from smptrain.config import Config, replace, to_dict
 from smptrain.data.batches import TrainBatches
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
 from smptrain.data.labels import OUTPUT_CLASSES
+from smptrain.data.scan import check_labels
 from smptrain.data.splits import make_splits
 from smptrain.divergence import NonFiniteGuard
 from smptrain.errors import UserError
@@ -29,6 +30,7 @@ from smptrain.runs import (BEST, LAST, STATE, SPLITS, absolute_paths, checkpoint
                            open_run, remover, require_same_data)
 from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
 from smptrain.signals import StopSignal
+from smptrain.storage import free_space, human
 from smptrain.tracking import Recorder, WandbRun
 
 
@@ -77,6 +79,7 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
     loss_fn = loss_from_config(cfg.train)
     splits = (json.loads((resume / SPLITS).read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
+    check_labels(info, sorted(set(splits["train"]) | set(splits["val"])), cfg.data.accept_empty_mismatch)
     model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
                                           None if resume else cfg.model.weights_from, trust_pickle)
     train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
@@ -88,6 +91,7 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
 
     # Only now the run directory (named once by the main process); `meta` (None for a new run) decides resuming.
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
+    warn_if_short_of_space(accelerator, run_dir, checkpoint_bytes(model), cfg.train.save_top_k)
     state, recorder = start_recording(accelerator, cfg, run_dir, run_name, run_id, meta, stop)
     describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
                     patch_size=info.patch_size,
@@ -106,6 +110,17 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
         run.best = read_meta(checkpoint_link(run_dir, BEST)).get("metrics", {}) if has_checkpoint(run_dir, BEST) else {}
     accelerator.print(f"loss: {run.loss_fn.describe()}")
     return run
+
+
+def warn_if_short_of_space(accelerator, run_dir: Path, one: int, top_k: int) -> None:
+    """Once, before the first checkpoint: will the checkpoints the run keeps (top-k, `last`, and the one being
+    written) fit in the free space?"""
+    count = top_k + 2
+    free = free_space(run_dir)
+    if 0 <= free < one * count:
+        accelerator.print(f"warning: {run_dir} has {human(free)} free, but the run keeps up to {count} checkpoints "
+                          f"of about {human(one)} (train.save_top_k = {top_k}, last, and the one being written): "
+                          f"{human(one * count)}; a checkpoint that does not fit ends the run")
 
 
 def check_model_of(cfg: Config) -> None:

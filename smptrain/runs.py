@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from smptrain.config import Config, replace
+from smptrain.storage import write_text, writing
 from smptrain.errors import UserError
 
 # Every name inside a run directory; other modules ask for them here.
@@ -66,14 +67,15 @@ def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info
     if run_dir.exists():
         raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
                         f"another log.run_name")
-    checkpoints_dir(run_dir).mkdir(parents=True)
-    (run_dir / PREVIEWS).mkdir()
-    (run_dir / CONFIG).write_text(dump_toml(cfg))
-    (run_dir / SPLITS).write_text(json.dumps(splits) + "\n")
     run_id = new_run_id()
-    (run_dir / IDENTITY).write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
-                                                "world_size": world_size, **identity(cfg, given, info, run_dir)},
-                                               indent=2) + "\n")
+    with writing(run_dir, cleanup=lambda: shutil.rmtree(run_dir, ignore_errors=True)):  # all of it, or nothing
+        checkpoints_dir(run_dir).mkdir(parents=True)
+        (run_dir / PREVIEWS).mkdir()
+        (run_dir / CONFIG).write_text(dump_toml(cfg))
+        (run_dir / SPLITS).write_text(json.dumps(splits) + "\n")
+        (run_dir / IDENTITY).write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
+                                                    "world_size": world_size, **identity(cfg, given, info, run_dir)},
+                                                   indent=2) + "\n")
     return [str(run_dir), name, run_id]
 
 
@@ -91,7 +93,7 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given:
             raise UserError(f"{resume} has no complete checkpoint to resume from ({CHECKPOINTS}/{LAST} is missing)")
         meta = read_meta(checkpoint_link(resume, LAST))
         if accelerator.is_main_process:
-            (resume / CONFIG).write_text(dump_toml(cfg))  # the --set changes allowed on resume
+            write_text(resume / CONFIG, dump_toml(cfg))  # the --set changes allowed on resume
         if meta.get("world_size") != accelerator.num_processes:
             accelerator.print(f"note: the run used {meta.get('world_size')} process(es), this one uses "
                               f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")

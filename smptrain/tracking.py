@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smptrain.runs import METRICS
+from smptrain.storage import WriteFailed, write_text, writing
 
 ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
               "steady", "gentle", "bold", "crisp", "distant")
@@ -60,6 +61,14 @@ class WandbRun:
     group: str = ""  # cross-validation and tuning group their runs
 
 
+def _step_of(line: str) -> float:
+    """A metrics.jsonl record's step; a blank or broken line (a write cut short) counts as past every step."""
+    try:
+        return (json.loads(line).get("step") or 0) if line.strip() else math.inf
+    except ValueError:
+        return math.inf
+
+
 class Recorder:
     """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks.
     `wandb`: None for no wandb; `resume_step`: drop metrics.jsonl records past the checkpoint resumed from."""
@@ -69,13 +78,11 @@ class Recorder:
         self.main = accelerator.is_main_process
         self.path = Path(run_dir) / METRICS
         self.wandb = wandb is not None
+        self.failure = None  # a write that failed here, raised on every rank at the next checkpoint (never alone)
         if self.main and resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
+            write_text(self.path, "".join(line + "\n" for line in kept))
         if wandb is not None:
             (Path(wandb.dir) / "wandb").mkdir(parents=True, exist_ok=True) if self.main else None
             init = {"name": wandb.name, "id": wandb.id, "resume": "allow", "dir": str(wandb.dir), "job_type": wandb.job}
@@ -95,9 +102,14 @@ class Recorder:
         if not self.main:
             return
         record = {k: clean_number(v) for k, v in record.items()}
-        if write_jsonl:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps({"step": step, **record}) + "\n")
+        if write_jsonl and self.failure is None:
+            size = self.path.stat().st_size if self.path.exists() else 0
+            try:  # a refused append is cut back to the last whole line
+                with writing(self.path, cleanup=lambda: os.truncate(self.path, size) if self.path.exists() else None):
+                    with open(self.path, "a") as handle:
+                        handle.write(json.dumps({"step": step, **record}) + "\n")
+            except WriteFailed as error:
+                self.failure = error
         if self.wandb:
             self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
 

@@ -25,7 +25,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from smptrain.checkpoint import MONITOR, checkpoint_name
+from smptrain.checkpoint import MONITOR, checkpoint_name, raise_pending
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import Config
 from smptrain.data.augment import augment, augment_generator
@@ -38,6 +38,7 @@ from smptrain.prepare import Run, set_up
 from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, checkpoint_link, checkpoints_dir
 from smptrain.runtime import end_processes
 from smptrain.signals import Interrupted, StopSignal, local_main
+from smptrain.storage import WriteFailed
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
 RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
@@ -195,10 +196,13 @@ def validate_and_keep(run: Run, epoch: int) -> None:
         f"epoch {epoch} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
         f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
         f" | val/AUROC {metrics['val/AUROC']:.4f}")
-    run.keeper.save(run.model, epoch, metrics, name)
+    run.keeper.save(run.model, epoch, metrics, name, run.recorder.failure)
     every = cfg.log.preview_every_n_val
     if accelerator.is_main_process and every and (state.validations == 1 or state.validations % every == 0):
-        write_previews(run, evaluation)
+        try:
+            write_previews(run, evaluation)
+        except WriteFailed as error:  # main process only: raised on every rank at the next checkpoint or the end
+            run.recorder.failure = run.recorder.failure or error
     if state.early_stopped:
         accelerator.print(f"early stopping: {MONITOR} has not improved for {state.bad_validations} validation(s)"
                           if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
@@ -220,7 +224,7 @@ def write_previews(run: Run, evaluation) -> None:
 
 def stop_interrupted(run: Run, epoch: int) -> RunResult:
     """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch if need be) and close the trackers."""
-    run.keeper.save_interrupted(run.model, epoch)
+    run.keeper.save_interrupted(run.model, epoch, run.recorder.failure)
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
                      f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
@@ -241,6 +245,7 @@ def end(run: Run | None, status: str, message: str = "") -> RunResult:
     if run is None:
         raise TrainingStopped(message)
     state = run.state
+    raise_pending(run.accelerator, run.recorder.failure)  # a figure or record the disk refused since the last save
     if status != "diverged":
         run.recorder.summary({"best/" + MONITOR: state.best, "steps": state.step, "epochs": state.epoch})
     run.recorder.finish()

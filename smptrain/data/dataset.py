@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from smptrain.errors import UserError
-from smptrain.data.labels import IGNORE, POSITIVE
+from smptrain.data.labels import IGNORE
 
 REQUIRED_COLUMNS = ("sample_id", "region", "empty")
 _TENSORSTORE_PID = None  # the process that used tensorstore; its forked children must not (tensorstore aborts)
@@ -184,29 +184,6 @@ def check_values(x: np.ndarray, y: np.ndarray, rows, source: str) -> None:
         )
 
 
-def scan_values(info, block: int = 64) -> dict:
-    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], and `empty` mismatches."""
-    from tqdm.auto import tqdm
-
-    reader = ZarrReader(info.root, "auto")  # decoding errors become one sentence naming rows and chunk files
-    rows = np.sort(info.metadata.index.to_numpy())
-    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
-    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
-        part = rows[start:start + block]
-        xb, yb = reader.read(part, None)
-        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
-        bad_labels += part[(flat_y > IGNORE).any(1)].tolist()
-        finite = np.isfinite(flat_x).all(1)
-        non_finite += part[~finite].tolist()
-        with np.errstate(invalid="ignore"):
-            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
-        has_positive.update(zip(part.tolist(), (flat_y == POSITIVE).any(1).tolist()))
-    empty = info.metadata["empty"].astype(bool)
-    mismatched = [int(r) for r in empty.index if bool(empty[r]) == has_positive[int(r)]]
-    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
-            "empty_mismatch": mismatched, "unreferenced_rows": int(info.num_rows - len(rows))}
-
-
 def _few(rows) -> str:
     rows = [int(r) for r in rows]
     return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
@@ -259,6 +236,13 @@ class ZarrReader:
         except Exception as error:
             raise self._damage(rows, bands, error) from None
         return np.asarray(x).astype(np.float32, copy=False), np.asarray(y).astype(np.uint8, copy=False)
+
+    def read_labels(self, rows) -> np.ndarray:
+        """y uint8 [len(rows), P, P] alone (what the label checks need: no input band is decoded)."""
+        try:
+            return np.asarray(self._read(self.y, rows, None)).astype(np.uint8, copy=False)
+        except Exception as error:
+            raise self._damage(rows, None, error) from None
 
     def _read(self, array, rows, bands):
         selected = array.oindex[rows] if bands is None else array.oindex[rows, bands]

@@ -8,6 +8,7 @@ groups' counts add up to the whole set's exactly.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -49,13 +50,15 @@ def validation_regions(evaluation, regions, prefix: str = "val") -> dict[str, fl
 
 
 def write_csv(rows: list[dict], path: Path, group_name: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        keys = list(rows[0]) if rows else ["group"]
-        writer.writerow([group_name if k == "group" else k for k in keys])
-        for row in rows:
-            writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row.values()])
+    from smptrain.storage import write_text
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    keys = list(rows[0]) if rows else ["group"]
+    writer.writerow([group_name if k == "group" else k for k in keys])
+    for row in rows:
+        writer.writerow(["" if isinstance(v, float) and not math.isfinite(v) else v for v in row.values()])
+    write_text(path, buffer.getvalue())
     return path
 
 

@@ -13,6 +13,7 @@ run) to --out.
 from __future__ import annotations
 
 import csv
+import io
 import datetime
 import json
 import math
@@ -138,12 +139,13 @@ def format_table(rows: list[dict]) -> str:
 def compare(paths, metric: str, out_dir: Path) -> list[dict]:
     runs = [read_run(run_dir, metric) for run_dir in find_runs(paths)]
     rows = table_rows(runs, metric)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "compare.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows({k: format_cell(v) if isinstance(v, (list, dict)) else v for k, v in row.items()}
-                         for row in rows)
+    from smptrain.storage import write_text
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows({k: format_cell(v) if isinstance(v, (list, dict)) else v for k, v in row.items()} for row in rows)
+    write_text(out_dir / "compare.csv", buffer.getvalue())
     from smptrain.evaluation import plots
 
     plots.runs_over_steps({run["run"]: run["curve"] for run in runs}, metric, out_dir / "compare.png")

@@ -117,10 +117,15 @@ def curve(x, y, path: Path, heading: str, axes: tuple[str, str], score: tuple[st
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
+    from smptrain.storage import writing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with writing(path, cleanup=lambda: path.unlink(missing_ok=True)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -26,6 +26,7 @@ from smptrain.checkpoint import load_weights, read_meta, resolve
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import to_dict
 from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.storage import write_text
 from smptrain.errors import UserError, report_user_errors
 from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
 from smptrain.data.feed import evaluation_feed, place_in_memory
@@ -253,11 +254,9 @@ def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | No
     }
     if choice:
         threshold_file = run_dir / TEST / THRESHOLD
-        threshold_file.parent.mkdir(parents=True, exist_ok=True)
-        threshold_file.write_text(json.dumps(choice, indent=2) + "\n")
+        write_text(threshold_file, json.dumps(choice, indent=2) + "\n")
         result["threshold"]["file"] = str(threshold_file)
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=2) + "\n")
+    write_text(out_json, json.dumps(result, indent=2) + "\n")
     print_report(tested, dataset, evaluation, metrics, choice, tables)
     click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}")
     if wandb_project_of(tested.meta):

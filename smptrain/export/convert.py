@@ -33,6 +33,7 @@ import smptrain
 from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_lightning, read_meta, resolve
 from smptrain.config import plain
 from smptrain.data.labels import OUTPUT_CLASSES
+from smptrain.storage import WriteFailed, reason_of, sentence, writing
 from smptrain.errors import UserError, report_user_errors
 from smptrain.evaluation.calibration import parse_threshold
 from smptrain.export.predict import load_converted
@@ -162,9 +163,12 @@ def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = Co
         handle, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out_dir)
         os.close(handle)
     except OSError as error:
+        if reason_of(error, out_dir) is not None:
+            raise WriteFailed(sentence(out_dir, reason_of(error, out_dir))) from None
         raise UserError(f"cannot write to {out_dir}: {error.strerror or error}") from None
     try:
-        torch.save(converted, tmp)
+        with writing(target, needed=None):
+            torch.save(converted, tmp)
         os.chmod(tmp, file_mode())  # mkstemp makes it 0600; an inference job of another user must read it
         difference = self_check(Path(tmp), converted["config"]["model"], state)
         if not difference <= SELF_CHECK_TOLERANCE:

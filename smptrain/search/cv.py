@@ -31,6 +31,7 @@ import numpy as np
 from smptrain.runs import has_checkpoint
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
+from smptrain.storage import write_text, writing
 from smptrain.errors import UserError, report_user_errors
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
@@ -202,7 +203,7 @@ def write_outcome(result: CVResult, definition: dict, scoring: Scoring) -> None:
                "strategy": scoring.strategy, "score_on": scoring.score_on, "status": result.status,
                "score": result.score, "score_is_unstable": result.is_unstable, "runs": len(result.rows),
                "summary": result.summary}
-    (result.cv_dir / "cv.json").write_text(json.dumps(outcome, indent=2, default=plain) + "\n")
+    write_text(result.cv_dir / "cv.json", json.dumps(outcome, indent=2, default=plain) + "\n")
     if result.rows:
         from smptrain.evaluation import plots
 
@@ -225,7 +226,7 @@ def open_cv(cv_dir: Path, definition: dict, main_process: bool) -> dict[str, dic
                                 f"the same configuration, or choose another --name")
     elif main_process:
         cv_dir.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
+        write_text(state, json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
     PartialState().wait_for_everyone()
     table = cv_dir / "runs.parquet"
     if not table.is_file():
@@ -254,8 +255,9 @@ def write_frame(frame, stem: Path) -> None:
     for suffix, write in ((".csv", lambda p: frame.to_csv(p, index=False)),
                           (".parquet", lambda p: frame.to_parquet(p, index=False))):
         tmp = stem.with_name(f".{stem.name}.{os.getpid()}{suffix}")
-        write(tmp)
-        os.replace(tmp, stem.with_suffix(suffix))
+        with writing(stem.with_suffix(suffix), cleanup=lambda: tmp.unlink(missing_ok=True)):
+            write(tmp)
+            os.replace(tmp, stem.with_suffix(suffix))
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -38,6 +38,7 @@ import click
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, dump_toml, replace
 from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Scoring, cross_validate, cv_plan, write_frame
+from smptrain.storage import write_text
 from smptrain.errors import CannotBuild, UserError, report_user_errors
 from smptrain.search.study import Heartbeat, fresh_slots, me, open_study, recover_dead_trials
 from smptrain.search.space import (SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space,
@@ -214,7 +215,7 @@ def write_results(cfg: Config, params: list[Param], study, study_dir: Path) -> d
         values = json.loads(next(t for t in study.get_trials(deepcopy=False)
                                  if t.number == best["number"]).user_attrs["values"])
         header = f"# the best stable trial of study {study.study_name}: trial {best['number']}, score {best['score']:.6f}\n"
-        (study_dir / "best.toml").write_text(header + dump_toml(apply_values(cfg, values, "best")))
+        write_text(study_dir / "best.toml", header + dump_toml(apply_values(cfg, values, "best")))
     plots.tuning(rows, [p.key for p in params if p.kind != "constant"], study_dir, study.study_name)
     return best
 

@@ -1,0 +1,88 @@
+"""What is checked of every patch's values before they are trusted: labels in {0, 1, 2}, finite inputs, inputs
+in [0, 1], the metadata's `empty` flag agreeing with the labels, and bands that read as all zeros.
+
+A dataset copied by halves looks whole to zarr: zarr does not write a chunk that holds only the fill value, so a
+missing chunk file reads as zeros without complaint (in DARTS too). A patch the metadata calls positive whose
+labels hold no positive pixel, or a band that is zero over a whole labelled patch, is how such a copy shows.
+`smptrain-inspect` reports all of it; training refuses patches whose labels contradict their metadata unless
+`data.accept_empty_mismatch` says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from smptrain.data.dataset import ZarrReader, _few
+from smptrain.data.labels import IGNORE, POSITIVE
+from smptrain.errors import UserError
+
+MISSING_CHUNKS = ("a chunk file missing from a copy of the dataset reads as zeros (zarr writes no chunk that holds "
+                  "only the fill value), so check that data.zarr was copied whole")
+
+
+def scan_values(info, block: int = 64) -> dict:
+    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], `empty` mismatches, and bands
+    that are all zeros in a patch whose labels are not all ignored ({band name: [zarr rows]})."""
+    from tqdm.auto import tqdm
+
+    reader = ZarrReader(info.root, "auto")  # decoding errors become one sentence naming rows and chunk files
+    rows = np.sort(info.metadata.index.to_numpy())
+    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
+    zero_bands: dict[str, list[int]] = {}
+    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
+        part = rows[start:start + block]
+        xb, yb = reader.read(part, None)
+        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
+        bad_labels += part[(flat_y > IGNORE).any(1)].tolist()
+        finite = np.isfinite(flat_x).all(1)
+        non_finite += part[~finite].tolist()
+        with np.errstate(invalid="ignore"):
+            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
+        has_positive.update(zip(part.tolist(), (flat_y == POSITIVE).any(1).tolist()))
+        labelled = (flat_y != IGNORE).any(1)
+        zero = (xb.reshape(len(part), xb.shape[1], -1) == 0).all(2) & labelled[:, None]
+        for row, band in zip(*np.nonzero(zero)):
+            zero_bands.setdefault(info.bands[band], []).append(int(part[row]))
+    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
+            "empty_mismatch": mismatches(info, has_positive), "zero_bands": zero_bands,
+            "unreferenced_rows": int(info.num_rows - len(rows))}
+
+
+def mismatches(info, has_positive: dict[int, bool]) -> dict[str, list[int]]:
+    """Rows whose metadata `empty` flag contradicts their labels: {"positive": called positive, no positive pixel;
+    "empty": called empty, with positive pixels}."""
+    empty = info.metadata["empty"].astype(bool)
+    rows = [int(r) for r in empty.index if int(r) in has_positive]
+    return {"positive": [r for r in rows if not empty[r] and not has_positive[r]],
+            "empty": [r for r in rows if empty[r] and has_positive[r]]}
+
+
+def mismatch_sentence(found: dict[str, list[int]], source) -> str | None:
+    """One sentence naming the rows whose labels contradict the metadata, or None."""
+    parts = []
+    if found["positive"]:
+        parts.append(f"zarr row(s) {_few(found['positive'])} are positive in metadata.parquet but their labels hold no "
+                     f"positive pixel")
+    if found["empty"]:
+        parts.append(f"zarr row(s) {_few(found['empty'])} are empty in metadata.parquet but their labels hold positive "
+                     f"pixels")
+    if not parts:
+        return None
+    return f"{source}: {'; '.join(parts)}; {MISSING_CHUNKS}"
+
+
+def check_labels(info, rows, accept: bool, block: int = 256) -> dict[str, list[int]]:
+    """The start of training: the labels of `rows` against their `empty` flags (labels only are read). A
+    contradiction is a UserError unless `accept` (data.accept_empty_mismatch); returns what was found."""
+    reader = ZarrReader(info.root, "auto")
+    rows = np.sort(np.asarray(rows, dtype=np.int64))
+    has_positive = {}
+    for start in range(0, len(rows), block):
+        part = rows[start:start + block]
+        has_positive.update(zip(part.tolist(), (reader.read_labels(part) == POSITIVE).reshape(len(part), -1).any(1)
+                                .tolist()))
+    found = mismatches(info, has_positive)
+    text = mismatch_sentence(found, info.root / "data.zarr")
+    if text and not accept:
+        raise UserError(f"{text}; set data.accept_empty_mismatch = true to train on them as they are")
+    return found
