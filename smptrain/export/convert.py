@@ -52,7 +52,7 @@ def from_smptrain(path: Path, which: str, threshold: float | str = 0.5) -> tuple
     extra = {"smptrain_version": meta.get("smptrain_version", smptrain.__version__), "run_id": meta.get("run_id"),
              "run_name": meta.get("run_name"), "checkpoint": checkpoint.name, "epoch": meta.get("epoch"),
              "step": meta.get("step"), "metrics": {k: v for k, v in (meta.get("metrics") or {}).items() if v is not None},
-             "patch_size": meta.get("patch_size"),
+             "patch_size": meta.get("patch_size"), "dataset_dir": (meta.get("config") or {}).get("data", {}).get("dir"),
              "threshold": chosen["threshold"], "tta": chosen.get("tta", "none")}
     return dict(meta["model"]), dict(meta["bands"]), load_weights(checkpoint), extra
 
@@ -137,6 +137,7 @@ class ConvertOptions:
     trust_pickle: bool = False  # read a DARTS Lightning .ckpt (a pickle)
     bands_from: Path | None = None  # a dataset whose config.toml gives a names-only checkpoint its factors
     threshold: float | str = 0.5  # stored in config.smptrain.threshold; val-best: smptrain-test's choice
+    format: str = "darts"  # darts: the file SMPSegmenter loads; onnx: raw bands in, probabilities out (export/onnx.py)
 
 
 def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = ConvertOptions()) -> Path:
@@ -154,6 +155,9 @@ def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = Co
         extra["threshold"] = threshold
     else:
         model, bands, state, extra = from_smptrain(source, options.which, threshold)
+    dataset = extra.pop("dataset_dir", None)  # where the ONNX input's band order comes from
+    if options.format == "onnx":
+        return to_onnx(model, bands, state, {**extra, "name": name}, out_dir, overwrite, dataset)
     converted = build_converted(model, bands, state, name, options.framework, extra)
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
@@ -181,6 +185,30 @@ def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = Co
     return target
 
 
+def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, overwrite: bool,
+            dataset: str | None) -> Path:
+    """`DIR/NAME_YYYY-MM-DD.onnx` (see smptrain.export.onnx); the input bands are the run's dataset's when it is
+    reachable, else the model's."""
+    from smptrain.export.onnx import export_onnx
+
+    input_bands = list(bands["bands"])
+    if dataset and Path(dataset, "config.toml").is_file():
+        from smptrain.data.dataset import open_dataset
+
+        try:
+            input_bands = list(open_dataset(dataset).bands)
+        except UserError:
+            pass  # a dataset that moved or changed: the model's own bands
+    target = out_dir / f"{extra['name']}_{datetime.date.today().isoformat()}.onnx"
+    if target.exists() and not overwrite:
+        raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    difference = export_onnx(model, bands, state, {**extra, "input_bands": input_bands}, target)
+    click.echo(f"onnxruntime self-check: probabilities within {difference:.2g} of PyTorch's")
+    return target
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path())
 @click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write NAME_DATE.ckpt.")
@@ -195,9 +223,13 @@ def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = Co
 @click.option("--threshold", default="0.5", show_default=True,
               help="Stored as config.smptrain.threshold (what smptrain-predict --binarize uses): a number, or val-best "
                    "for the one `smptrain-test --threshold val-best` chose on the validation split.")
+@click.option("--format", "file_format", type=click.Choice(["darts", "onnx"]), default="darts", show_default=True,
+              help="darts: the file the DARTS pipeline loads; onnx: raw bands in, probabilities out, with the band "
+                   "normalisation inside (needs the onnx extra).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @report_user_errors
-def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, threshold, debug):
+def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, threshold, file_format,
+         debug):
     """Convert CHECKPOINT (run dir, checkpoint dir or DARTS .ckpt) into the DARTS inference format."""
     if debug:
         os.environ["SMPTRAIN_DEBUG"] = "1"
@@ -205,9 +237,10 @@ def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, b
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist")
     options = ConvertOptions(framework, which, overwrite, trust_pickle, Path(bands_from) if bands_from else None,
-                             threshold)
+                             threshold, file_format)
     target = convert(source, Path(out_dir), name, options)
-    click.echo(f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
+    click.echo(f"wrote {target}" if file_format == "onnx" else
+               f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
 
 
 if __name__ == "__main__":

@@ -71,8 +71,11 @@ def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int
                        reflection: int = 0, device: str | torch.device = "cpu", tta: str = "none") -> torch.Tensor:
     """Probabilities (B, H, W) of normalised tiles (B, C, H, W), blended from overlapping patches. With `tta`
     ("flips" or "d4") each patch's probabilities are averaged over its symmetries, inside the sliding window."""
+    raw = getattr(model, "takes_raw", False)  # an ONNX file: raw bands in (it normalises), probabilities out
+
     def probabilities_of(batch):
-        return torch.sigmoid(model(batch.to(device))).squeeze(1).float().to(tiles.device)
+        out = model(batch.to(device))
+        return (out if raw else torch.sigmoid(out)).squeeze(1).float().to(tiles.device)
 
     if tiles.dim() != 4:
         raise UserError(f"tiles must be (B, C, H, W), got shape {tuple(tiles.shape)}")
@@ -93,13 +96,26 @@ def predict_in_patches(model, tiles: torch.Tensor, patch_size: int, overlap: int
         if torch.isnan(batch).all(0).any():
             probs = torch.zeros(len(chosen), patch_size, patch_size, device=tiles.device)
         else:
-            batch = torch.nan_to_num(batch, nan=0.0)
+            batch = batch if raw else torch.nan_to_num(batch, nan=0.0)  # the ONNX graph zeroes NaN after normalising
             probs = averaged(probabilities_of, batch, tta) if tta != "none" else probabilities_of(batch)
         for (t, y, x), p in zip(chosen, probs):
             prediction[t, y:y + patch_size, x:x + patch_size] += p * margin
             weights[t, y:y + patch_size, x:x + patch_size] += margin
     prediction = prediction / torch.where(weights == 0, torch.ones_like(weights), weights)
     return prediction[:, pad:-pad, pad:-pad]
+
+
+class OnnxSegmenter:
+    """An exported ONNX file as `predict_in_patches`' model: raw bands in the file's input order go in (the graph
+    normalises them and zeroes NaN), probabilities come out."""
+
+    takes_raw = True
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"raw": batch.detach().cpu().numpy().astype(np.float32)})[0])
 
 
 def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, reflection: int, tile: str) -> int:
@@ -139,15 +155,19 @@ def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, 
               help="Write a uint8 mask (prob > threshold) instead of probabilities.")
 @click.option("--threshold", type=float, default=None,
               help="Threshold for --binarize [default: 0.5, as the DARTS pipeline; with --stored, the file's].")
+@click.option("--onnx", "is_onnx", is_flag=True,
+              help="CHECKPOINT is an ONNX file of smptrain-convert --format onnx, run in onnxruntime (the tile holds "
+                   "the file's input bands, raw).")
 @click.option("--stored", is_flag=True,
               help="Apply the TTA and threshold that smptrain-convert stored in the file (config.smptrain, chosen by "
                    "smptrain-test --threshold val-best); the DARTS pipeline ignores them.")
 @report_user_errors
-def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold, stored):
-    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint.
-    By default it computes what the DARTS pipeline computes from the same file."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, config = load_converted(checkpoint, device)
+def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold, is_onnx,
+         stored):
+    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint
+    (or, with --onnx, an exported ONNX file). By default it computes what the DARTS pipeline computes from the file."""
+    device = "cuda" if torch.cuda.is_available() and not is_onnx else "cpu"
+    model, config = onnx_model(checkpoint) if is_onnx else load_converted(checkpoint, device)
     extra = (config.get("smptrain") or {}) if stored else {}
     tta = tta or extra.get("tta") or "none"
     threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
@@ -158,8 +178,8 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta
     except (OSError, ValueError) as error:
         raise UserError(f"{tile} is not a readable .npy array: {error}") from None
     patch_size = choose_patch_size(patch_size, config, raw.shape[-2:], overlap, reflection, str(tile))
-    probs = predict_in_patches(model, normalise(raw, config["bands"]).reshape(1, *raw.shape[-3:]), patch_size,
-                               overlap, batch_size, reflection, device, tta)[0].cpu()
+    tiles = inputs_of(raw, config, is_onnx).reshape(1, *raw.shape[-3:])
+    probs = predict_in_patches(model, tiles, patch_size, overlap, batch_size, reflection, device, tta)[0].cpu()
     share = f"{float((probs > threshold).float().mean()):.2%} above {threshold:g}"
     if binarize:
         np.save(out, (probs > threshold).numpy().astype(np.uint8))
@@ -168,3 +188,22 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta
         np.save(out, probs.numpy())
         click.echo(f"wrote {out}: probabilities {tuple(probs.shape)} (TTA {tta}), {share}")
 
+
+def onnx_model(path):
+    """(OnnxSegmenter, a config shaped like a converted file's) of an exported ONNX file."""
+    from smptrain.export.onnx import load_onnx
+
+    session, description = load_onnx(Path(path))
+    return OnnxSegmenter(session), {"smptrain": {"patch_size": description["patch_size"],
+                                                 "threshold": description["threshold"]},
+                                    "input_bands": description["input_bands"]}
+
+
+def inputs_of(raw: np.ndarray, config: dict, is_onnx: bool) -> torch.Tensor:
+    """What the model takes: normalised bands (a converted file), or the raw input bands (an ONNX file)."""
+    if not is_onnx:
+        return normalise(raw, config["bands"])
+    if raw.shape[-3] != len(config["input_bands"]):
+        raise UserError(f"the tile has {raw.shape[-3]} bands but the ONNX file takes {len(config['input_bands'])}: "
+                        f"{config['input_bands']}")
+    return torch.as_tensor(np.asarray(raw), dtype=torch.float32)
