@@ -185,3 +185,39 @@ def require_same_data(run_dir: Path, info) -> None:
         differing = next(key for key in expected if expected[key] != found.get(key))
         raise UserError(f"{info.root} is not the dataset run {Path(run_dir).name} was trained on (its {differing} "
                         f"differs); resuming needs the same dataset: give its place with --set data.dir=PATH")
+
+
+# Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
+RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
+             "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
+
+
+def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
+    """`--resume auto`: (cfg, None) to start the run `{log.artifact_dir}/{log.run_name}`, or (its configuration with
+    this one's resumable keys, its directory) to continue it. A directory that never got a checkpoint is started
+    over; one whose configuration differs outside RESUMABLE is refused, naming the first such key."""
+    from smptrain.config import load_config, to_dict
+
+    if cfg is None:
+        raise UserError("--resume auto needs --config (the run it starts the first time)")
+    if not cfg.log.run_name:
+        raise UserError("--resume auto needs log.run_name, so that the re-run of the same command finds its run")
+    run_dir = Path(cfg.log.artifact_dir) / cfg.log.run_name
+    if not run_dir.exists():
+        return cfg, None
+    if not (run_dir / CONFIG).is_file():
+        raise UserError(f"{run_dir} exists and is not a run directory (no {CONFIG}); choose another log.run_name")
+    if not has_checkpoint(run_dir):  # started, but killed before its first checkpoint: nothing to continue
+        if os.environ.get("RANK", "0") == "0":  # the other ranks decide the same, from the same files
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return cfg, None
+    stored, given = to_dict(load_config(run_dir / CONFIG)), to_dict(absolute_paths(cfg)[0])
+    for section, values in stored.items():
+        for key, value in values.items():
+            name = f"{section}.{key}"
+            if name not in RESUMABLE and name not in ("log.artifact_dir", "log.run_name") and given[section][key] != value:
+                raise UserError(f"{run_dir} holds a run with {name} = {value!r}, but this configuration says "
+                                f"{given[section][key]!r}; --resume auto continues only the same run (these may "
+                                f"change: {', '.join(sorted(RESUMABLE))})")
+    changes = {name: given[name.split(".")[0]][name.split(".")[1]] for name in RESUMABLE}
+    return replace(load_config(run_dir / CONFIG), **changes), run_dir

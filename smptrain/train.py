@@ -35,14 +35,11 @@ from smptrain.evaluation.breakdown import validation_regions
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
 from smptrain.model import segmentation_logits
 from smptrain.prepare import Run, set_up
-from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, checkpoint_link, checkpoints_dir
+from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, RESUMABLE, checkpoint_link, checkpoints_dir, start_or_continue
 from smptrain.runtime import end_processes
 from smptrain.signals import Interrupted, StopSignal, local_main
 from smptrain.storage import WriteFailed
 
-# Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
-RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
-             "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
 
 
@@ -289,14 +286,17 @@ def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue the run in this directory from its last checkpoint.")
+              help="Continue the run in this directory from its last checkpoint. `auto` (with --config and "
+                   "log.run_name): start the run, or continue it when its directory exists (a requeued job).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow model.weights_from to be a DARTS Lightning .ckpt (a pickle, which can run code).")
 @config_options
 @report_user_errors
 def main(resume, trust_pickle, config_path, overrides, debug):
     """Train an smp binary segmentation model on a DARTS dataset."""
-    if resume is not None:
+    if resume == "auto":
+        cfg, resume = start_or_continue(resolve_config(config_path, overrides, debug) if config_path else None)
+    elif resume is not None:
         resume = Path(resume)
         if config_path:
             raise UserError("--resume takes the run's own config.toml; drop --config (use --set for "

@@ -138,6 +138,26 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(resume_setup):
     assert val_records(straight) == val_records(run_dir)
 
 
+def test_a_requeued_command_continues_its_run_exactly(resume_setup):
+    """SLURM's --requeue re-runs the same command: with --resume auto it starts the run the first time and continues
+    it after SIGTERM, exactly; a changed configuration is refused naming the key."""
+    tmp, config, straight = resume_setup
+    command = [sys.executable, "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=requeued",
+               "--resume", "auto"]
+    run_dir = tmp / "artifacts" / "requeued"
+    process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: logged_steps(run_dir) >= 11, what="step 11")
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    changed = run(["python", *command[1:], "--set", "train.lr=0.5"])
+    assert changed.returncode == 2 and "train.lr = 0.001" in changed.stderr and "0.5" in changed.stderr
+    again = run(["python", *command[1:]], check=True)
+    assert "resuming requeued at epoch" in again.stdout + again.stderr
+    assert_same_weights(straight, run_dir)
+    assert val_records(straight) == val_records(run_dir)
+
+
 def test_sigkill_during_checkpoint_write_loses_nothing(resume_setup):
     tmp, config, straight = resume_setup
     run_dir = tmp / "artifacts" / "killed"
