@@ -225,3 +225,43 @@ def test_n_randoms_gives_darts_seeds_and_bad_seeds_are_sentences():
     for text, n in (("4x", None), ("1,1", None), ("42", 0)):
         with pytest.raises(UserError):
             parse_seeds(text, n)
+
+
+def test_two_cv_workers_at_once_run_each_run_once_and_score_as_one(cv_setup):
+    """Two workers started together on the same 4-run plan (one per GPU, or two array tasks) claim runs on the
+    filesystem: each run is trained once, and the score equals the sequential CV's."""
+    tmp, config, sequential, _ = cv_setup
+    args = [str(BIN / "smptrain-cv"), "--config", str(config), "--name", "pair", "--folds", "2", "--seeds", "42,21"]
+    workers = [subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
+    started = [line for out, _ in outputs for line in out.splitlines() if line.startswith("cv pair: fold")]
+    assert len(started) == 4 and len(set(started)) == 4, started
+    again = run(["smptrain-cv", *args[1:]], check=True)  # scores them all and trains nothing
+    assert "cv pair: fold" not in again.stdout and "missing" not in again.stdout
+    outcome = json.loads((tmp / "artifacts" / "pair" / "cv.json").read_text())
+    assert outcome["missing"] == [] and outcome["runs"] == 4
+    assert outcome["score"] == json.loads((sequential / "cv.json").read_text())["score"]
+
+
+def test_a_killed_cv_workers_run_is_resumed_by_the_next_worker(demo_dir, tmp_path):
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 2}, log={"preview_every_n_val": 0})
+    plan = ["--folds", "2", "--seeds", "42"]
+    run(["smptrain-cv", "--config", str(config), "--name", "sequential", *plan], check=True)
+    worker = subprocess.Popen([str(BIN / "smptrain-cv"), "--config", str(config), "--name", "array", *plan,
+                               "--task", "0"], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = tmp_path / "artifacts" / "array" / "array-f0s42" / "checkpoints" / "last"
+    end = time.time() + 300
+    while not last.exists() and time.time() < end and worker.poll() is None:
+        time.sleep(0.05)
+    worker.kill()  # SIGKILL after the first checkpoint: its claim stays behind, its run is half done
+    worker.communicate(timeout=60)
+    assert last.exists() and (tmp_path / "artifacts" / "array" / "claims" / "array-f0s42").exists()
+    scored = run(["smptrain-cv", "--config", str(config), "--name", "array", *plan, "--task", "1"], check=True)
+    assert "missing 1 run(s)" in scored.stdout and "array-f0s42" in scored.stdout  # scoring waits for nothing
+    rest = run(["smptrain-cv", "--config", str(config), "--name", "array", *plan], check=True)
+    assert "cv array: fold 0, seed 42 (resuming)" in rest.stdout and "cv array: fold 1" not in rest.stdout
+    outcome = json.loads((tmp_path / "artifacts" / "array" / "cv.json").read_text())
+    reference = json.loads((tmp_path / "artifacts" / "sequential" / "cv.json").read_text())
+    assert outcome["missing"] == [] and outcome["score"] == reference["score"]

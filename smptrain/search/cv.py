@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -33,11 +33,12 @@ from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
 from smptrain.storage import write_text, writing
 from smptrain.errors import UserError, report_user_errors
+from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
+from smptrain.search.slots import claim
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
-DEFAULT_SCORING = ("val/JaccardIndex", "val/Recall")
-STRATEGIES = ("harmonic", "arithmetic", "geometric", "min")
 DONE = ("finished", "early-stopped", "diverged", "pruned")  # statuses a continued CV does not run again
+ROWS = "rows"  # {cv_dir}/rows/{run name}.json: each run's row, written by the worker that ran it
 
 
 def darts_seeds(count: int) -> list[int]:
@@ -47,114 +48,47 @@ def darts_seeds(count: int) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Scoring:
-    """How runs are scored, as DARTS scores them: the metrics ((key, higher is better), ...), the strategy that
-    combines several per run, and which validation of each run counts (its last, as DARTS, or its best)."""
+class Plan:
+    """The runs of a cross-validation, how they are scored, and which of them this worker may run."""
 
-    metrics: tuple[tuple[str, bool], ...] = tuple((name, True) for name in DEFAULT_SCORING)
-    strategy: str = "harmonic"
-    score_on: str = "last"
-
-    @classmethod
-    def parse(cls, text: str, strategy: str = "harmonic", score_on: str = "last") -> "Scoring":
-        """From the command line: `--scoring val/JaccardIndex,val/loss:lower --strategy ... --score-on ...`."""
-        if strategy not in STRATEGIES:
-            raise UserError(f"--strategy (DARTS' multi-score-strategy) must be one of {', '.join(STRATEGIES)}, "
-                            f"got {strategy!r}")
-        return cls(tuple(parse_scoring([s for s in str(text).split(",") if s.strip()])), strategy, score_on)
+    folds: list[int]
+    seeds: list[int]
+    scoring: Scoring = Scoring()
+    task: int | None = None  # run only this slot of the plan (e.g. $SLURM_ARRAY_TASK_ID); None = every missing run
+    claims: bool = True  # claim each run on the filesystem, so that several workers share the plan
 
     @property
-    def keys(self) -> list[str]:
-        """The keys read from each run's row: its last validation's metrics, or its best's (`best/...`)."""
-        prefix = "best/" if self.score_on == "best" else ""
-        return [prefix + name for name, _ in self.metrics]
-
-    @property
-    def first(self) -> str:
-        """The first scoring metric's name (what tuning's pruner watches)."""
-        return self.metrics[0][0]
-
-
-def parse_scoring(metrics) -> list[tuple[str, bool]]:
-    """[(metric key, higher is better)] from DARTS' `name[:higher|:lower]` strings."""
-    parsed = []
-    for text in metrics:
-        name, _, direction = str(text).strip().partition(":")
-        if direction not in ("", "higher", "lower"):
-            raise UserError(f"scoring metric {text!r} must be a metric name, optionally with :higher or :lower")
-        parsed.append((name, direction != "lower"))
-    if not parsed:
-        raise UserError("at least one scoring metric is needed, e.g. val/JaccardIndex")
-    return parsed
-
-
-def run_is_unstable(values: list[float]) -> bool:
-    """DARTS: a run is unstable when any of its scoring metrics is non-finite or 0."""
-    return any(not math.isfinite(v) or v == 0 for v in values)
-
-
-def score_runs(rows: list[dict], scoring: list[tuple[str, bool]], strategy: str) -> tuple[float, bool, list]:
-    """DARTS' CV score (`scoring.py`): (score, any run unstable, each run's combined score or None if skipped).
-
-    One metric: the mean over runs (the direction is ignored). Several: per run, skip it if it is unstable and the
-    strategy is harmonic or geometric; otherwise invert `:lower` metrics and combine (harmonic, arithmetic,
-    geometric or min); the score is the mean of the run scores (0 if none is left).
-    """
-    if strategy not in STRATEGIES:
-        raise UserError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    table = [[float(row.get(name, math.nan)) if row.get(name) is not None else math.nan for name, _ in scoring]
-             for row in rows]
-    unstable = any(run_is_unstable(values) for values in table)
-    if len(scoring) == 1:
-        values = [v[0] for v in table]
-        return (float(np.mean(values)) if values else 0.0), unstable, values
-    per_run = []
-    for values in table:
-        if run_is_unstable(values) and strategy in ("harmonic", "geometric"):
-            per_run.append(None)
-            continue
-        with np.errstate(divide="ignore"):
-            oriented = np.array([v if higher else 1 / v for v, (_, higher) in zip(values, scoring)], np.float64)
-        if strategy == "harmonic":
-            per_run.append(float(len(oriented) / np.sum(1 / oriented)))
-        elif strategy == "arithmetic":
-            per_run.append(float(np.mean(oriented)))
-        elif strategy == "geometric":
-            per_run.append(float(np.prod(oriented) ** (1 / len(oriented))))
-        else:
-            per_run.append(float(np.min(oriented)))
-    kept = [v for v in per_run if v is not None]
-    return (float(np.mean(kept)) if kept else 0.0), unstable, per_run
+    def slots(self) -> list[tuple[int, int]]:
+        """(seed, fold) of every run, in DARTS' order: seeds outer, folds inner."""
+        return [(seed, fold) for seed in self.seeds for fold in self.folds]
 
 
 @dataclass
 class CVResult:
     cv_dir: Path
-    status: str  # finished | interrupted | pruned
+    status: str  # finished | incomplete (runs missing: another worker's, or not run yet) | interrupted | pruned
     score: float
     is_unstable: bool
     rows: list[dict]
     summary: dict  # per-metric mean and std over runs
+    missing: list[str] = field(default_factory=list)  # runs of the plan without a finished row
 
 
-def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int], scoring: Scoring = Scoring(),
-                   on_validation=None, extra: dict | None = None, say=print) -> CVResult:
-    """Run (or continue) every fold x seed of `cfg` under `cv_dir`; every rank calls it.
-
-    A model that cannot be built raises `CannotBuild` before anything is written.
+def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, extra: dict | None = None,
+                   say=print) -> CVResult:
+    """Run (or continue) the missing runs of `plan` under `cv_dir` that no other worker holds, then score what is
+    there; every rank calls it. A model that cannot be built raises `CannotBuild` before anything is written.
     `on_validation(validations_so_far_in_this_cv, metrics)` is called after each validation of each run; True
     prunes the CV (tuning's pruner). `extra` is recorded in cv.json (a tuning trial's parameters).
     """
     from accelerate import PartialState
 
     from smptrain.prepare import check_model_of
-    from smptrain.train import train
 
     check_model_of(cfg)  # a model that cannot be built, or cannot take these patches, stops here: nothing written
     main_process = PartialState().is_main_process
-    definition = {"config": to_dict(cfg), "folds": list(folds), "seeds": list(seeds), **(extra or {})}
+    definition = {"config": to_dict(cfg), "folds": list(plan.folds), "seeds": list(plan.seeds), **(extra or {})}
     rows = open_cv(cv_dir, definition, main_process)
-    name = cv_dir.name
     counted = [0]
 
     def report(validations: int, metrics: dict) -> bool:
@@ -162,37 +96,98 @@ def cross_validate(cfg: Config, cv_dir: Path, folds: list[int], seeds: list[int]
         return bool(on_validation and on_validation(counted[0], metrics))
 
     status = "finished"
-    for seed in seeds:  # DARTS' order: seeds outer, folds inner
-        for fold in folds:
-            run_name = f"{name}-f{fold}s{seed}"
-            if rows.get(run_name, {}).get("status") in DONE:
-                continue
-            run_cfg = replace(cfg, **{"data.fold": fold, "train.seed": seed, "log.artifact_dir": str(cv_dir),
-                                      "log.run_name": run_name, "log.wandb_group": name})
-            run_dir = cv_dir / run_name
-            resume = run_dir if has_checkpoint(run_dir) else None
-            if run_dir.exists() and resume is None and main_process:
-                shutil.rmtree(run_dir)  # started but never saved a checkpoint: nothing worth keeping
-            say(f"cv {name}: fold {fold}, seed {seed}{' (resuming)' if resume else ''}")
-            started = time.perf_counter()
-            result = train(run_cfg, resume, on_validation=report)
-            rows[run_name] = {"fold": fold, "seed": seed, "status": result.status, "run_name": run_name,
-                              "run_dir": str(run_dir), "duration_s": time.perf_counter() - started,
-                              "epochs": result.epochs, "steps": result.steps, **result.last,
-                              **{f"best/{k}": v for k, v in result.best.items()}}
-            if main_process:
-                write_table(cv_dir, rows)
-            if result.status in ("interrupted", "pruned"):
-                status = result.status
-                break
-        if status != "finished":
+    for seed, fold in chosen_slots(plan):
+        run_name = f"{cv_dir.name}-f{fold}s{seed}"
+        rows.update(read_rows(cv_dir))  # what other workers finished meanwhile
+        if rows.get(run_name, {}).get("status") in DONE:
+            continue
+        held = take(cv_dir, run_name, plan.claims, say)
+        if held is None:
+            continue
+        try:
+            rows[run_name] = run_one(cfg, cv_dir, run_name, (fold, seed), report, say)
+        finally:
+            held.release()
+        if main_process:
+            write_text(cv_dir / ROWS / f"{run_name}.json", json.dumps(rows[run_name], default=plain) + "\n")
+            write_table(cv_dir, rows)
+        if rows[run_name]["status"] in ("interrupted", "pruned"):
+            status = rows[run_name]["status"]
             break
-    ordered = [rows[k] for k in sorted(rows, key=lambda k: (seeds.index(rows[k]["seed"]) if rows[k]["seed"] in seeds
-                                                              else len(seeds), rows[k]["fold"]))]
+    return score_cv(cv_dir, plan, {**rows, **read_rows(cv_dir)}, status, definition)
+
+
+def chosen_slots(plan: Plan) -> list[tuple[int, int]]:
+    slots = plan.slots
+    if plan.task is None:
+        return slots
+    if not 0 <= plan.task < len(slots):
+        raise UserError(f"--task must be between 0 and {len(slots) - 1} (the plan has {len(plan.seeds)} seed(s) x "
+                        f"{len(plan.folds)} fold(s)), got {plan.task}")
+    return [slots[plan.task]]
+
+
+class _Unclaimed:
+    def release(self) -> None:
+        pass
+
+
+def take(cv_dir: Path, run_name: str, use_claims: bool, say):
+    """A held claim on `run_name` (or a stand-in without claims), or None when another worker holds it. The main
+    process claims and tells the other ranks (every rank calls this)."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    if not use_claims:
+        return _Unclaimed()
+    state = PartialState()
+    held, owner = claim(cv_dir, run_name) if state.is_main_process else (None, None)
+    decided = [held is not None, owner]
+    if state.num_processes > 1:
+        broadcast_object_list(decided)
+    if not decided[0]:
+        say(f"cv {cv_dir.name}: {run_name} is being run by {decided[1]}; skipped")
+        return None
+    return held if held is not None else _Unclaimed()
+
+
+def run_one(cfg: Config, cv_dir: Path, run_name: str, fold_seed: tuple[int, int], report, say) -> dict:
+    """Train (or resume) one run of the plan; its row for the table."""
+    from smptrain.train import train
+
+    fold, seed = fold_seed
+    run_cfg = replace(cfg, **{"data.fold": fold, "train.seed": seed, "log.artifact_dir": str(cv_dir),
+                              "log.run_name": run_name, "log.wandb_group": cv_dir.name})
+    run_dir = cv_dir / run_name
+    resume = run_dir if has_checkpoint(run_dir) else None
+    if run_dir.exists() and resume is None and _is_main():
+        shutil.rmtree(run_dir)  # started but never saved a checkpoint: nothing worth keeping
+    say(f"cv {cv_dir.name}: fold {fold}, seed {seed}{' (resuming)' if resume else ''}")
+    started = time.perf_counter()
+    result = train(run_cfg, resume, on_validation=report)
+    return {"fold": fold, "seed": seed, "status": result.status, "run_name": run_name, "run_dir": str(run_dir),
+            "duration_s": time.perf_counter() - started, "epochs": result.epochs, "steps": result.steps,
+            **result.last, **{f"best/{k}": v for k, v in result.best.items()}}
+
+
+def _is_main() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def score_cv(cv_dir: Path, plan: Plan, rows: dict, status: str, definition: dict) -> CVResult:
+    """DARTS' score over the plan's runs that are there, and which are missing (main process writes cv.json)."""
+    names = [f"{cv_dir.name}-f{fold}s{seed}" for seed, fold in plan.slots]
+    ordered = [rows[name] for name in names if name in rows]
+    missing = [name for name in names if rows.get(name, {}).get("status") not in DONE]
+    if status == "finished" and missing:
+        status = "incomplete"
+    scoring = plan.scoring
     score, unstable, _ = score_runs(ordered, [(key, higher) for key, (_, higher) in zip(scoring.keys, scoring.metrics)],
                                     scoring.strategy)
-    result = CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered))
-    if main_process:
+    result = CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered), missing)
+    if _is_main():
         write_outcome(result, definition, scoring)
     return result
 
@@ -202,6 +197,7 @@ def write_outcome(result: CVResult, definition: dict, scoring: Scoring) -> None:
     outcome = {**definition, "scoring": [f"{n}:{'higher' if h else 'lower'}" for n, h in scoring.metrics],
                "strategy": scoring.strategy, "score_on": scoring.score_on, "status": result.status,
                "score": result.score, "score_is_unstable": result.is_unstable, "runs": len(result.rows),
+               "missing": result.missing,
                "summary": result.summary}
     write_text(result.cv_dir / "cv.json", json.dumps(outcome, indent=2, default=plain) + "\n")
     if result.rows:
@@ -229,13 +225,26 @@ def open_cv(cv_dir: Path, definition: dict, main_process: bool) -> dict[str, dic
         write_text(state, json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
     PartialState().wait_for_everyone()
     table = cv_dir / "runs.parquet"
-    if not table.is_file():
-        return {}
-    import pandas as pd
+    rows = {}
+    if table.is_file():  # a CV written before rows/ existed keeps its table
+        import pandas as pd
 
-    records = pd.read_parquet(table).to_dict("records")
-    return {r["run_name"]: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-            for r in records}
+        records = pd.read_parquet(table).to_dict("records")
+        rows = {r["run_name"]: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                for r in records}
+    return {**rows, **read_rows(cv_dir)}
+
+
+def read_rows(cv_dir: Path) -> dict[str, dict]:
+    """Every run's row that some worker wrote, by run name."""
+    rows = {}
+    for path in sorted((cv_dir / ROWS).glob("*.json")):
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):  # being replaced this very moment: the next look finds it
+            continue
+        rows[row["run_name"]] = row
+    return rows
 
 
 def write_table(cv_dir: Path, rows: dict[str, dict]) -> None:
@@ -315,6 +324,11 @@ def print_result(result: CVResult, scoring: Scoring) -> None:
         click.echo(f"  {key:<22} mean {stats['mean']:.4f}  std {_fmt(stats['std'])}")
     click.echo(f"score ({scoring.strategy}): {result.score:.4f}{' (unstable runs)' if result.is_unstable else ''}\n"
                f"wrote {result.cv_dir / 'runs.csv'}, runs.parquet, cv.json and cv_metrics.png")
+    if result.missing:
+        done = len(result.rows) - sum(row["run_name"] in result.missing for row in result.rows)
+        click.echo(f"missing {len(result.missing)} run(s), being run by other workers or not run yet: "
+                   f"{', '.join(result.missing)}; the score covers the {done} finished run(s); run smptrain-cv again "
+                   f"(same --name) when they are done to score them all")
 
 
 def _fmt(value) -> str:
@@ -333,9 +347,12 @@ def _fmt(value) -> str:
               help="How several scoring metrics combine per run [default: harmonic].")
 @click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
               help="Score each run's last validation (DARTS) or its best one.")
+@click.option("--task", type=int, default=None,
+              help="Run only the K-th run of the plan (seeds outer, folds inner), e.g. --task $SLURM_ARRAY_TASK_ID; "
+                   "without it, every run no other worker holds.")
 @config_options
 @report_user_errors
-def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path, overrides, debug):
+def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, task, config_path, overrides, debug):
     """Cross-validate a configuration: every fold x seed, scored as DARTS scores them. A DARTS [darts] table gives
     n-folds, n-randoms, scoring-metric, multi-score-strategy and cv-name where the command line does not."""
     from smptrain.runtime import end_processes
@@ -344,11 +361,11 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
     loaded = resolve(config_path, overrides, debug)
-    cfg, plan = loaded.config, cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on)
+    cfg, plan = loaded.config, cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task)
     name = given_or(name, loaded, "cv_name") or new_run_name(Path(cfg.log.artifact_dir))
     if "/" in name:
         raise UserError(f"--name must be a plain directory name, got {name!r}")
-    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, plan.folds, plan.seeds, plan.scoring)
+    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, plan)
     end_processes()
     if result.status == "interrupted":
         print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
@@ -356,16 +373,7 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, config_path
     print_result(result, plan.scoring)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """The runs of a cross-validation and how they are scored."""
-
-    folds: list[int]
-    seeds: list[int]
-    scoring: Scoring
-
-
-def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on) -> Plan:
+def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task: int | None = None) -> Plan:
     """Folds, seeds and scoring from the command line, else the `[darts]` table, else DARTS' defaults. Seeds given
     on the command line win over the table's n-randoms."""
     if seeds is None and n_randoms is None:
@@ -373,7 +381,7 @@ def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on) -> Pla
     return Plan(fold_count(loaded.config, given_or(folds, loaded, "folds")),
                 parse_seeds(seeds or ",".join(map(str, DEFAULT_SEEDS)), n_randoms),
                 Scoring.parse(given_or(scoring, loaded, "scoring", ",".join(DEFAULT_SCORING)),
-                              given_or(strategy, loaded, "strategy", "harmonic"), score_on))
+                              given_or(strategy, loaded, "strategy", "harmonic"), score_on), task)
 
 
 if __name__ == "__main__":

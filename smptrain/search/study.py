@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from smptrain.errors import UserError
+from smptrain.search.slots import gone_from_this_host
 
 
 def open_study(name: str, storage: str | None, study_dir: Path):
@@ -41,15 +42,8 @@ def me() -> str:
 
 
 def is_stale(trial, grace: float) -> bool:
-    owner = str(trial.user_attrs.get("worker", ":"))
-    host, _, pid = owner.rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            pass
+    if gone_from_this_host(str(trial.user_attrs.get("worker", ":"))):
+        return True
     return time.time() - float(trial.user_attrs.get("heartbeat", time.time())) > grace
 
 

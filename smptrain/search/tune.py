@@ -37,7 +37,7 @@ import click
 
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, dump_toml, replace
-from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Scoring, cross_validate, cv_plan, write_frame
+from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Plan, Scoring, cross_validate, cv_plan, write_frame
 from smptrain.storage import write_text
 from smptrain.errors import CannotBuild, UserError, report_user_errors
 from smptrain.search.study import Heartbeat, fresh_slots, me, open_study, recover_dead_trials
@@ -156,7 +156,8 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
 
     beat = Heartbeat(trial, options.heartbeat)
     try:
-        result = cross_validate(trial_cfg, study_dir / directory, options.folds, options.seeds, options.scoring, report,
+        plan = Plan(options.folds, options.seeds, options.scoring, claims=False)  # the study gives a trial one worker
+        result = cross_validate(trial_cfg, study_dir / directory, plan, report,
                                 {"trial": trial.number, "values": values}, say=say)
     finally:
         beat.close()
