@@ -14,4 +14,5 @@ AUGMENTATIONS = ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "D4", "Blur
 LOSSES = ("focal", "bce", "dice", "jaccard", "tversky", "lovasz")  # train.loss (smptrain.losses)
 PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed precision names (smptrain.runtime)
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # train.mixed_precision
+TRACKERS = ("wandb", "tensorboard", "mlflow")  # log.trackers (smptrain.tracking)
 TTA_CHOICES = ("none", "flips", "d4")  # --tta of smptrain-test and smptrain-predict (smptrain.evaluation.tta)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smptrain.choices import (AUGMENTATIONS, FOLD_METHODS, LOSSES, MEMORY_DEVICES, PRECISION_CHOICES, READERS,
-                              SPLIT_METHODS)
+                              SPLIT_METHODS, TRACKERS)
 from smptrain.darts_config import DARTS_KEYS, Reading, darts_override, merge_darts
 from smptrain.errors import UserError
 
@@ -97,7 +97,9 @@ class LogConfig:
     preview_every_n_val: int = setting(5, at_least=0)  # write a preview grid every n-th validation; 0 = never
     wandb_project: str = ""  # log to this Weights & Biases project; empty = no wandb (WANDB_MODE is honoured)
     wandb_entity: str = ""  # wandb entity (team or user); empty = your default entity
-    wandb_group: str = ""  # wandb group of the run (cross-validation and tuning set it); empty = none
+    wandb_group: str = ""  # group of the run in wandb and MLflow (cross-validation and tuning set it); empty = none
+    trackers: tuple[str, ...] = setting((), one_of=TRACKERS)  # any of wandb, tensorboard, mlflow; empty = wandb when wandb_project is set
+    mlflow_experiment: str = setting("smptrain", rule=(bool, "not empty"))  # MLflow experiment (MLFLOW_TRACKING_URI, else a file store in {artifact_dir}/mlruns)
 
 
 @dataclass(frozen=True)
@@ -374,6 +376,10 @@ def _check_combinations(cfg: Config, source: str) -> None:
             raise UserError(f"train.loss.{name} in {source} must be a non-negative weight, got {weight!r}")
     if not any(losses.values()):
         raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
+    if len(set(cfg.log.trackers)) < len(cfg.log.trackers):
+        raise UserError(f"log.trackers in {source} names a tracker twice: {list(cfg.log.trackers)}")
+    if "wandb" in cfg.log.trackers and not cfg.log.wandb_project:
+        raise UserError(f"log.trackers in {source} includes wandb but log.wandb_project is empty; set the project")
     if cfg.data.fold_method != "none":
         if cfg.data.total_folds < 2:
             raise UserError(f"data.total_folds in {source} must be at least 2, got {cfg.data.total_folds!r}")

@@ -31,7 +31,7 @@ from smptrain.runs import (BEST, LAST, STATE, SPLITS, absolute_paths, checkpoint
 from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
 from smptrain.signals import StopSignal
 from smptrain.storage import free_space, human
-from smptrain.tracking import Recorder, WandbRun
+from smptrain.tracking import Recorder, tracked_run
 
 
 @dataclass
@@ -149,8 +149,7 @@ def run_paths(cfg: Config, resume: Path | None) -> tuple[Config, dict]:
 def start_accelerator(cfg: Config):
     """(precision, Accelerator), with torch's CPU threads set, and the choice said once."""
     precision, why = choose_precision(cfg.train.mixed_precision)
-    accelerator = make_accelerator(precision, "wandb" if cfg.log.wandb_project else None, cfg.train.grad_accum_steps,
-                                   cfg.train.deterministic)
+    accelerator = make_accelerator(precision, cfg.train.grad_accum_steps, cfg.train.deterministic)
     threads = configure_threads(cfg.train.threads, local_processes(accelerator))
     accelerator.print(f"precision: {describe_precision(precision)} ({why}); {threads} CPU thread(s) per process")
     return precision, accelerator
@@ -167,9 +166,8 @@ def start_recording(accelerator, cfg: Config, run_dir: Path, run_name: str, run_
         accelerator.print(f"run directory: {run_dir}")
         if meta:
             restore(accelerator, run_dir, run_name, state)
-        wandb = (WandbRun(cfg.log.wandb_project, cfg.log.wandb_entity, run_name, run_id, to_dict(cfg),
-                          Path(cfg.log.artifact_dir), group=cfg.log.wandb_group) if cfg.log.wandb_project else None)
-        recorder = Recorder(accelerator, run_dir, wandb, resume_step=state.step if meta else None)
+        recorder = Recorder(accelerator, run_dir, tracked_run(to_dict(cfg), run_name, run_id),
+                            resume_step=state.step if meta else None)
     except Exception:
         if stop.undo is not None:
             stop.undo()

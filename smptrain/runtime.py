@@ -104,8 +104,9 @@ def configure_determinism(deterministic: bool) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def make_accelerator(precision: str = "no", log_with: str | None = None, grad_accum_steps: int = 1,
-                     deterministic: bool = False):
+def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, deterministic: bool = False):
+    """The Accelerator of a command. Its trackers start later, once the run directory is known
+    (smptrain.tracking)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -113,7 +114,6 @@ def make_accelerator(precision: str = "no", log_with: str | None = None, grad_ac
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
-        log_with=log_with,
         gradient_accumulation_steps=grad_accum_steps,
         # Our samplers shard the data themselves; keep Accelerate from re-wrapping anything.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),

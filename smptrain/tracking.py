@@ -1,20 +1,27 @@
-"""Run identity and records: readable run names, `metrics.jsonl`, and wandb through Accelerate's tracker.
+"""Run identity and records: readable run names, `metrics.jsonl`, and the trackers (wandb, TensorBoard, MLflow)
+through Accelerate's tracker classes.
 
 Only the main process writes. Every record goes to `metrics.jsonl` (one JSON object per line with `step`, `epoch`
-and metric keys) and, when `log.wandb_project` is set, to the same wandb run with the same keys. wandb honours
-WANDB_MODE (offline works without network) and writes under `{artifact_dir}/wandb`.
+and metric keys) and to each tracker of `log.trackers` with the same keys and steps (default: wandb when
+`log.wandb_project` is set). wandb honours WANDB_MODE (offline works without network) and writes under
+`{artifact_dir}/wandb`; TensorBoard writes event files to `{run_dir}/tensorboard`; MLflow writes to
+MLFLOW_TRACKING_URI, else to an SQLite store at `{artifact_dir}/mlflow.db`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import secrets
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from smptrain.choices import TRACKERS
+from smptrain.errors import UserError
 from smptrain.runs import METRICS
 from smptrain.storage import WriteFailed, write_text, writing
 
@@ -22,6 +29,12 @@ ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty",
               "steady", "gentle", "bold", "crisp", "distant")
 NOUNS = ("pingo", "tundra", "slump", "delta", "ridge", "lake", "taiga", "ice-wedge", "moraine", "fjord", "esker",
          "permafrost", "headwall", "lowland", "thermokarst", "polygon")
+TENSORBOARD_DIR = "tensorboard"  # in the run directory: `tensorboard --logdir {artifact_dir}` shows every run
+MLFLOW_STORE = "mlflow.db"  # MLflow's SQLite store in the artifact directory, when MLFLOW_TRACKING_URI is not set
+MLFLOW_ARTIFACTS = "mlartifacts"  # beside it: the figures and tables MLflow keeps
+RUN_TAG = "smptrain.run_id"  # the MLflow tag that finds a run again on resume and for smptrain-test
+PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+assert set(PACKAGES) == set(TRACKERS)
 
 
 def new_run_id() -> str:
@@ -47,18 +60,57 @@ def clean_number(value):
     return value
 
 
-@dataclass(frozen=True)
-class WandbRun:
-    """The wandb run a Recorder writes to: the training run's id and name, so a resumed run and its test append."""
+def trackers_of(log: dict) -> tuple[str, ...]:
+    """The trackers of a `[log]` section (a dict, so the run.json of older runs reads too): `log.trackers`, or
+    wandb when `log.wandb_project` is set."""
+    if log.get("trackers"):
+        return tuple(log["trackers"])
+    return ("wandb",) if log.get("wandb_project") else ()
 
-    project: str
-    entity: str  # "" = the user's default entity
+
+def mlflow_key(key: str) -> str:
+    """MLflow takes letters, digits and `_ - . / : space` in names; anything else (region names, `@0.5`) becomes `_`."""
+    return re.sub(r"[^\w\-./: ]", "_", key)
+
+
+def flat_config(config: dict, prefix: str = "") -> dict:
+    """`{"train.lr": 0.001, "train.augment": '["D4"]'}`: the scalars TensorBoard's hparams and MLflow's params take."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix and key in ("loss", "band_normalisation")):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[prefix + key] = value
+        else:
+            flat[prefix + key] = json.dumps(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    """The tracker runs a Recorder writes to: the training run's id and name, so a resumed run and its test append."""
+
+    trackers: tuple[str, ...]  # of TRACKERS
+    project: str  # the wandb project
+    entity: str  # "" = the user's default wandb entity
+    experiment: str  # the MLflow experiment
     name: str
     id: str
     config: dict
-    dir: Path  # the artifact directory; wandb writes under dir/wandb
+    dir: Path  # the artifact directory; wandb writes under dir/wandb, MLflow's default store is dir/mlflow.db
     job: str = "train"
     group: str = ""  # cross-validation and tuning group their runs
+
+
+def tracked_run(config: dict, name: str, run_id: str, job: str = "train") -> TrackedRun | None:
+    """The tracker runs of a run with this configuration (a nested dict, as in run.json), or None without trackers."""
+    log = config["log"]
+    trackers = trackers_of(log)
+    if not trackers:
+        return None
+    return TrackedRun(trackers, log.get("wandb_project", ""), log.get("wandb_entity", ""),
+                      log.get("mlflow_experiment") or "smptrain", name, run_id, config, Path(log["artifact_dir"]), job,
+                      log.get("wandb_group", ""))
 
 
 def _step_of(line: str) -> float:
@@ -69,34 +121,125 @@ def _step_of(line: str) -> float:
         return math.inf
 
 
-class Recorder:
-    """Writes records to metrics.jsonl and wandb (main process only); does nothing on other ranks.
-    `wandb`: None for no wandb; `resume_step`: drop metrics.jsonl records past the checkpoint resumed from."""
+def _wandb(run: TrackedRun, run_dir: Path, resume_step: int | None):
+    from accelerate.tracking import WandBTracker
 
-    def __init__(self, accelerator, run_dir: Path, wandb: WandbRun | None, resume_step: int | None = None):
+    (Path(run.dir) / "wandb").mkdir(parents=True, exist_ok=True)
+    init = {"name": run.name, "id": run.id, "resume": "allow", "dir": str(run.dir), "job_type": run.job}
+    if run.entity:
+        init["entity"] = run.entity
+    if run.group:
+        init["group"] = run.group
+    return WandBTracker(run.project, **init), run.config
+
+
+def _tensorboard(run: TrackedRun, run_dir: Path, resume_step: int | None):
+    from accelerate.tracking import TensorBoardTracker
+
+    # A resumed run drops what came after its checkpoint, as metrics.jsonl does: TensorBoard hides the older
+    # events from purge_step on.
+    options = {"purge_step": resume_step + 1} if resume_step is not None and run.job == "train" else {}
+    fresh = resume_step is None and run.job == "train"
+    return TensorBoardTracker(TENSORBOARD_DIR, run_dir, **options), flat_config(run.config) if fresh else None
+
+
+def _mlflow(run: TrackedRun, run_dir: Path, resume_step: int | None):
+    """Accelerate's MLflowTracker with names MLflow accepts, continuing the MLflow run of the same smptrain run."""
+    import mlflow
+    from accelerate.tracking import MLflowTracker
+
+    class Tracker(MLflowTracker):
+        def log(self, values: dict, step: int | None = None, **kwargs):
+            super().log({mlflow_key(k): v for k, v in values.items()}, step=step, **kwargs)
+
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow's own local default since 3.0: an SQLite file (its file store is refused by default and loses
+        # runs whose path has a directory named "artifacts", as ours does by default).
+        for noisy in ("alembic", "mlflow.store.db.utils"):  # the database's creation, said on every new store
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        root = Path(run.dir).absolute()
+        mlflow.set_tracking_uri(f"sqlite:///{root / MLFLOW_STORE}")
+        location = (root / MLFLOW_ARTIFACTS).as_uri()
+    if mlflow.get_experiment_by_name(run.experiment) is None:
+        try:  # several CV or tuning workers may get here at once: one creates it, the others find it
+            mlflow.create_experiment(run.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            if mlflow.get_experiment_by_name(run.experiment) is None:
+                raise
+    found = mlflow.search_runs(experiment_names=[run.experiment], output_format="list",
+                               filter_string=f"tags.`{RUN_TAG}` = '{run.id}'")
+    tags = {RUN_TAG: run.id, **({"group": run.group} if run.group else {})}
+    tracker = Tracker(run.experiment, run_id=found[0].info.run_id if found else None, run_name=run.name, tags=tags)
+    return tracker, flat_config(run.config) if not found else None  # MLflow params cannot change once logged
+
+
+STARTERS = {"wandb": _wandb, "tensorboard": _tensorboard, "mlflow": _mlflow}
+assert set(STARTERS) == set(TRACKERS)
+
+
+def start_trackers(accelerator, run: TrackedRun, run_dir: Path, resume_step: int | None) -> None:
+    """Start each tracker of `run` through Accelerate (main process only); one that cannot start is a UserError."""
+    started = []
+    for name in run.trackers:
+        accelerator.trackers = []  # init_trackers starts every tracker in this list: only the new one
+        try:
+            tracker, config = STARTERS[name](run, run_dir, resume_step)
+            accelerator.log_with = [tracker]
+            accelerator.init_trackers(run.project or run.experiment)
+            if config is not None:
+                accelerator.trackers[-1].store_init_configuration(config)
+        except Exception as error:  # e.g. wandb online without an API key, an MLflow server that does not answer
+            _close(started + accelerator.trackers)
+            accelerator.trackers = []
+            if isinstance(error, ModuleNotFoundError):
+                raise UserError(f"log.trackers includes {name!r} but {error.name} is not installed: pip install "
+                                f"{PACKAGES[name]}, or pip install 'smptrain[trackers]'") from None
+            raise UserError(_failed(name, run, error)) from None
+        started += accelerator.trackers
+    accelerator.trackers = started
+
+
+def _close(trackers: list) -> None:
+    """Finish the trackers that started before one failed, so no run is left open in this process."""
+    for tracker in trackers:
+        try:
+            tracker.finish()
+        except Exception:  # already failing: the first error is the one to report
+            pass
+
+
+def _failed(name: str, run: TrackedRun, error: Exception) -> str:
+    first = (str(error).splitlines() or [type(error).__name__])[0]
+    if name == "wandb":
+        return (f"wandb could not start for log.wandb_project = {run.project!r}: {first} "
+                f"(run `wandb login`, or set WANDB_MODE=offline)")
+    if name == "mlflow":
+        import mlflow
+
+        return f"mlflow could not start with tracking URI {mlflow.get_tracking_uri()}: {first}"
+    return f"{name} could not start: {first}"
+
+
+class Recorder:
+    """Writes records to metrics.jsonl and the trackers (main process only); does nothing on other ranks.
+    `tracked`: None for no trackers; `resume_step`: drop records past the checkpoint resumed from."""
+
+    def __init__(self, accelerator, run_dir: Path, tracked: TrackedRun | None, resume_step: int | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(run_dir) / METRICS
-        self.wandb = wandb is not None
+        self.names = set(tracked.trackers) if tracked is not None and self.main else set()
         self.failure = None  # a write that failed here, raised on every rank at the next checkpoint (never alone)
         if self.main and resume_step is not None and self.path.exists():
             # Drop records past the checkpoint we resume from: they will be produced again.
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
             write_text(self.path, "".join(line + "\n" for line in kept))
-        if wandb is not None:
-            (Path(wandb.dir) / "wandb").mkdir(parents=True, exist_ok=True) if self.main else None
-            init = {"name": wandb.name, "id": wandb.id, "resume": "allow", "dir": str(wandb.dir), "job_type": wandb.job}
-            if wandb.entity:
-                init["entity"] = wandb.entity
-            if wandb.group:
-                init["group"] = wandb.group
-            try:
-                accelerator.init_trackers(wandb.project, config=wandb.config, init_kwargs={"wandb": init})
-            except Exception as error:  # e.g. online mode without an API key
-                from smptrain.errors import UserError
+        if self.names:
+            start_trackers(accelerator, tracked, Path(run_dir), resume_step)
 
-                raise UserError(f"wandb could not start for log.wandb_project = {wandb.project!r}: "
-                                f"{str(error).splitlines()[0]} (run `wandb login`, or set WANDB_MODE=offline)") from None
+    def _tracker(self, name: str):
+        return self.accelerator.get_tracker(name, unwrap=True) if name in self.names else None
 
     def log(self, record: dict, step: int | None, write_jsonl: bool = True) -> None:
         if not self.main:
@@ -110,34 +253,54 @@ class Recorder:
                         handle.write(json.dumps({"step": step, **record}) + "\n")
             except WriteFailed as error:
                 self.failure = error
-        if self.wandb:
+        if self.names:
             self.accelerator.log({k: v for k, v in record.items() if v is not None}, step=step)
 
     def image(self, key: str, path: Path, step: int | None) -> None:
-        if self.main and self.wandb:
+        if not self.main:
+            return
+        if (run := self._tracker("wandb")) is not None:
             import wandb
 
-            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Image(str(path))}, step=step)
+            run.log({key: wandb.Image(str(path))}, step=step)
+        if (writer := self._tracker("tensorboard")) is not None:
+            from matplotlib.image import imread
+
+            writer.add_image(key, imread(str(path))[..., :3], global_step=step, dataformats="HWC")
+        if self._tracker("mlflow") is not None:
+            import mlflow
+
+            mlflow.log_artifact(str(path), artifact_path=mlflow_key(key.rpartition("/")[0]) or None)
 
     def table(self, key: str, rows: list[dict]) -> None:
-        """Rows of equal keys as a wandb table (NaN as empty cells)."""
-        if self.main and self.wandb and rows:
+        """Rows of equal keys as a wandb table, a TensorBoard text table and an MLflow JSON artifact (NaN as empty)."""
+        if not self.main or not rows:
+            return
+        columns = list(rows[0])
+        data = [[clean_number(row[c]) for c in columns] for row in rows]
+        if (run := self._tracker("wandb")) is not None:
             import wandb
 
-            columns = list(rows[0])
-            data = [[clean_number(row[c]) for c in columns] for row in rows]
-            self.accelerator.get_tracker("wandb", unwrap=True).log({key: wandb.Table(columns=columns, data=data)})
+            run.log({key: wandb.Table(columns=columns, data=data)})
+        if (writer := self._tracker("tensorboard")) is not None:
+            lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                                        for v in row) + " |" for row in data]
+            writer.add_text(key, "\n".join(lines))
+        if self._tracker("mlflow") is not None:
+            import mlflow
+
+            mlflow.log_dict({"columns": columns, "data": data}, mlflow_key(key) + ".json")
 
     def summary(self, values: dict) -> None:
-        if self.main and self.wandb:
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
+        if (run := self._tracker("wandb")) is not None and self.main:
             for key, value in values.items():
                 run.summary[key] = clean_number(value)
 
     def finish(self) -> None:
-        """Close wandb. Not `end_training()`: that also tears down the process group, which only the end of a
-        command, on every rank, may do."""
-        if self.main and self.wandb:
+        """Close the trackers. Not `end_training()`: that also tears down the process group, which only the end of
+        a command, on every rank, may do."""
+        if self.main and self.names:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers = []

@@ -152,10 +152,12 @@ def foreign_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, demo_dir) -> Path:
-    """One finished 2-epoch run on the demo data, with wandb in offline mode; shared by test/convert tests."""
+    """One finished 2-epoch run on the demo data, logged to wandb (offline), TensorBoard and MLflow (a file store);
+    shared by test/convert tests."""
     tmp = tmp_path_factory.mktemp("trained")
     config = tiny_config(tmp, demo_dir, log={"run_name": "shared", "wandb_project": "smptrain-tests",
-                                             "artifact_dir": str(tmp / "artifacts")})
+                                             "artifact_dir": str(tmp / "artifacts"),
+                                             "trackers": ["wandb", "tensorboard", "mlflow"]})
     run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)
     return tmp / "artifacts" / "shared"
 

@@ -140,10 +140,11 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(resume_setup):
 
 def test_a_requeued_command_continues_its_run_exactly(resume_setup):
     """SLURM's --requeue re-runs the same command: with --resume auto it starts the run the first time and continues
-    it after SIGTERM, exactly; a changed configuration is refused naming the key."""
+    it after SIGTERM, exactly; a changed configuration is refused naming the key. TensorBoard and MLflow continue
+    the same run, and hold what metrics.jsonl holds."""
     tmp, config, straight = resume_setup
     command = [sys.executable, "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=requeued",
-               "--resume", "auto"]
+               "--resume", "auto", "--set", 'log.trackers=["tensorboard", "mlflow"]']
     run_dir = tmp / "artifacts" / "requeued"
     process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(run_dir) >= 11, what="step 11")
@@ -156,6 +157,25 @@ def test_a_requeued_command_continues_its_run_exactly(resume_setup):
     assert "resuming requeued at epoch" in again.stdout + again.stderr
     assert_same_weights(straight, run_dir)
     assert val_records(straight) == val_records(run_dir)
+    assert_trackers_continued(run_dir)
+
+
+def assert_trackers_continued(run_dir: Path):
+    """One run in each, holding what metrics.jsonl holds. TensorBoard drops what came after the checkpoint
+    (purge_step), as metrics.jsonl does; MLflow cannot drop metrics, so steps redone after a kill between checkpoints
+    appear twice there, with the same values (resume is exact), timings aside."""
+    import numpy as np
+
+    from smptrain.tracking import mlflow_key
+    from test_trackers import jsonl_series, mlflow_run, mlflow_series, tensorboard_series
+
+    expected = jsonl_series(run_dir)
+    board = tensorboard_series(run_dir)
+    assert board == {key: [(step, float(np.float32(v))) for step, v in values] for key, values in expected.items()}
+    client, mlflow = mlflow_run(run_dir)
+    renamed = {key: values for key, values in jsonl_series(run_dir, mlflow_key).items() if not key.startswith("perf/")}
+    logged = mlflow_series(client, mlflow, renamed)
+    assert {key: set(values) for key, values in logged.items()} == {key: set(v) for key, v in renamed.items()}
 
 
 def test_sigkill_during_checkpoint_write_loses_nothing(resume_setup):

@@ -172,8 +172,7 @@ def open_checkpoint(run_dir: Path, options: AssessOptions) -> Tested:
     splits, split_source = run_splits(run_dir, cfg, meta, info,
                                       ("test", "val") if options.threshold == "val-best" else ("test",))
     precision, why = precision_for_test(options.precision)
-    accelerator = make_accelerator(precision, log_with="wandb" if wandb_project_of(meta) else None,
-                                   deterministic=cfg.train.deterministic)
+    accelerator = make_accelerator(precision, deterministic=cfg.train.deterministic)
     configure_threads(cfg.train.threads, local_processes(accelerator))
     accelerator.print(f"precision: {describe_precision(precision)} ({why})")
     torch.manual_seed(42)
@@ -183,9 +182,14 @@ def open_checkpoint(run_dir: Path, options: AssessOptions) -> Tested:
                   precision)
 
 
-def wandb_project_of(meta: dict) -> str:
-    """The training run's wandb project, which the test appends to ("" when it had none)."""
-    return meta["config"]["log"].get("wandb_project") if meta.get("run_id") else ""
+def trackers_of_run(tested: Tested):
+    """The training run's tracker runs, which the test appends to (None when it had none)."""
+    from smptrain.tracking import tracked_run
+
+    meta = tested.meta
+    if not meta.get("run_id"):
+        return None
+    return tracked_run(meta["config"], meta.get("run_name", tested.run_dir.name), meta["run_id"], job="test")
 
 
 def choose_threshold(tested: Tested, val, tta: str, val_patches: int) -> dict:
@@ -259,8 +263,8 @@ def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | No
     write_text(out_json, json.dumps(result, indent=2) + "\n")
     print_report(tested, dataset, evaluation, metrics, choice, tables)
     click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}")
-    if wandb_project_of(tested.meta):
-        send_to_wandb(tested, metrics, figures, tables)
+    if (tracked := trackers_of_run(tested)) is not None:
+        send_to_trackers(tested, tracked, metrics, figures, tables)
 
 
 def write_figures(tested: Tested, dataset, evaluation, figures_dir: Path, label: str) -> dict:
@@ -308,14 +312,12 @@ def print_report(tested: Tested, dataset, evaluation, metrics: dict, choice: dic
     click.echo(f"per sample_id, worst first:\n{format_rows(tables['sample_id'][0], 'test', 'sample_id', limit=5)}")
 
 
-def send_to_wandb(tested: Tested, metrics: dict, figures: dict, tables: dict) -> None:
-    """Append to the training run: same id, resume="allow" (DARTS' test-smp does the same)."""
-    from smptrain.tracking import Recorder, WandbRun
+def send_to_trackers(tested: Tested, tracked, metrics: dict, figures: dict, tables: dict) -> None:
+    """Append to the training run in each tracker: the same wandb id with resume="allow" (DARTS' test-smp does the
+    same), the same MLflow run, the run's TensorBoard directory."""
+    from smptrain.tracking import Recorder
 
-    meta, log = tested.meta, tested.meta["config"]["log"]
-    recorder = Recorder(tested.accelerator, tested.run_dir,
-                        WandbRun(log["wandb_project"], log.get("wandb_entity", ""), meta.get("run_name", tested.run_dir.name),
-                                 meta["run_id"], meta["config"], Path(log["artifact_dir"]), job="test"))
+    recorder = Recorder(tested.accelerator, tested.run_dir, tracked)
     recorder.log(metrics, step=None, write_jsonl=False)
     recorder.summary(metrics)
     for key, path in figures.items():
