@@ -52,12 +52,13 @@ class StopSignal:
         self.previous = {}
 
     def _handle(self, signum, frame):
+        global _last_request
         name = signal.Signals(signum).name
         now = time.monotonic()
         if self.first[0] == signum and now - self.first[1] < self.SAME_REQUEST_S:
             return  # the same request, passed on by a launcher
         if self.first[0] is None:
-            self.first = (signum, now)
+            self.first = _last_request = (signum, now)
         if not self.armed:
             raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
         if self.raised:
@@ -66,6 +67,35 @@ class StopSignal:
         if local_main():  # one message per machine, not one per process
             print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
                   f"(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+
+_last_request = (None, 0.0)  # the signal a StopSignal last took as a request to stop, and when
+
+
+def exit_on_further_signals(code: int = 130) -> None:
+    """What SIGINT and SIGTERM do in a training command outside `train()`'s own handling (which puts these back).
+
+    After a stopped run has written `checkpoints/last` the command is only leaving; a signal then arriving late
+    (a launcher passing on the one this process already had, a second Ctrl-C) ends it at once with `code`, the
+    status an interrupted run exits with, instead of the default action that leaves a shell seeing "killed by
+    SIGTERM" (143). A copy of the stop request within `StopSignal.SAME_REQUEST_S` is still the same request.
+    Before a run starts there is nothing to save either, and the same holds.
+    """
+    if sys.platform == "win32" or not _in_main_thread():
+        return
+
+    def leave_now(signum, frame):
+        if _last_request[0] == signum and time.monotonic() - _last_request[1] < StopSignal.SAME_REQUEST_S:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, leave_now)
 
 
 def local_main() -> bool:

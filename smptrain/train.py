@@ -37,7 +37,7 @@ from smptrain.model import segmentation_logits
 from smptrain.prepare import Run, set_up
 from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, RESUMABLE, checkpoint_link, checkpoints_dir, start_or_continue
 from smptrain.runtime import end_processes
-from smptrain.signals import Interrupted, StopSignal, local_main
+from smptrain.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
 from smptrain.storage import WriteFailed
 
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
@@ -294,6 +294,7 @@ def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
 @report_user_errors
 def main(resume, trust_pickle, config_path, overrides, debug):
     """Train an smp binary segmentation model on a DARTS dataset."""
+    exit_on_further_signals()  # outside train()'s own handling: a late signal must not turn exit 130 into 143
     if resume == "auto":
         cfg, resume = start_or_continue(resolve_config(config_path, overrides, debug) if config_path else None)
     elif resume is not None:

@@ -249,6 +249,28 @@ def test_sigterm_during_a_cold_compile_ends_at_once_and_leaves_nothing(demo_dir,
     assert not run_dir.exists()  # a new run that never stepped leaves no directory to block the re-run
 
 
+def test_a_late_signal_while_leaving_exits_130_not_killed():
+    """After a stopped run has saved, the command only leaves; a signal arriving then (a launcher passing on the one
+    the process already had) must end it with 130, not kill it with SIGTERM's default (143 to a shell), and a copy
+    of the stop request within a moment is still that request."""
+    script = (
+        "import os, signal, sys, time\n"
+        "from smptrain.signals import StopSignal, exit_on_further_signals\n"
+        "exit_on_further_signals()\n"
+        "stop = StopSignal(); stop.armed = True\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
+        "assert stop.raised\n"
+        "stop.restore()\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"  # the same request again, at once: ignored
+        "print('still here', flush=True)\n"
+        "time.sleep(StopSignal.SAME_REQUEST_S)\n"
+        "os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"  # a later one: leave now, with 130
+        "print('not reached', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=cli_env())
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "still here" in done.stdout and "not reached" not in done.stdout
+
+
 def test_sigterm_to_the_whole_job_with_workers_saves_and_stops(demo_dir, tmp_path):
     """SLURM signals every process of the job, DataLoader workers included: they must not die before the main
     process has written checkpoints/last."""

@@ -356,7 +356,10 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, task, confi
     """Cross-validate a configuration: every fold x seed, scored as DARTS scores them. A DARTS [darts] table gives
     n-folds, n-randoms, scoring-metric, multi-score-strategy and cv-name where the command line does not."""
     from smptrain.runtime import end_processes
+    from smptrain.signals import exit_on_further_signals
     from smptrain.tracking import new_run_name
+
+    exit_on_further_signals()  # between runs and after a stopped one: a late signal must not turn 130 into 143
 
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
