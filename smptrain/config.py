@@ -59,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "Unet"  # smp architecture name, as for smp.create_model (Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...)
     encoder: str = "dpn107"  # smp or timm (tu-...) encoder name; DARTS' default
-    encoder_weights: str = "none"  # "none" (random init) or the path of a local encoder state dict (.safetensors/.pth)
+    encoder_weights: str = "none"  # "none" (random init), weights by name (imagenet, ssl, a timm tag), or a local file
     weights_from: str = ""  # start from the weights of a checkpoint (a run or checkpoint directory; a DARTS .ckpt needs --trust-pickle)
 
 

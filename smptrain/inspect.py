@@ -1,6 +1,7 @@
 """`smptrain-inspect`: validate a DARTS dataset and show what each split and fold would hold.
 
     smptrain-inspect --config FILE [--set section.key=value ...] [--json OUT]
+    smptrain-inspect --config FILE --download-weights    # fill the weights cache for offline training nodes
 
 It prints how each key of a DARTS `[darts]` table was read, checks the layout (files, shapes, dtypes, band names,
 metadata index), scans every value (labels in {0, 1, 2}, finite inputs, the `empty` column agreeing with the
@@ -35,12 +36,21 @@ def describe(name: str, stats: dict) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Write the split manifest {train, val, test} (sorted zarr rows) to this file.")
+@click.option("--download-weights", is_flag=True,
+              help="Only fill the download cache with the config's model.encoder_weights (e.g. imagenet) and say "
+                   "where it is: run it where there is network, then train offline (HF_HUB_OFFLINE=1).")
 @config_options
 @report_user_errors
-def main(json_out, config_path, overrides, debug):
+def main(json_out, download_weights, config_path, overrides, debug):
     """Validate the dataset of a config and print split and fold statistics."""
     loaded = resolve(config_path, overrides, debug)
     cfg = loaded.config
+    if download_weights:
+        from smptrain.model import download_weights as fill
+
+        cache = fill(cfg.model.encoder, cfg.model.encoder_weights)
+        click.echo(f"{cfg.model.encoder} weights {cfg.model.encoder_weights!r} are in {cache}")
+        return
     if loaded.darts.lines:
         click.echo(f"DARTS configuration [darts] in {loaded.source}, read as:")
         for key, value, target in loaded.darts.lines:

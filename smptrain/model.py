@@ -16,18 +16,97 @@ from smptrain.errors import CannotBuild, UserError
 from smptrain.data.labels import OUTPUT_CLASSES
 
 
-def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str = "none") -> torch.nn.Module:
-    """`smp.create_model(arch, encoder, in_channels=..., classes=1)`, randomly initialised or with local encoder
-    weights (`encoder_weights` = path of a .safetensors or .pth encoder state dict; never downloaded)."""
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def is_weights_file(value: str) -> bool:
+    """Whether a `model.encoder_weights` value names a local file rather than weights known by name ("imagenet",
+    "ssl", a timm tag): a path separator, `~`, or a weights suffix. A file without one is written `./name`."""
+    return "/" in value or "\\" in value or value.startswith("~") or value.lower().endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def has_no_weights(value: str) -> bool:
+    return value.lower() in ("none", "")
+
+
+def pretrained_choice(encoder: str, weights: str) -> tuple[str, object]:
+    """(encoder name to build, `encoder_weights` for smp) for weights given by name, or a UserError listing the
+    names there are. smp encoders: their `pretrained_settings` (imagenet, ssl, swsl, advprop, ...). timm encoders
+    (`tu-NAME`): "imagenet" means timm's default pretrained tag (or the tag written in the name, `tu-NAME.TAG`),
+    any other value is a timm tag; the tag only chooses the download, the network is the same."""
     import segmentation_models_pytorch as smp
 
-    local = None if encoder_weights.lower() in ("none", "") else Path(encoder_weights)
-    if local is not None and not local.is_file():
-        raise UserError(
-            f"model.encoder_weights = {encoder_weights!r} is neither 'none' nor an existing file; weights are never "
-            f"downloaded, give the path of an encoder state dict"
-        )
+    if encoder.startswith("tu-"):
+        import timm
+
+        model, _, tag = encoder[3:].partition(".")
+        tags = sorted({name.partition(".")[2] for name in timm.list_pretrained(f"{model}.*")
+                       if name.partition(".")[0] == model})
+        if not tags:
+            raise UserError(f"model.encoder = {encoder!r} has no pretrained weights in timm; use "
+                            f"model.encoder_weights = 'none' or a local file")
+        if weights == "imagenet":
+            return encoder, True
+        if weights not in tags:
+            raise UserError(f"model.encoder_weights = {weights!r} is not a pretrained tag timm has for {model} "
+                            f"(it has: imagenet = the default, {', '.join(tags)}), nor a file")
+        return f"tu-{model}.{weights}", True
+    settings = smp.encoders.encoders.get(encoder, {}).get("pretrained_settings", {})
+    if weights not in settings:
+        known = ", ".join(settings) or "none"
+        raise UserError(f"model.encoder_weights = {weights!r} is neither 'none', a file (a path, or a name ending in "
+                        f"{'/'.join(WEIGHT_FILE_SUFFIXES)}), nor weights smp has for {encoder} ({known})")
+    return encoder, weights
+
+
+def weights_cache() -> str:
+    """Where named weights are cached: the Hugging Face hub cache (HF_HOME / HF_HUB_CACHE), which smp and timm use;
+    timm weights still served from URLs go to torch hub's (TORCH_HOME)."""
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def create_pretrained(arch: str, encoder: str, in_channels: int, weights: str) -> torch.nn.Module:
+    """smp.create_model with named encoder weights, through smp's and timm's own download code (cached; with
+    HF_HUB_OFFLINE=1 only the cache is read). With other than 3 bands smp/timm adapt the first convolution."""
+    import segmentation_models_pytorch as smp
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import logging as hub_logging
+
+    name, smp_weights = pretrained_choice(encoder, weights)
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its warning about the failed request would come before our sentence
     try:
+        return smp.create_model(arch, encoder_name=name, encoder_weights=smp_weights, in_channels=in_channels,
+                                classes=OUTPUT_CLASSES)
+    except OSError as error:  # the hub's LocalEntryNotFoundError, a connection or HTTP error, urllib's URLError
+        if isinstance(error, LocalEntryNotFoundError):
+            reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        else:
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        raise UserError(f"model.encoder_weights = {weights!r} for {encoder} is not in the cache {weights_cache()} and "
+                        f"cannot be downloaded here ({reason}); fill the cache where there is network with "
+                        f"`smptrain-inspect --config FILE --download-weights` (same HF_HOME)") from None
+    finally:
+        hub_logging.set_verbosity(verbosity)
+
+
+def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str = "none") -> torch.nn.Module:
+    """`smp.create_model(arch, encoder, in_channels=..., classes=1)`: randomly initialised, with named encoder
+    weights (downloaded once into the standard caches, see `create_pretrained`), or with a local encoder state dict
+    (`encoder_weights` = the path of a .safetensors or .pth file)."""
+    import segmentation_models_pytorch as smp
+
+    local = Path(encoder_weights).expanduser() if is_weights_file(encoder_weights) else None
+    if local is not None and not local.is_file():
+        raise UserError(f"model.encoder_weights = {encoder_weights!r}: no such file (give 'none', a weights name "
+                        f"such as 'imagenet', or the path of an encoder state dict)")
+    try:
+        if local is None and not has_no_weights(encoder_weights):
+            return create_pretrained(arch, encoder, in_channels, encoder_weights)
         model = smp.create_model(arch, encoder_name=encoder, encoder_weights=None, in_channels=in_channels,
                                  classes=OUTPUT_CLASSES)
     except (KeyError, ValueError, TypeError, RuntimeError) as error:
@@ -36,6 +115,15 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
     if local is not None:
         load_encoder_weights(model, local, encoder, in_channels)
     return model
+
+
+def download_weights(encoder: str, weights: str) -> str:
+    """Fill the cache with the named weights of `encoder` (what a login node does for offline GPU nodes); returns
+    the cache directory. 'none' and local files need nothing."""
+    if has_no_weights(weights) or is_weights_file(weights):
+        raise UserError(f"model.encoder_weights = {weights!r} is not weights by name; there is nothing to download")
+    create_pretrained("Unet", encoder, 3, weights)
+    return weights_cache()
 
 
 def described_model(description: dict, state: dict | None, source: str) -> torch.nn.Module:

@@ -81,7 +81,8 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
     check_labels(info, sorted(set(splits["train"]) | set(splits["val"])), cfg.data.accept_empty_mismatch)
     model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
-                                          None if resume else cfg.model.weights_from, trust_pickle)
+                                          None if resume else cfg.model.weights_from, trust_pickle,
+                                          resumed=resume is not None)
     train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
                                                                        optimizer_state_to_come(optimizer))
     note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
@@ -179,13 +180,16 @@ def start_recording(accelerator, cfg: Config, run_dir: Path, run_name: str, run_
 
 
 def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
-                       weights_from: str | None = None, trust_pickle: bool = False):
+                       weights_from: str | None = None, trust_pickle: bool = False, resumed: bool = False):
     """The model (same initial weights on every rank, or those of `weights_from`) and AdamW, prepared by
-    Accelerate. A resumed run skips `weights_from`: its own checkpoint comes back afterwards."""
+    Accelerate. A resumed run skips `weights_from` and the encoder weights: its own checkpoint comes back
+    afterwards (so a resumed run needs neither the file nor the download cache)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
-    model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, cfg.model.encoder_weights)
+    # Every rank builds its own (no barrier to hang on if the download fails: each says the same sentence); the hub
+    # library's file locks make one of them download named weights and the others read them from the cache.
+    model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, "none" if resumed else cfg.model.encoder_weights)
     check_patch_size(model, cfg.model.arch, patch_size)
     if weights_from:
         warm_start(model, weights_from, trust_pickle)

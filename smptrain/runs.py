@@ -126,10 +126,12 @@ PATH_KEYS = (("data", "dir"), ("log", "artifact_dir"), ("model", "encoder_weight
 
 def absolute_paths(cfg: Config) -> tuple[Config, dict]:
     """cfg with its paths made absolute, and the paths as given ({section.key: value})."""
+    from smptrain.model import is_weights_file
+
     given, changes = {}, {}
     for section, key in PATH_KEYS:
         value = getattr(getattr(cfg, section), key)
-        if not value or (key == "encoder_weights" and value.lower() == "none"):
+        if not value or (key == "encoder_weights" and not is_weights_file(value)):  # "none", "imagenet": names
             continue
         given[f"{section}.{key}"] = value
         changes[f"{section}.{key}"] = str(Path(value).expanduser().absolute())

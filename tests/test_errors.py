@@ -84,7 +84,8 @@ def test_toml_syntax_error(tmp_path):
     (["--set", "data.split_method=region", "--set", "data.split_by=['North', 'South', 'West', 'East']"],
      ["nothing is left for training"]),
     (["--set", "data.bands=['swir']"], ["['swir']", "config.toml"]),
-    (["--set", "model.encoder_weights=imagenet"], ["model.encoder_weights", "never downloaded"]),
+    (["--set", "model.encoder_weights=imagenet21k"], ["model.encoder_weights", "'imagenet21k'", "imagenet, ssl, swsl"]),
+    (["--set", "model.encoder_weights=weights/resnet.pth"], ["model.encoder_weights", "no such file"]),
     (["--set", "train.mixed_precision=fp16"], ["fp16", "CUDA"]),
 ])
 def test_bad_settings(base, tmp_path, override, words):

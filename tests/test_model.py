@@ -34,8 +34,11 @@ def test_model_returns_logits_and_checks_patch_size():
     check_patch_size(model, "Unet", 64)
     with pytest.raises(UserError, match="not divisible by 32"):
         check_patch_size(model, "Unet", 100)
-    with pytest.raises(UserError, match="neither 'none' nor an existing file"):
-        build_model("Unet", "resnet18", 5, "imagenet")
+    # "imagenet" is now weights by name (tests/test_pretrained.py); a path that is not there, or an unknown name:
+    with pytest.raises(UserError, match="no such file"):
+        build_model("Unet", "resnet18", 5, "weights/missing.safetensors")
+    with pytest.raises(UserError, match=r"nor weights smp has for resnet18 \(imagenet, ssl, swsl\)"):
+        build_model("Unet", "resnet18", 5, "imagenet21k")
     with pytest.raises(UserError, match="cannot be built"):
         build_model("Unet", "no-such-encoder", 5)
 
