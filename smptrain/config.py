@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smptrain.choices import (AUGMENTATIONS, FOLD_METHODS, LOSSES, MEMORY_DEVICES, PRECISION_CHOICES, READERS,
-                              SPLIT_METHODS, TRACKERS)
+                              SCHEDULES, SPLIT_METHODS, TRACKERS)
 from smptrain.darts_config import DARTS_KEYS, Reading, darts_override, merge_darts
 from smptrain.errors import UserError
 
@@ -69,7 +69,10 @@ class TrainConfig:
     batch_size: int = setting(8, at_least=1)  # samples per process and step (also used for validation)
     lr: float = setting(1e-3, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # AdamW learning rate of epoch 0
     weight_decay: float = setting(0.01, rule=(lambda v: v >= 0, "not negative"))  # AdamW decoupled weight decay (torch default)
-    gamma: float = setting(0.9, rule=(lambda v: 0 < v <= 1, "in (0, 1]"))  # the learning rate of epoch e is lr * gamma**e
+    gamma: float = setting(0.9, rule=(lambda v: 0 < v <= 1, "in (0, 1]"))  # exponential schedule: the learning rate of epoch e is lr * gamma**e
+    schedule: str = setting("exponential", one_of=SCHEDULES)  # exponential (DARTS': lr * gamma**epoch) | cosine (to 0 over the run's steps) | constant
+    cosine_epochs: int = setting(0, at_least=0)  # cosine schedule: epochs it spans (fix it to extend a run by resuming); 0 = train.max_epochs
+    warmup_steps: int = setting(0, at_least=0)  # optimizer steps of linear warmup, (step + 1) / warmup_steps times the schedule; 0 = none
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
     focal_alpha: float | None = setting(None, rule=(lambda v: v is None or _unit(v), "none or in [0, 1]"))  # focal loss positive-class weight; none = no class weighting
     focal_gamma: float = 2.0  # focal loss focusing exponent

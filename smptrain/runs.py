@@ -27,6 +27,7 @@ from smptrain.errors import UserError
 # Every name inside a run directory; other modules ask for them here.
 CONFIG, SPLITS, IDENTITY, METRICS = "config.toml", "splits.json", "run.json", "metrics.jsonl"
 CHECKPOINTS, PREVIEWS, TEST = "checkpoints", "previews", "test"
+SCHEDULE_PLOT = "schedule.png"  # the planned learning rate (smptrain.schedule)
 TEST_METRICS, THRESHOLD = "metrics.json", "threshold.json"  # inside test/, from smptrain-test
 LAST, BEST = "last", "best"  # links in checkpoints/ to the newest and the best checkpoint
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state"  # inside a checkpoint directory

@@ -31,12 +31,14 @@ from smptrain.config import Config
 from smptrain.data.augment import augment, augment_generator
 from smptrain.divergence import TrainingStopped, Window, diverged, gradient_norm
 from smptrain.errors import UserError, report_user_errors
+from smptrain.evaluation import plots
 from smptrain.evaluation.breakdown import validation_regions
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
 from smptrain.model import segmentation_logits
 from smptrain.prepare import Run, set_up
-from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, RESUMABLE, checkpoint_link, checkpoints_dir, start_or_continue
+from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, RESUMABLE, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir, start_or_continue
 from smptrain.runtime import end_processes
+from smptrain.schedule import learning_rate, planned
 from smptrain.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
 from smptrain.storage import WriteFailed
 
@@ -67,6 +69,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
     run = None
     try:
         run = set_up(cfg, resume, stop, trust_pickle)
+        write_schedule(run)
         while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
             epoch = run.state.epoch
             # One pass over the training split; False when the ranks agreed to stop for a signal.
@@ -102,9 +105,6 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     """One pass over the training split (from `state.micro_step` when resuming mid-epoch), logging every
     `log.log_every_n_steps` steps. Returns False when the ranks agreed to stop (a signal), True at the epoch's end."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
-    lr = cfg.train.lr * cfg.train.gamma ** epoch  # DARTS' ExponentialLR, stepped once per epoch
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
     run.batches.set_epoch(epoch, start=state.micro_step)
     run.model.train()
     window = Window(accelerator.device)
@@ -115,13 +115,13 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         step(run, epoch, x, y, window)
         bar.update(1)
         if accelerator.sync_gradients and state.step % cfg.log.log_every_n_steps == 0:
-            if log_window(run, epoch, lr, window, bar):
+            if log_window(run, epoch, window, bar):
                 bar.close()
                 return False
         window.fetching()
     bar.close()
     state.epoch, state.micro_step = epoch + 1, 0
-    run.recorder.log({"epoch": epoch, "learning_rate": lr}, state.step)
+    run.recorder.log({"epoch": epoch, "learning_rate": current_lr(run)}, state.step)
     return not reduce_window(run, window, epoch)[1]
 
 
@@ -129,6 +129,10 @@ def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window
     """One micro-batch: augment on the device, forward, backward, and (on the last micro-batch of an accumulation
     group) clip, guard and step. Nothing here waits for the device."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
+    # the rate of the optimizer step this micro-batch belongs to (a pure function of it: resume stays exact)
+    lr = learning_rate(cfg.train, state.step, epoch, run.batches.steps_per_epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
     if cfg.train.augment:
         generator = augment_generator(accelerator.device, cfg.train.seed, epoch, state.micro_step, accelerator.process_index)
         x, y = augment(x, y, cfg.train.augment, generator)
@@ -160,12 +164,32 @@ def count_fp16_skips(run: Run, epoch: int) -> None:
                        f"the loss scale collapsed: {run.skipped_in_row} consecutive fp16 steps overflowed;")
 
 
-def log_window(run: Run, epoch: int, lr: float, window: "Window", bar) -> bool:
+def current_lr(run: Run) -> float:
+    """The learning rate of the last optimizer step taken."""
+    return run.optimizer.param_groups[0]["lr"]
+
+
+def write_schedule(run: Run) -> None:
+    """Main process: `RUN_DIR/schedule.png`, the learning rate of every step the run takes (also on resume)."""
+    if not run.accelerator.is_main_process:
+        return
+    train, per_epoch = run.cfg.train, run.batches.steps_per_epoch
+    steps, rates = planned(train, per_epoch)
+    warmup = f", {train.warmup_steps} warmup steps" if train.warmup_steps else ""
+    try:
+        plots.learning_rate(steps, rates, per_epoch, run.run_dir / SCHEDULE_PLOT,
+                            f"{run.keeper.describe['run_name']}: {train.schedule} schedule{warmup}, lr {train.lr:g} "
+                            f"({per_epoch} steps per epoch)")
+    except WriteFailed as error:  # main process only: raised on every rank at the next checkpoint or the end
+        run.recorder.failure = run.recorder.failure or error
+
+
+def log_window(run: Run, epoch: int, window: "Window", bar) -> bool:
     """A `train/loss` record for the steps since the last one; returns whether the ranks agreed to stop."""
     elapsed = max(time.perf_counter() - window.start, 1e-9)
     mean_loss, stopping = reduce_window(run, window, epoch)
     samples = window.count * run.cfg.train.batch_size * run.accelerator.num_processes
-    record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": lr, "perf/samples_per_s": samples / elapsed,
+    record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": current_lr(run), "perf/samples_per_s": samples / elapsed,
               "perf/data_wait_share": window.wait / elapsed,
               **({"perf/fp16_skipped_steps": run.skipped_total} if run.precision == "fp16" else {})}
     run.recorder.log(record, run.state.step)

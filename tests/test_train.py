@@ -334,3 +334,36 @@ def test_a_moved_run_tests_converts_and_resumes_to_the_same_weights(resume_setup
          "--set", f"data.dir='{tmp_path / 'data-now'}'"], cwd=elsewhere, check=True)
     assert_same_weights(straight, run_dir)
     assert val_records(straight) == val_records(run_dir)
+
+
+def test_schedules_are_pure_functions_of_the_step():
+    from smptrain.config import TrainConfig
+    from smptrain.schedule import learning_rate, planned
+
+    darts = TrainConfig(lr=1e-3, gamma=0.7, max_epochs=4)
+    assert [learning_rate(darts, s, s // 5, 5) for s in (0, 4, 5, 19)] == [1e-3, 1e-3, 1e-3 * 0.7, 1e-3 * 0.7 ** 3]
+    cosine = TrainConfig(lr=1e-3, max_epochs=4, schedule="cosine", warmup_steps=4)
+    steps, rates = planned(cosine, 5)
+    assert len(steps) == 20 and rates[:4] == [2.5e-4, 5e-4, 7.5e-4, 1e-3] and rates[4] == 1e-3
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:])) and 0 < rates[-1] < 1e-5
+    assert planned(TrainConfig(lr=2e-3, schedule="constant", max_epochs=2), 3)[1] == [2e-3] * 6
+    longer = TrainConfig(lr=1e-3, max_epochs=2, schedule="cosine", cosine_epochs=4, warmup_steps=4)
+    assert planned(longer, 5)[1] == rates[:10]  # 2 epochs of a 4-epoch cosine: the start of the 4-epoch run
+
+
+def test_cosine_with_warmup_resumes_exactly(demo_dir, tmp_path):
+    """4 epochs = 2 + resume to 4, bitwise, under a cosine with warmup (its span fixed by train.cosine_epochs)."""
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 4, "schedule": "cosine", "cosine_epochs": 4,
+                                                    "warmup_steps": 5, "augment": ["D4"]},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 2})
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
+         "--set", "train.max_epochs=2"], check=True)
+    split, straight = tmp_path / "artifacts" / "split", tmp_path / "artifacts" / "straight"
+    run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
+    assert_same_weights(straight, split)
+    assert val_records(straight) == val_records(split)
+    rates = [json.loads(line)["learning_rate"] for line in (straight / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert rates[0] < rates[2] and rates[-1] < rates[2]  # warming up, then decaying
+    assert (straight / "schedule.png").stat().st_size > 0

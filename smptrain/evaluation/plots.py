@@ -114,6 +114,22 @@ def curve(x, y, path: Path, heading: str, axes: tuple[str, str], score: tuple[st
     return _save(fig, path)
 
 
+def learning_rate(steps: list[int], rates: list[float], steps_per_epoch: int, path: Path, heading: str) -> Path:
+    """A run's planned learning rate over optimizer steps, epoch boundaries marked (`RUN_DIR/schedule.png`)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.plot(steps, rates, lw=1.6)
+    for boundary in range(steps_per_epoch, len(steps), steps_per_epoch):
+        ax.axvline(boundary, c="grey", lw=0.4, alpha=0.4)
+    ax.set_title(heading, fontsize=8)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 

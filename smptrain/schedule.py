@@ -1,0 +1,35 @@
+"""The learning rate of every optimizer step, as a pure function of (step, epoch): resuming at any step gives the
+same rates as the run that never stopped, with no scheduler state to save.
+
+- `exponential`: DARTS' `lr * gamma**epoch` (its ExponentialLR stepped once per epoch); the default.
+- `cosine`: from `lr` down to 0 over the run's optimizer steps (`max_epochs * steps_per_epoch`, or `cosine_epochs`
+  epochs' worth) after the warmup, half a cosine period (timm's and mmsegmentation's usual recipe, no restarts).
+  Raising `max_epochs` on resume stretches a cosine that follows it from the resumed step on; a run meant to be
+  trained in parts fixes `cosine_epochs`.
+- `constant`: `lr` throughout.
+
+`warmup_steps` multiplies the first steps by a linear ramp, `(step + 1) / warmup_steps`, so step 0 already moves.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def learning_rate(train, step: int, epoch: int, steps_per_epoch: int) -> float:
+    """The rate of optimizer step `step` (counted from 0 over the run) in epoch `epoch` under `train` (TrainConfig)."""
+    warmup = train.warmup_steps
+    ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    if train.schedule == "exponential":
+        return train.lr * train.gamma ** epoch * ramp
+    if train.schedule == "constant":
+        return train.lr * ramp
+    total = max((train.cosine_epochs or train.max_epochs) * steps_per_epoch - warmup, 1)
+    progress = min(max(step - warmup, 0) / total, 1.0)
+    return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress)) * ramp
+
+
+def planned(train, steps_per_epoch: int) -> tuple[list[int], list[float]]:
+    """Every optimizer step of the run and its rate (drawn as `RUN_DIR/schedule.png`)."""
+    steps = list(range(train.max_epochs * steps_per_epoch))
+    return steps, [learning_rate(train, s, s // steps_per_epoch, steps_per_epoch) for s in steps]
