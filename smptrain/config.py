@@ -72,6 +72,8 @@ class TrainConfig:
     gamma: float = setting(0.9, rule=(lambda v: 0 < v <= 1, "in (0, 1]"))  # exponential schedule: the learning rate of epoch e is lr * gamma**e
     schedule: str = setting("exponential", one_of=SCHEDULES)  # exponential (DARTS': lr * gamma**epoch) | cosine (to 0 over the run's steps) | constant
     cosine_epochs: int = setting(0, at_least=0)  # cosine schedule: epochs it spans (fix it to extend a run by resuming); 0 = train.max_epochs
+    freeze_encoder_epochs: int = setting(0, at_least=0)  # train only decoder and head for the first n epochs (encoder weights and BatchNorm statistics fixed)
+    encoder_lr_scale: float = setting(1.0, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # the encoder's learning rate as a multiple of the schedule's
     warmup_steps: int = setting(0, at_least=0)  # optimizer steps of linear warmup, (step + 1) / warmup_steps times the schedule; 0 = none
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
     focal_alpha: float | None = setting(None, rule=(lambda v: v is None or _unit(v), "none or in [0, 1]"))  # focal loss positive-class weight; none = no class weighting

@@ -199,14 +199,25 @@ def build_for_training(cfg: Config, accelerator, precision: str, in_channels: in
                   accelerator.device, accelerator.autocast, cfg.train.channels_last)
     # The fused AdamW can skip a step on a device-side flag (NonFiniteGuard); under fp16 Accelerate's grad scaler
     # does the skipping and counts it, which only works with the unfused optimizer.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=precision != "fp16")
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.encoder_lr_scale), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay, fused=precision != "fp16")
     if cfg.train.compile:
         model = torch.compile(model)
     # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
     model, optimizer = accelerator.prepare(model, optimizer)
     set_seed(cfg.train.seed, device_specific=True)  # from here on each rank draws its own random numbers
     return model, optimizer
+
+
+def parameter_groups(model: torch.nn.Module, encoder_lr_scale: float) -> list[dict]:
+    """AdamW's parameter groups: one, or (with `train.encoder_lr_scale` != 1) the encoder's and the rest's, each with
+    the `lr_scale` the training step multiplies the schedule's rate by. One group keeps the optimizer state of
+    earlier runs loadable."""
+    if encoder_lr_scale == 1:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    encoder = {id(p) for p in model.encoder.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) in encoder], "lr_scale": encoder_lr_scale},
+            {"params": [p for p in model.parameters() if id(p) not in encoder], "lr_scale": 1.0}]
 
 
 def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[int], still_to_come: int = 0):

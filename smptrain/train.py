@@ -107,6 +107,8 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     run.batches.set_epoch(epoch, start=state.micro_step)
     run.model.train()
+    if epoch < cfg.train.freeze_encoder_epochs:
+        encoder(run).eval()  # its BatchNorm statistics stay as they are too
     window = Window(accelerator.device)
     bar = tqdm(total=run.batches.steps_per_epoch * cfg.train.grad_accum_steps, initial=state.micro_step,
                desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=False)
@@ -132,13 +134,19 @@ def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window
     # the rate of the optimizer step this micro-batch belongs to (a pure function of it: resume stays exact)
     lr = learning_rate(cfg.train, state.step, epoch, run.batches.steps_per_epoch)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if cfg.train.augment:
         generator = augment_generator(accelerator.device, cfg.train.seed, epoch, state.micro_step, accelerator.process_index)
         x, y = augment(x, y, cfg.train.augment, generator)
     with accelerator.accumulate(run.model):  # no_sync on micro-steps; the loss is scaled by 1/grad_accum_steps
         loss = run.loss_fn(segmentation_logits(run.model, x), y)
         accelerator.backward(loss)
+        if accelerator.sync_gradients and epoch < cfg.train.freeze_encoder_epochs:
+            # A frozen encoder: its (all-reduced, accumulated) gradients dropped before the norm and the step, so AdamW
+            # leaves it untouched (no weight decay either) and every rank does the same; requires_grad stays as DDP
+            # saw it when it was built.
+            for parameter in encoder(run).parameters():
+                parameter.grad = None
         if accelerator.sync_gradients and run.guard is not None:
             run.guard.arm(gradient_norm(accelerator, run.model, cfg.train.grad_clip_norm))
         elif accelerator.sync_gradients and cfg.train.grad_clip_norm > 0:
@@ -165,8 +173,12 @@ def count_fp16_skips(run: Run, epoch: int) -> None:
 
 
 def current_lr(run: Run) -> float:
-    """The learning rate of the last optimizer step taken."""
-    return run.optimizer.param_groups[0]["lr"]
+    """The schedule's learning rate of the last optimizer step taken (the decoder's, with train.encoder_lr_scale)."""
+    return run.optimizer.param_groups[-1]["lr"]
+
+
+def encoder(run: Run) -> torch.nn.Module:
+    return run.accelerator.unwrap_model(run.model).encoder
 
 
 def write_schedule(run: Run) -> None:
