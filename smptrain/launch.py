@@ -40,13 +40,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def exit_status(error: BaseException) -> int:
-    """The training processes' own exit status from the launcher's exception (130 if any was interrupted)."""
+def exit_status(error: BaseException, forwarded: set[int] = frozenset()) -> int:
+    """The training processes' own exit status from the launcher's exception (130 if any was interrupted). A process
+    that ended by a signal the launcher passed on to it (128 + N) was stopped at the launcher's request: 130 too,
+    the status every smptrain command gives an interrupted run (its checkpoint was written, or it was too early)."""
     if isinstance(error, subprocess.CalledProcessError):
         codes = [error.returncode]
     else:  # torch elastic's ChildFailedError: one failure per rank
         codes = [failure.exitcode for failure in getattr(error, "failures", {}).values()] or [1]
     codes = [128 - code if code < 0 else code for code in codes]  # killed by signal N -> 128 + N, as a shell reports
+    codes = [130 if code - 128 in forwarded else code for code in codes]
     return 130 if 130 in codes else max(codes)
 
 
@@ -63,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     # (torch.distributed.run's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate builds its args)
     os.environ["PET_SIGNALS_TO_HANDLE"] = os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
 
+    forwarded: set[int] = set()
+
     def forward(signum, frame):
+        forwarded.add(signum)
         # The workers now stop on their own and exit 130; torch elastic would log that as a failure of theirs.
         for name in list(logging.Logger.manager.loggerDict):
             if name.startswith("torch.distributed"):
@@ -80,11 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         launch_command(args)
         code = 0
     except subprocess.CalledProcessError as error:
-        code = exit_status(error)
+        code = exit_status(error, forwarded)
     except Exception as error:  # torch elastic's ChildFailedError; its agent has already logged the failure
         if type(error).__name__ != "ChildFailedError":
             raise
-        code = exit_status(error)
+        code = exit_status(error, forwarded)
     leave(code)
 
 

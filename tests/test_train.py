@@ -394,3 +394,15 @@ def test_a_frozen_encoder_stays_as_built_and_resumes_exactly(demo_dir, tmp_path)
     assert_same_weights(straight, split)
     final = weights(split)
     assert not all(torch.equal(final[k], initial[k]) for k in encoder_keys)  # unfrozen from epoch 2 on
+
+
+def test_the_launcher_reports_a_training_it_stopped_as_interrupted():
+    """smptrain-launch's status: a training process ended by the signal the launcher passed on is an interrupted run
+    (130); any other signal or failure keeps its own status."""
+    from smptrain.launch import exit_status
+
+    assert exit_status(subprocess.CalledProcessError(-signal.SIGTERM, "train"), {signal.SIGTERM}) == 130
+    assert exit_status(subprocess.CalledProcessError(128 + signal.SIGTERM, "train"), {signal.SIGTERM}) == 130
+    assert exit_status(subprocess.CalledProcessError(-signal.SIGTERM, "train")) == 143
+    assert exit_status(subprocess.CalledProcessError(-signal.SIGKILL, "train"), {signal.SIGTERM}) == 137
+    assert exit_status(subprocess.CalledProcessError(2, "train"), {signal.SIGINT}) == 2
