@@ -29,7 +29,10 @@ def learning_rate(train, step: int, epoch: int, steps_per_epoch: int) -> float:
     return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress)) * ramp
 
 
-def planned(train, steps_per_epoch: int) -> tuple[list[int], list[float]]:
-    """Every optimizer step of the run and its rate (drawn as `RUN_DIR/schedule.png`)."""
-    steps = list(range(train.max_epochs * steps_per_epoch))
+def planned(train, steps_per_epoch: int, points: int | None = None) -> tuple[list[int], list[float]]:
+    """The optimizer steps of the run and their rates (drawn as `RUN_DIR/schedule.png`): every step, or about
+    `points` evenly spaced ones plus the end of the warmup and the last step (a long run has millions)."""
+    total = train.max_epochs * steps_per_epoch
+    stride = max(1, total // points) if points else 1
+    steps = sorted({*range(0, total, stride), max(min(train.warmup_steps, total) - 1, 0), total - 1})
     return steps, [learning_rate(train, s, s // steps_per_epoch, steps_per_epoch) for s in steps]

@@ -186,7 +186,7 @@ def write_schedule(run: Run) -> None:
     if not run.accelerator.is_main_process:
         return
     train, per_epoch = run.cfg.train, run.batches.steps_per_epoch
-    steps, rates = planned(train, per_epoch)
+    steps, rates = planned(train, per_epoch, points=4000)  # enough for the figure, quick for any run length
     warmup = f", {train.warmup_steps} warmup steps" if train.warmup_steps else ""
     try:
         plots.learning_rate(steps, rates, per_epoch, run.run_dir / SCHEDULE_PLOT,

@@ -119,8 +119,10 @@ def learning_rate(steps: list[int], rates: list[float], steps_per_epoch: int, pa
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
     ax.plot(steps, rates, lw=1.6)
-    for boundary in range(steps_per_epoch, len(steps), steps_per_epoch):
-        ax.axvline(boundary, c="grey", lw=0.4, alpha=0.4)
+    epochs = (steps[-1] + 1) // steps_per_epoch if steps else 0
+    if epochs <= 200:  # more lines than that would only grey the figure
+        for boundary in range(steps_per_epoch, epochs * steps_per_epoch, steps_per_epoch):
+            ax.axvline(boundary, c="grey", lw=0.4, alpha=0.4)
     ax.set_title(heading, fontsize=8)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
