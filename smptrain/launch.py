@@ -2,7 +2,8 @@
 
     smptrain-launch [accelerate launch options] -m smptrain.train --config FILE [--set ...]
 
-The same arguments as `accelerate launch` (its parser and launchers are used as they are). What differs is what a
+The same arguments as `accelerate launch` (its parser and launchers are used as they are, but for the one-process
+launcher, see `one_process`). What differs is what a
 signal does to the launcher itself:
 
 - Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the launcher and every training
@@ -53,7 +54,21 @@ def exit_status(error: BaseException, forwarded: set[int] = frozenset()) -> int:
     return 130 if 130 in codes else max(codes)
 
 
+def one_process(args) -> None:
+    """One training process, the command and environment `accelerate launch` would give it, waited for as it
+    finishes. Accelerate's own (1.16 at least) takes SIGTERM for itself: it exits 143 and kills the process 5 s after
+    passing the signal on, which can cut `checkpoints/last` off halfway; here `main`'s handlers stay in charge."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    process = subprocess.Popen(cmd, env=env)
+    process.wait()  # a signal runs `forward` and the wait goes on (PEP 475)
+    if process.returncode != 0:
+        raise subprocess.CalledProcessError(process.returncode, cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
+    import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     from smptrain.errors import leave
@@ -82,6 +97,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for signum in FORWARDED:
         signal.signal(signum, forward)
+    accelerate_launch.simple_launcher = one_process  # what launch_command calls for one process (or mpirun)
     try:
         launch_command(args)
         code = 0
