@@ -3,8 +3,7 @@
     smptrain-launch [accelerate launch options] -m smptrain.train --config FILE [--set ...]
 
 The same arguments as `accelerate launch` (its parser and launchers are used as they are, but for the one-process
-launcher, see `one_process`). What differs is what a
-signal does to the launcher itself:
+launcher, see `one_process`). What differs is what a signal does to the launcher itself:
 
 - Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the launcher and every training
   process. `accelerate launch` then dies at once with a KeyboardInterrupt traceback (one process) or stops its
