@@ -2,9 +2,11 @@
 
     RUN_DIR/checkpoints/
         epoch=0012-step=000480-val_JaccardIndex=0.7312/
-            model.safetensors   unwrapped fp32 weights, keys without module./_orig_mod. prefixes
+            model.safetensors   unwrapped fp32 weights, keys without module./_orig_mod. prefixes (with train.ema_decay
+                                the moving average: what was validated, and what test and convert use)
             meta.json           resolved config, model and band description, epoch, step, metrics, versions, train state
-            state/              Accelerate save_state: model, optimizer, grad scaler, per-process RNG
+            state/              Accelerate save_state: model, optimizer, grad scaler, per-process RNG (and the moving
+                                average as model_1.safetensors)
         last -> epoch=...        symlink to the newest checkpoint (written after every validation and on Ctrl-C)
         best -> epoch=...        symlink to the best val/JaccardIndex among the save_top_k kept
 
@@ -53,11 +55,14 @@ class CheckpointKeeper:
     which is `best` and which `last`, the metadata written with each, and the one save -> link -> prune sequence.
 
     All ranks call `save_*` (Accelerate's save_state and the checksum gather are collective); only the main process
-    touches files.
+    touches files. `exported`: the module whose weights go to model.safetensors when it is not the trained model
+    (the moving average of its weights).
     """
 
-    def __init__(self, accelerator, run_dir: Path, describe: dict, top_k: int, state: TrainState):
+    def __init__(self, accelerator, run_dir: Path, describe: dict, top_k: int, state: TrainState,
+                 exported: torch.nn.Module | None = None):
         self.accelerator, self.run_dir, self.describe, self.top_k, self.state = accelerator, run_dir, describe, top_k, state
+        self.exported = exported
 
     def select(self, value: float, name: str) -> bool:
         """Early-stopping and top-k bookkeeping after a validation; returns whether `value` is a new best."""
@@ -86,8 +91,10 @@ class CheckpointKeeper:
         accelerator = self.accelerator
         meta = {**self.describe, "epoch": epoch, "step": self.state.step, "metrics": metrics,
                 "train_state": asdict(self.state), "time": now(), "smptrain_version": smptrain.__version__,
-                "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model)}
-        save_checkpoint(accelerator, model, self.run_dir, name, meta, pending)
+                "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model),
+                "weights": "trained" if self.exported is None else "ema",
+                **({} if self.exported is None else {"ema_checksums": parameter_checksums(accelerator, self.exported)})}
+        save_checkpoint(accelerator, model, self.run_dir, name, meta, pending, self.exported)
         if accelerator.is_main_process:
             point(self.run_dir, LAST, name)
             point(self.run_dir, BEST, self.best_name)
@@ -132,23 +139,25 @@ def checkpoint_name(epoch: int, step: int, metric: float | None) -> str:
     return name if metric is None else f"{name}-val_JaccardIndex={metric:.4f}"
 
 
-def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pending: Exception | None = None) -> Path:
+def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pending: Exception | None = None,
+                    exported: torch.nn.Module | None = None) -> Path:
     """Write checkpoint `name` (all ranks call this: save_state is collective). Returns its directory.
 
     Every rank catches its own failure, and the ranks agree on whether any failed before the main process renames
     the checkpoint into place: a disk that fills up on one rank ends every rank with the same `WriteFailed`, the
     partial temporary removed and `last` left on the previous complete checkpoint. `pending`: a write that failed
-    earlier on the main process (metrics.jsonl, a figure), raised here on every rank."""
+    earlier on the main process (metrics.jsonl, a figure), raised here on every rank. `exported`: the module
+    model.safetensors holds, when not `model`."""
     root = checkpoints_dir(run_dir)
     final, tmp = root / name, root / f".tmp-{name}"
-    needed = checkpoint_bytes(model)
+    needed = checkpoint_bytes(model, exported)
     remove_tmp = (lambda: shutil.rmtree(tmp, ignore_errors=True)) if accelerator.is_main_process else None
     failure = pending
     if failure is None and accelerator.is_main_process:
         failure = _attempt(lambda: (remove_tmp(), (tmp / STATE).mkdir(parents=True)), final, needed, remove_tmp)
     failed = _any_failed(accelerator, failure)  # every rank takes the same branch: the collectives stay paired
     if not failed:
-        failure = _attempt(lambda: _write(accelerator, model, tmp, meta), final, needed, remove_tmp)
+        failure = _attempt(lambda: _write(accelerator, model, tmp, meta, exported), final, needed, remove_tmp)
         failed = _any_failed(accelerator, failure)
     if failed:
         if remove_tmp is not None:
@@ -164,12 +173,13 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pe
     return final
 
 
-def _write(accelerator, model, tmp: Path, meta: dict) -> None:
+def _write(accelerator, model, tmp: Path, meta: dict, exported: torch.nn.Module | None = None) -> None:
     accelerator.save_state(str(tmp / STATE))
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
-        weights = clean_state_dict(accelerator.unwrap_model(model, keep_torch_compile=False).state_dict())
+        weights = clean_state_dict(accelerator.unwrap_model(exported if exported is not None else model,
+                                                            keep_torch_compile=False).state_dict())
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _share_weights(tmp)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=plain) + "\n")
@@ -204,11 +214,12 @@ def raise_pending(accelerator, failure: Exception | None) -> None:
         raise failure or WriteFailed("another process could not write its files")
 
 
-def checkpoint_bytes(model) -> int:
+def checkpoint_bytes(model, ema=None) -> int:
     """About what one checkpoint takes on disk: the fp32 weights (shared by model.safetensors and the state) and
-    AdamW's two moment buffers."""
+    AdamW's two moment buffers, and the moving average's copy when there is one."""
     state = model.state_dict()
-    return 3 * sum(t.numel() * 4 for t in state.values() if t.is_floating_point()) + 2**20
+    copies = 3 if ema is None else 4
+    return copies * sum(t.numel() * 4 for t in state.values() if t.is_floating_point()) + 2**20
 
 
 def point(run_dir: Path, link: str, name: str | None) -> None:
@@ -291,15 +302,18 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def _share_weights(checkpoint: Path) -> None:
-    """Accelerate's state/ holds the model weights again; when its file is byte-identical to ours (an uncompiled
-    model), make it a hard link, so the weights take disk space once. A filesystem without hard links keeps the copy;
-    resume reads state/model.safetensors either way."""
+    """Accelerate's state/ holds the exported weights again (model.safetensors, or model_1.safetensors for the
+    moving average); when its file is byte-identical to ours (an uncompiled model), make it a hard link, so the
+    weights take disk space once. A filesystem without hard links keeps the copy; resume reads state/ either way."""
     import filecmp
 
-    ours, theirs = checkpoint / WEIGHTS, checkpoint / STATE / WEIGHTS
-    if not theirs.is_file() or not filecmp.cmp(ours, theirs, shallow=False):
+    ours = checkpoint / WEIGHTS
+    same = [theirs for theirs in (checkpoint / STATE / WEIGHTS, checkpoint / STATE / "model_1.safetensors")
+            if theirs.is_file() and filecmp.cmp(ours, theirs, shallow=False)]
+    if not same:
         return
-    link = theirs.with_name(".model.safetensors.link")
+    theirs = same[0]
+    link = theirs.with_name(f".{theirs.name}.link")
     try:
         os.link(ours, link)
         os.replace(link, theirs)  # atomic: state/model.safetensors is never missing

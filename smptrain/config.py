@@ -75,6 +75,8 @@ class TrainConfig:
     freeze_encoder_epochs: int = setting(0, at_least=0)  # train only decoder and head for the first n epochs (encoder weights and BatchNorm statistics fixed)
     encoder_lr_scale: float = setting(1.0, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # the encoder's learning rate as a multiple of the schedule's
     warmup_steps: int = setting(0, at_least=0)  # optimizer steps of linear warmup, (step + 1) / warmup_steps times the schedule; 0 = none
+    ema_decay: float = setting(0.0, rule=(lambda v: 0 <= v < 1, "in [0, 1)"))  # exponential moving average of the weights (timm's ModelEmaV3), which validation, best, test and convert use; 0 = off
+    ema_warmup: bool = False  # with ema_decay: timm's EMA warmup, decay min(ema_decay, 1 - (1 + step) ** -2/3), so early steps forget the initial weights
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
     focal_alpha: float | None = setting(None, rule=(lambda v: v is None or _unit(v), "none or in [0, 1]"))  # focal loss positive-class weight; none = no class weighting
     focal_gamma: float = 2.0  # focal loss focusing exponent

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -33,6 +34,9 @@ from smptrain.signals import StopSignal
 from smptrain.storage import free_space, human
 from smptrain.tracking import Recorder, tracked_run
 
+if TYPE_CHECKING:
+    from timm.utils.model_ema import ModelEmaV3
+
 
 @dataclass
 class Run:
@@ -43,6 +47,7 @@ class Run:
     precision: str
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    ema: "ModelEmaV3 | None"  # the moving average of the weights (train.ema_decay), or None
     loss_fn: Loss
     train_set: PatchDataset
     val_set: PatchDataset
@@ -80,9 +85,9 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
     splits = (json.loads((resume / SPLITS).read_text()) if resume
               else make_splits(info.metadata, cfg.data, cfg.train.seed))
     check_labels(info, sorted(set(splits["train"]) | set(splits["val"])), cfg.data.accept_empty_mismatch)
-    model, optimizer = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
-                                          None if resume else cfg.model.weights_from, trust_pickle,
-                                          resumed=resume is not None)
+    model, optimizer, ema = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
+                                               None if resume else cfg.model.weights_from, trust_pickle,
+                                               resumed=resume is not None)
     train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
                                                                        optimizer_state_to_come(optimizer))
     note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
@@ -92,17 +97,19 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
 
     # Only now the run directory (named once by the main process); `meta` (None for a new run) decides resuming.
     run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
-    warn_if_short_of_space(accelerator, run_dir, checkpoint_bytes(model), cfg.train.save_top_k)
+    warn_if_short_of_space(accelerator, run_dir, checkpoint_bytes(model, ema), cfg.train.save_top_k)
     state, recorder = start_recording(accelerator, cfg, run_dir, run_name, run_id, meta, stop)
     describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
                     patch_size=info.patch_size,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
                            "classes": OUTPUT_CLASSES},
                     bands=bands, config=to_dict(cfg))
-    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, model=model, optimizer=optimizer, loss_fn=loss_fn,
+    run = Run(cfg=cfg, accelerator=accelerator, precision=precision, model=model, optimizer=optimizer, ema=ema,
+              loss_fn=loss_fn,
               train_set=train_set, val_set=val_set, batches=batches, train_loader=train_loader, val_loader=val_loader,
               run_dir=run_dir, recorder=recorder,
-              keeper=CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state), state=state,
+              keeper=CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state,
+                                      ema.module if ema is not None else None), state=state,
               stop=stop, guard=NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
               previews=pick_previews(info, splits["val"]),
               val_regions=info.metadata.loc[val_set.rows, "region"].astype(str).tolist())
@@ -181,9 +188,10 @@ def start_recording(accelerator, cfg: Config, run_dir: Path, run_name: str, run_
 
 def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
                        weights_from: str | None = None, trust_pickle: bool = False, resumed: bool = False):
-    """The model (same initial weights on every rank, or those of `weights_from`) and AdamW, prepared by
-    Accelerate. A resumed run skips `weights_from` and the encoder weights: its own checkpoint comes back
-    afterwards (so a resumed run needs neither the file nor the download cache)."""
+    """The model (same initial weights on every rank, or those of `weights_from`), AdamW, and (train.ema_decay) the
+    moving average of the weights, prepared by Accelerate. A resumed run skips `weights_from` and the encoder
+    weights: its own checkpoint comes back afterwards (so a resumed run needs neither the file nor the download
+    cache)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -201,12 +209,28 @@ def build_for_training(cfg: Config, accelerator, precision: str, in_channels: in
     # does the skipping and counts it, which only works with the unfused optimizer.
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.train.encoder_lr_scale), lr=cfg.train.lr,
                                   weight_decay=cfg.train.weight_decay, fused=precision != "fp16")
+    ema = moving_average(model, cfg.train) if cfg.train.ema_decay > 0 else None  # of the plain module, on the device
     if cfg.train.compile:
         model = torch.compile(model)
     # prepare: DDP across processes, autocast for mixed precision, a grad scaler for fp16.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if ema is not None:
+        # autocast as the model has it, no DDP; registered second, so save_state and load_state carry it as
+        # state/model_1.safetensors (weights-only, like the rest of the state): resume restores it exactly
+        accelerator.prepare_model(ema.module, evaluation_mode=True)
     set_seed(cfg.train.seed, device_specific=True)  # from here on each rank draws its own random numbers
-    return model, optimizer
+    return model, optimizer, ema
+
+
+def moving_average(model: torch.nn.Module, train) -> "ModelEmaV3":
+    """timm's ModelEmaV3 of `model`: every float parameter and buffer (BatchNorm statistics too), updated after each
+    optimizer step with decay `train.ema_decay` (and timm's warmup with `train.ema_warmup`). Its copy takes no
+    gradients."""
+    from timm.utils.model_ema import ModelEmaV3
+
+    ema = ModelEmaV3(model, decay=train.ema_decay, use_warmup=train.ema_warmup)
+    ema.module.requires_grad_(False)
+    return ema
 
 
 def parameter_groups(model: torch.nn.Module, encoder_lr_scale: float) -> list[dict]:

@@ -7,8 +7,8 @@ it like any function; `main()` turns the result into an exit status. Progress is
 DARTS' cadence (learning-rate decay, validation, patience) in epochs and validations.
 
 Exact resume: the data order is a function of (seed, epoch), augmentations of (seed, epoch, micro-step, rank), the
-learning rate of the epoch; weights, optimizer, scaler and RNG come back from Accelerate's state. So training 4
-epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.deterministic).
+learning rate of the step; weights (and their moving average), optimizer, scaler and RNG come back from Accelerate's
+state. So training 4 epochs equals training 2, stopping, and resuming to 4 (on CUDA with train.deterministic).
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window
     window.add(loss)
     if accelerator.sync_gradients:
         state.step += 1
+        if run.ema is not None:  # the same parameters on every rank; BatchNorm statistics are averaged at validation
+            run.ema.update(accelerator.unwrap_model(run.model, keep_torch_compile=False), step=state.step)
         if run.precision == "fp16":
             count_fp16_skips(run, epoch)
 
@@ -175,6 +177,11 @@ def count_fp16_skips(run: Run, epoch: int) -> None:
 def current_lr(run: Run) -> float:
     """The schedule's learning rate of the last optimizer step taken (the decoder's, with train.encoder_lr_scale)."""
     return run.optimizer.param_groups[-1]["lr"]
+
+
+def validated(run: Run) -> torch.nn.Module:
+    """What validation measures and checkpoints export: the moving average of the weights, or the model itself."""
+    return run.ema.module if run.ema is not None else run.model
 
 
 def encoder(run: Run) -> torch.nn.Module:
@@ -212,10 +219,13 @@ def log_window(run: Run, epoch: int, window: "Window", bar) -> bool:
 
 
 def validate_and_keep(run: Run, epoch: int) -> None:
-    """Validate the model every rank will save, pick top-k and best, decide early stopping, save, write previews."""
+    """Validate the model every rank will save (the moving average with train.ema_decay), pick top-k and best,
+    decide early stopping, save, write previews."""
     cfg, accelerator, state = run.cfg, run.accelerator, run.state
     average_buffers(accelerator, run.model)  # every rank validates, and saves, the same BatchNorm statistics
-    evaluation = evaluate(run.model, run.val_loader, accelerator, len(run.val_set), run.loss_fn, "val")
+    if run.ema is not None:
+        average_buffers(accelerator, run.ema.module)  # the mean of the ranks' averages = the average of their mean
+    evaluation = evaluate(validated(run), run.val_loader, accelerator, len(run.val_set), run.loss_fn, "val")
     metrics, value = evaluation.metrics, evaluation.metrics[MONITOR]
     name = checkpoint_name(epoch, state.step, value)
     improved = run.keeper.select(value, name)
@@ -248,7 +258,7 @@ def write_previews(run: Run, evaluation) -> None:
     figures = write_curves(evaluation, previews, "val", tag=step_tag, label=label)
     if run.previews:
         figures["samples"] = sample_figure(
-            run.accelerator.unwrap_model(run.model), run.val_set, run.previews, evaluation.pixel, run.accelerator.device,
+            run.accelerator.unwrap_model(validated(run)), run.val_set, run.previews, evaluation.pixel, run.accelerator.device,
             previews / f"val{step_tag}.png",
             f"{label}: validation preview", run.cfg.train.channels_last)
     for key, path in figures.items():

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, demo_dir):
     tmp = tmp_path_factory.mktemp("ddp")
-    config = tiny_config(tmp, demo_dir, train={"max_epochs": 3, "gamma": 0.5},
+    # with a moving average of the weights: what is validated, saved and converted must agree over process counts too
+    config = tiny_config(tmp, demo_dir, train={"max_epochs": 3, "gamma": 0.5, "ema_decay": 0.8},
                          log={"run_name": "ddp", "wandb_project": "smptrain-tests"})
     result = launch_two(["-m", "smptrain.train", "--config", str(config)])
     assert result.returncode == 0, result.stderr[-4000:]
@@ -28,6 +29,7 @@ def test_two_processes_are_used_and_stay_identical(ddp_run):
     assert meta["world_size"] == 2
     checksums = meta["parameter_checksums"]
     assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert meta["weights"] == "ema" and meta["ema_checksums"][0] == meta["ema_checksums"][1]
 
 
 def test_only_the_main_process_writes(ddp_run):

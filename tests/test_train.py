@@ -406,3 +406,40 @@ def test_the_launcher_reports_a_training_it_stopped_as_interrupted():
     assert exit_status(subprocess.CalledProcessError(-signal.SIGTERM, "train")) == 143
     assert exit_status(subprocess.CalledProcessError(-signal.SIGKILL, "train"), {signal.SIGTERM}) == 137
     assert exit_status(subprocess.CalledProcessError(2, "train"), {signal.SIGINT}) == 2
+
+
+def test_the_moving_average_is_validated_exported_and_resumed_exactly(demo_dir, tmp_path):
+    """train.ema_decay: training itself is unchanged (the trained weights equal those of a run without it);
+    model.safetensors holds the average, which validation measured, and state/ the trained weights; 4 epochs = 2 +
+    resume to 4, bitwise; the converted file holds the average and loads as DARTS' SMPSegmenter loads a file."""
+    import segmentation_models_pytorch as smp
+
+    train = {"max_epochs": 4, "val_every_n_epochs": 2, "augment": ["D4"]}
+    log = {"preview_every_n_val": 0, "log_every_n_steps": 2}
+    config = tiny_config(tmp_path, demo_dir, train={**train, "ema_decay": 0.9}, log=log)
+    without = tiny_config(tmp_path, demo_dir, name="without.toml", train=train, log=log)
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
+    run(["python", "-m", "smptrain.train", "--config", str(without), "--set", "log.run_name=without"], check=True)
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
+         "--set", "train.max_epochs=2"], check=True)
+    artifacts = tmp_path / "artifacts"
+    straight, split = artifacts / "straight", artifacts / "split"
+    run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
+    assert_same_weights(straight, split)
+    assert val_records(straight) == val_records(split)
+
+    last = straight / "checkpoints" / "last"
+    average, trained = weights(straight), load_file(str(last / "state" / "model.safetensors"))
+    assert json.loads((last / "meta.json").read_text())["weights"] == "ema"
+    assert all(torch.equal(average[k], v) for k, v in load_file(str(last / "state" / "model_1.safetensors")).items())
+    assert all(torch.equal(trained[k], v) for k, v in weights(artifacts / "without").items())  # the same training
+    assert not all(torch.equal(average[k], trained[k]) for k in average)
+    assert [r["val/loss"] for r in val_records(straight)] != [r["val/loss"] for r in val_records(artifacts / "without")]
+
+    out = tmp_path / "converted"
+    run(["smptrain-convert", str(straight), "--out-dir", str(out), "--name", "ema"], check=True)
+    ckpt = torch.load(next(out.glob("ema_*.ckpt")), weights_only=True)
+    model = smp.create_model(**ckpt["config"]["model"], encoder_weights=None)
+    model.load_state_dict(ckpt["statedict"])  # strict, as SMPSegmenter loads it
+    best = weights(straight, "best")
+    assert all(torch.equal(ckpt["statedict"][k], best[k]) for k in best)

@@ -142,7 +142,9 @@ def assess_checkpoint(run_dir: Path, options: AssessOptions = AssessOptions()) -
         threshold = choice["without_tta"]["threshold"] if "without_tta" in choice else choice["threshold"]
         tta_threshold = choice["threshold"] if "without_tta" in choice else None
     dataset, loader = loader_of(tested.splits["test"])
-    accelerator.print(f"testing {tested.checkpoint_dir} on {len(dataset)} patches (test split {tested.split_source})")
+    averaged = " (the moving average of its weights)" if tested.meta.get("weights") == "ema" else ""
+    accelerator.print(f"testing {tested.checkpoint_dir}{averaged} on {len(dataset)} patches "
+                      f"(test split {tested.split_source})")
     extras = Extras(objects=True, tta=tta, threshold=threshold if choice or threshold != 0.5 else None,
                     tta_threshold=tta_threshold, calibrate=True)
     evaluation = evaluate(model, loader, accelerator, len(dataset), loss_fn, "test", extras)
