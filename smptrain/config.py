@@ -52,6 +52,7 @@ class DataConfig:
     in_memory: bool = False  # read the train/val/test patches into RAM once instead of from zarr every epoch
     memory_device: str = setting("auto", one_of=MEMORY_DEVICES)  # with in_memory, where patches live: auto (the GPU when they fit) | device | cpu
     reader: str = setting("auto", one_of=READERS)  # zarr decoder: auto (tensorstore, else zarr-python) | tensorstore | zarr
+    positive_fraction: float = setting(0.0, rule=(_unit, "in [0, 1]"))  # share of every training batch drawn from patches with positive pixels (metadata `empty` false), as nnU-Net oversamples foreground; 0 = off
     accept_empty_mismatch: bool = False  # train although some patches' labels contradict their metadata `empty` flag (a half-copied dataset reads as zeros)
 
 
@@ -80,6 +81,7 @@ class TrainConfig:
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
     focal_alpha: float | None = setting(None, rule=(lambda v: v is None or _unit(v), "none or in [0, 1]"))  # focal loss positive-class weight; none = no class weighting
     focal_gamma: float = 2.0  # focal loss focusing exponent
+    pos_weight: float = setting(1.0, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # bce: weight of the positive pixels' term (torch's pos_weight); 1 = unweighted
     tversky_alpha: float = setting(0.5, rule=(_unit, "in [0, 1]"))  # Tversky loss weight of false positives (0.5 and 0.5 = Dice)
     tversky_beta: float = setting(0.5, rule=(_unit, "in [0, 1]"))  # Tversky loss weight of false negatives
     augment: tuple[str, ...] = setting((), one_of=AUGMENTATIONS)  # train-only augmentations in order, from the DARTS list (see README)
@@ -373,6 +375,12 @@ def _check_field(key: str, value, rule, source: str) -> None:
         raise UserError(f"{key} in {source} must be {rule['rule'][1]}, got {shown!r}")
 
 
+def positive_slots(cfg: Config) -> int:
+    """The places of each training micro-batch that data.positive_fraction gives to patches with positives (rounded
+    half up)."""
+    return math.floor(cfg.data.positive_fraction * cfg.train.batch_size + 0.5)
+
+
 def _check_combinations(cfg: Config, source: str) -> None:
     """What one field cannot check alone."""
     losses = {cfg.train.loss: 1.0} if isinstance(cfg.train.loss, str) else cfg.train.loss
@@ -383,6 +391,13 @@ def _check_combinations(cfg: Config, source: str) -> None:
             raise UserError(f"train.loss.{name} in {source} must be a non-negative weight, got {weight!r}")
     if not any(losses.values()):
         raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
+    if cfg.train.pos_weight != 1 and "bce" not in losses:
+        raise UserError(f"train.pos_weight in {source} weighs the positive pixels of bce, which train.loss "
+                        f"({cfg.train.loss!r}) does not use; add bce or leave train.pos_weight at 1")
+    if cfg.data.positive_fraction > 0 and positive_slots(cfg) == 0:
+        raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} in {source} gives no positive patch in "
+                        f"a batch of {cfg.train.batch_size} (train.batch_size); use at least "
+                        f"{0.5 / cfg.train.batch_size:g}")
     if len(set(cfg.log.trackers)) < len(cfg.log.trackers):
         raise UserError(f"log.trackers in {source} names a tracker twice: {list(cfg.log.trackers)}")
     if "wandb" in cfg.log.trackers and not cfg.log.wandb_project:

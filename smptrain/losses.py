@@ -7,7 +7,7 @@ contributes nothing to the value or the gradient, and a batch whose pixels are a
 | name | what | implementation |
 |---|---|---|
 | focal | binary focal loss, mean over valid pixels (`train.focal_alpha`, `train.focal_gamma`) | smp's `focal_loss_with_logits` per pixel, masked here |
-| bce | binary cross-entropy, mean over valid pixels | torch per pixel, masked here (smp's SoftBCE divides by every pixel, ignored ones included) |
+| bce | binary cross-entropy, mean over valid pixels (`train.pos_weight` on the positive term) | torch per pixel, masked here (smp's SoftBCE divides by every pixel, ignored ones included) |
 | dice | 1 - soft Dice over the batch's valid pixels | smp `DiceLoss` (binary, `ignore_index=2`) |
 | jaccard | 1 - soft IoU over the batch's valid pixels | smp `JaccardLoss` (binary, `ignore_index=2`) |
 | tversky | 1 - Tversky index (`train.tversky_alpha` on false positives, `train.tversky_beta` on false negatives) | smp `TverskyLoss` (binary, `ignore_index=2`) |
@@ -36,6 +36,7 @@ class LossParams:
     focal_gamma: float = 2.0
     tversky_alpha: float = 0.5
     tversky_beta: float = 0.5
+    pos_weight: float = 1.0
 
 
 def _pixelwise(per_pixel):
@@ -64,7 +65,8 @@ def _focal(logits, target, params):
 
 
 def _bce(logits, target, params):
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pos_weight = None if params.pos_weight == 1 else logits.new_tensor(params.pos_weight)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
 
 
 def _smp_region(name):
@@ -144,9 +146,12 @@ class Loss:
         return torch.where(has_valid, total, torch.zeros_like(total)), has_valid
 
     def describe(self) -> str:
-        return " + ".join(f"{w:g} x {n}" if w != 1 else n for n, w in self.weights.items())
+        def named(name):
+            return f"bce (pos_weight {self.params.pos_weight:g})" if name == "bce" and self.params.pos_weight != 1 else name
+
+        return " + ".join(f"{w:g} x {named(n)}" if w != 1 else named(n) for n, w in self.weights.items())
 
 
 def loss_from_config(train_cfg) -> Loss:
     return Loss(train_cfg.loss, LossParams(train_cfg.focal_alpha, train_cfg.focal_gamma, train_cfg.tversky_alpha,
-                                           train_cfg.tversky_beta))
+                                           train_cfg.tversky_beta, train_cfg.pos_weight))

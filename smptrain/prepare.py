@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from smptrain.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, read_meta
-from smptrain.config import Config, replace, to_dict
+from smptrain.config import Config, positive_slots, replace, to_dict
 from smptrain.data.batches import TrainBatches
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
@@ -251,10 +251,15 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
     train_set = PatchDataset(info, splits["train"], band_indices, cfg.data.in_memory, cfg.data.reader)
     val_set = train_set if splits["val"] == splits["train"] else PatchDataset(info, splits["val"], band_indices,
                                                                                 cfg.data.in_memory, cfg.data.reader)
-    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps)
+    positives, slots = positive_sampling(cfg, info, train_set, world)
+    batches = TrainBatches(len(train_set), cfg.train.batch_size, world, rank, cfg.train.seed, cfg.train.grad_accum_steps,
+                           positives, slots)
     if batches.steps_per_epoch == 0:
         raise UserError(f"the training split has {len(train_set)} patches, fewer than train.batch_size x processes x "
                         f"train.grad_accum_steps = {cfg.train.batch_size * world * cfg.train.grad_accum_steps}")
+    if slots:
+        accelerator.print(f"positive sampling: {slots} of every batch's {cfg.train.batch_size} patches from the "
+                          f"{len(positives)} of {len(train_set)} training patches with positive pixels")
     if cfg.data.in_memory:
         where = place_in_memory([train_set, val_set], device, cfg.data.memory_device, still_to_come)
         size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
@@ -263,6 +268,23 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
     val_loader = evaluation_feed(val_set, cfg.train.batch_size, accelerator, cfg.data, cfg.train.seed,
                                  cfg.train.channels_last)
     return train_set, val_set, batches, train_loader, val_loader
+
+
+def positive_sampling(cfg: Config, info, train_set: PatchDataset, world: int) -> tuple[list[int], int]:
+    """(positions of the training patches with positive pixels, places per micro-batch for them) for
+    data.positive_fraction; ([], 0) when it is off. A step draws its positives without repeats, so the split must
+    hold at least as many as one optimizer step of every rank takes."""
+    slots = positive_slots(cfg) if cfg.data.positive_fraction > 0 else 0
+    if not slots:
+        return [], 0
+    empty = info.metadata.loc[train_set.rows, "empty"].astype(bool).to_numpy()
+    positives = [i for i, e in enumerate(empty) if not e]
+    needed = slots * world * cfg.train.grad_accum_steps
+    if len(positives) < needed:
+        raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} draws {needed} different patches with "
+                        f"positives per optimizer step ({slots} per batch x {world} process(es) x "
+                        f"train.grad_accum_steps), but the training split has {len(positives)}")
+    return positives, slots
 
 
 def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:

@@ -46,3 +46,26 @@ def test_eval_batches_cover_every_sample_once_in_the_same_batches():
     shards = [list(EvalBatches(23, 4, 3, r)) for r in range(3)]
     assert sorted(map(tuple, single)) == sorted(tuple(b) for s in shards for b in s)
     assert sum(len(b) for b in single) == 23
+
+
+def test_positive_places_are_drawn_per_step_without_repeats_as_a_function_of_seed_and_epoch():
+    """data.positive_fraction: the last place of every micro-batch holds a patch with positives; no patch appears
+    twice in an optimizer step (2 ranks x 2 accumulated micro-batches); mid-epoch resume gives the same batches."""
+    positives = list(range(0, 60, 5))  # 12 of 60 patches have positive pixels
+    ranks = [TrainBatches(60, 4, 2, r, seed=3, accum=2, positives=positives, positive_slots=1) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    dealt = [list(sampler) for sampler in ranks]
+    assert ranks[0].steps_per_epoch == 3 and all(len(d) == 6 for d in dealt)
+    for step in range(3):
+        batches = [b for d in dealt for b in d[2 * step:2 * step + 2]]
+        patches = [i for b in batches for i in b]
+        assert len(patches) == len(set(patches)) == 16
+        assert all(b[-1] in positives for b in batches)
+    share = np.mean([i in positives for d in dealt for b in d for i in b])
+    assert share >= 0.25  # the drawn places, and whatever positives the random places hold
+    again = TrainBatches(60, 4, 2, 1, seed=3, accum=2, positives=positives, positive_slots=1)
+    again.set_epoch(2, start=3)
+    assert list(again) == dealt[1][3:]
+    again.set_epoch(3)
+    assert list(again) != dealt[1]

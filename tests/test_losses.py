@@ -108,3 +108,14 @@ def test_loss_config_round_trips_and_bad_losses_are_sentences():
         with pytest.raises(UserError) as error:
             load_config(None, [bad])
         assert all(w in str(error.value) for w in words), str(error.value)
+
+
+def test_bce_pos_weight_weighs_the_positive_term_of_the_valid_pixels():
+    z, t = valid_pixels()
+    p = sigmoid(z)
+    expected = float(np.mean(-(3.0 * t * np.log(p) + (1 - t) * np.log(1 - p))))
+    loss = Loss("bce", LossParams(pos_weight=3.0))
+    assert float(loss(LOGITS, Y)) == pytest.approx(expected, rel=1e-6)
+    values, has_valid = loss.per_sample(LOGITS, Y)
+    assert has_valid.all() and float(values.mean()) != pytest.approx(float(Loss("bce")(LOGITS, Y)))
+    assert loss.describe() == "bce (pos_weight 3)"

@@ -443,3 +443,30 @@ def test_the_moving_average_is_validated_exported_and_resumed_exactly(demo_dir, 
     model.load_state_dict(ckpt["statedict"])  # strict, as SMPSegmenter loads it
     best = weights(straight, "best")
     assert all(torch.equal(ckpt["statedict"][k], best[k]) for k in best)
+
+
+def test_positive_sampling_with_weighted_bce_trains_and_resumes_exactly(demo_dir, tmp_path):
+    """data.positive_fraction with train.pos_weight: 4 epochs = 2 + resume to 4, bitwise; settings that cannot work
+    are one sentence before anything is written."""
+    from test_errors import assert_clear_error
+
+    config = tiny_config(tmp_path, demo_dir, data={"positive_fraction": 0.5},
+                         train={"max_epochs": 4, "val_every_n_epochs": 2, "loss": "bce", "pos_weight": 3.0},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 2})
+    straight = run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"],
+                   check=True)
+    assert "positive sampling: 2 of every batch's 4 patches" in straight.stdout
+    assert "loss: bce (pos_weight 3)" in straight.stdout
+    run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
+         "--set", "train.max_epochs=2"], check=True)
+    split = tmp_path / "artifacts" / "split"
+    run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
+    assert_same_weights(tmp_path / "artifacts" / "straight", split)
+    assert val_records(tmp_path / "artifacts" / "straight") == val_records(split)
+
+    for setting, words in [("data.positive_fraction=0.1", ["data.positive_fraction = 0.1", "batch of 4", "0.125"]),
+                           ("train.loss='focal'", ["train.pos_weight", "bce", "'focal'"])]:
+        result = run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=refused",
+                      "--set", setting])
+        assert_clear_error(result, *words)
+    assert not (tmp_path / "artifacts" / "refused").exists()

@@ -22,13 +22,21 @@ class TrainBatches(torch.utils.data.Sampler):
     Global batch j goes to rank j % world_size. Every epoch has the same number of optimizer steps
     (incomplete batches and an incomplete accumulation group at the end are dropped, like DARTS' drop_last).
     `start` skips this rank's first micro-batches, which is how a run resumes mid-epoch without reading them.
+
+    With `positive_slots` (data.positive_fraction; `positives` the patches with positive pixels), the last
+    `positive_slots` places of every micro-batch hold patches drawn from `positives` instead, as nnU-Net oversamples
+    foreground: see `_with_positives`.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, accum: int = 1):
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, accum: int = 1,
+                 positives: list[int] = (), positive_slots: int = 0):
         self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
         self.seed, self.accum = seed, accum
         self.steps_per_epoch = num_samples // (batch_size * world_size * accum)
         self.epoch, self.start = 0, 0
+        self.positives, self.positive_slots = list(positives), positive_slots
+        if positive_slots and len(self.positives) < positive_slots * world_size * accum:
+            raise ValueError("fewer positive patches than one optimizer step draws")
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -39,9 +47,33 @@ class TrainBatches(torch.utils.data.Sampler):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=generator).tolist()
+        if self.positive_slots:
+            order = self._with_positives(order)
         for i in range(self.start, self.steps_per_epoch * self.accum):
             j = i * self.world_size + self.rank
             yield order[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def _with_positives(self, order: list[int]) -> list[int]:
+        """The epoch's global batches, laid end to end as `__iter__` deals them, with positive places. Each optimizer
+        step (all ranks' micro-batches of it) draws its positive patches without repeats from `positives` (its own
+        seeded draw: a pure function of (seed, epoch, step)) and fills the other places from `order`, skipping the
+        patches this step already drew: no patch appears twice in a step. Every step consumes at most one step's worth
+        of `order`, so it never runs out."""
+        size, slots = self.batch_size, self.positive_slots
+        batches = self.world_size * self.accum  # global micro-batches per optimizer step
+        drawer = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch + 7_919_000_000)
+        laid, cursor = [], 0
+        for _ in range(self.steps_per_epoch):
+            drawn = [self.positives[i] for i in torch.randperm(len(self.positives), generator=drawer)[:slots * batches].tolist()]
+            taken = set(drawn)
+            for b in range(batches):
+                rest = []
+                while len(rest) < size - slots:
+                    if order[cursor] not in taken:
+                        rest.append(order[cursor])
+                    cursor += 1
+                laid += rest + drawn[b * slots:(b + 1) * slots]
+        return laid
 
 
 class EvalBatches(torch.utils.data.Sampler):
