@@ -107,7 +107,7 @@ class LogConfig:
     wandb_project: str = ""  # log to this Weights & Biases project; empty = no wandb (WANDB_MODE is honoured)
     wandb_entity: str = ""  # wandb entity (team or user); empty = your default entity
     wandb_group: str = ""  # group of the run in wandb and MLflow (cross-validation and tuning set it); empty = none
-    trackers: tuple[str, ...] = setting((), one_of=TRACKERS)  # any of wandb, tensorboard, mlflow; empty = wandb when wandb_project is set
+    trackers: tuple[str, ...] = setting((), one_of=TRACKERS, rule=(lambda v: len(set(v)) == len(v), "without a tracker named twice"))  # any of wandb, tensorboard, mlflow; empty = wandb when wandb_project is set
     mlflow_experiment: str = setting("smptrain", rule=(bool, "not empty"))  # MLflow experiment (MLFLOW_TRACKING_URI, else a file store in {artifact_dir}/mlruns)
 
 
@@ -375,12 +375,6 @@ def _check_field(key: str, value, rule, source: str) -> None:
         raise UserError(f"{key} in {source} must be {rule['rule'][1]}, got {shown!r}")
 
 
-def positive_slots(cfg: Config) -> int:
-    """The places of each training micro-batch that data.positive_fraction gives to patches with positives (rounded
-    half up)."""
-    return math.floor(cfg.data.positive_fraction * cfg.train.batch_size + 0.5)
-
-
 def _check_combinations(cfg: Config, source: str) -> None:
     """What one field cannot check alone."""
     losses = {cfg.train.loss: 1.0} if isinstance(cfg.train.loss, str) else cfg.train.loss
@@ -392,20 +386,15 @@ def _check_combinations(cfg: Config, source: str) -> None:
     if not any(losses.values()):
         raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
     if cfg.train.pos_weight != 1 and "bce" not in losses:
-        raise UserError(f"train.pos_weight in {source} weighs the positive pixels of bce, which train.loss "
-                        f"({cfg.train.loss!r}) does not use; add bce or leave train.pos_weight at 1")
-    if cfg.data.positive_fraction > 0 and positive_slots(cfg) == 0:
-        raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} in {source} gives no positive patch in "
-                        f"a batch of {cfg.train.batch_size} (train.batch_size); use at least "
-                        f"{0.5 / cfg.train.batch_size:g}")
-    if len(set(cfg.log.trackers)) < len(cfg.log.trackers):
-        raise UserError(f"log.trackers in {source} names a tracker twice: {list(cfg.log.trackers)}")
+        raise UserError(f"train.pos_weight in {source} weighs bce's positive pixels, but train.loss ({cfg.train.loss!r}) has no bce")
+    if 0 < cfg.data.positive_fraction * cfg.train.batch_size < 0.5:  # rounded half up to places of a batch
+        raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} in {source} gives no positive patch in a batch "
+                        f"of {cfg.train.batch_size} (train.batch_size); use at least {0.5 / cfg.train.batch_size:g}")
     if "wandb" in cfg.log.trackers and not cfg.log.wandb_project:
         raise UserError(f"log.trackers in {source} includes wandb but log.wandb_project is empty; set the project")
     if cfg.data.fold_method != "none":
         if cfg.data.total_folds < 2:
             raise UserError(f"data.total_folds in {source} must be at least 2, got {cfg.data.total_folds!r}")
         if not 0 <= cfg.data.fold < cfg.data.total_folds:
-            raise UserError(
-                f"data.fold in {source} must be between 0 and data.total_folds - 1 = {cfg.data.total_folds - 1}, "
-                f"got {cfg.data.fold}")
+            raise UserError(f"data.fold in {source} must be between 0 and data.total_folds - 1 = "
+                            f"{cfg.data.total_folds - 1}, got {cfg.data.fold}")

@@ -9,6 +9,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from smptrain.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, read_meta
-from smptrain.config import Config, positive_slots, replace, to_dict
+from smptrain.config import Config, replace, to_dict
 from smptrain.data.batches import TrainBatches
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
@@ -274,7 +275,7 @@ def positive_sampling(cfg: Config, info, train_set: PatchDataset, world: int) ->
     """(positions of the training patches with positive pixels, places per micro-batch for them) for
     data.positive_fraction; ([], 0) when it is off. A step draws its positives without repeats, so the split must
     hold at least as many as one optimizer step of every rank takes."""
-    slots = positive_slots(cfg) if cfg.data.positive_fraction > 0 else 0
+    slots = math.floor(cfg.data.positive_fraction * cfg.train.batch_size + 0.5)  # places per batch, rounded half up
     if not slots:
         return [], 0
     empty = info.metadata.loc[train_set.rows, "empty"].astype(bool).to_numpy()

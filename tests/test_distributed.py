@@ -16,8 +16,10 @@ pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, demo_dir):
     tmp = tmp_path_factory.mktemp("ddp")
-    # with a moving average of the weights: what is validated, saved and converted must agree over process counts too
-    config = tiny_config(tmp, demo_dir, train={"max_epochs": 3, "gamma": 0.5, "ema_decay": 0.8},
+    # with a moving average of the weights, a frozen first epoch and an encoder rate of its own: what is validated,
+    # saved and converted must agree over process counts with these too
+    config = tiny_config(tmp, demo_dir, train={"max_epochs": 3, "gamma": 0.5, "ema_decay": 0.8, "freeze_encoder_epochs": 1,
+                                               "encoder_lr_scale": 0.5},
                          log={"run_name": "ddp", "wandb_project": "smptrain-tests"})
     result = launch_two(["-m", "smptrain.train", "--config", str(config)])
     assert result.returncode == 0, result.stderr[-4000:]

@@ -38,6 +38,14 @@ def assert_same_weights(a: Path, b: Path):
     assert worst <= 1e-6, f"weights differ by {worst}"
 
 
+def assert_identical_weights(a: Path, b: Path, file: str = "model.safetensors"):
+    """Bitwise: every tensor of `last`'s `file` (or e.g. state/model.safetensors) equal."""
+    wa, wb = (load_file(str(run_dir / "checkpoints" / "last" / file)) for run_dir in (a, b))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
 def val_records(run_dir: Path) -> list[dict]:
     return [r for r in records(run_dir) if "val/JaccardIndex" in r]
 
@@ -361,7 +369,7 @@ def test_cosine_with_warmup_resumes_exactly(demo_dir, tmp_path):
          "--set", "train.max_epochs=2"], check=True)
     split, straight = tmp_path / "artifacts" / "split", tmp_path / "artifacts" / "straight"
     run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
-    assert_same_weights(straight, split)
+    assert_identical_weights(straight, split)
     assert val_records(straight) == val_records(split)
     rates = [json.loads(line)["learning_rate"] for line in (straight / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
@@ -391,7 +399,7 @@ def test_a_frozen_encoder_stays_as_built_and_resumes_exactly(demo_dir, tmp_path)
     assert all(torch.equal(after_two[k], initial[k]) for k in encoder_keys)
     assert not all(torch.equal(after_two[k], initial[k]) for k in initial if k.startswith("decoder."))
     run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
-    assert_same_weights(straight, split)
+    assert_identical_weights(straight, split)
     final = weights(split)
     assert not all(torch.equal(final[k], initial[k]) for k in encoder_keys)  # unfrozen from epoch 2 on
 
@@ -425,7 +433,8 @@ def test_the_moving_average_is_validated_exported_and_resumed_exactly(demo_dir, 
     artifacts = tmp_path / "artifacts"
     straight, split = artifacts / "straight", artifacts / "split"
     run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
-    assert_same_weights(straight, split)
+    assert_identical_weights(straight, split)
+    assert_identical_weights(straight, split, "state/model.safetensors")  # the trained weights too
     assert val_records(straight) == val_records(split)
 
     last = straight / "checkpoints" / "last"
@@ -461,7 +470,7 @@ def test_positive_sampling_with_weighted_bce_trains_and_resumes_exactly(demo_dir
          "--set", "train.max_epochs=2"], check=True)
     split = tmp_path / "artifacts" / "split"
     run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
-    assert_same_weights(tmp_path / "artifacts" / "straight", split)
+    assert_identical_weights(tmp_path / "artifacts" / "straight", split)
     assert val_records(tmp_path / "artifacts" / "straight") == val_records(split)
 
     for setting, words in [("data.positive_fraction=0.1", ["data.positive_fraction = 0.1", "batch of 4", "0.125"]),
