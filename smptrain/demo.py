@@ -42,8 +42,9 @@ def _blob(rng: np.random.Generator, size: int, radius: float) -> np.ndarray:
     return field > 0.8
 
 
-def make_patch(rng: np.random.Generator, size: int, region: int):
-    """One patch: x float32 [C, size, size] in [0, 1], y uint8 [size, size] in {0, 1, 2}, and whether it has a slump."""
+def make_patch(rng: np.random.Generator, size: int, region: int, slump_share: float = 0.55):
+    """One patch: x float32 [C, size, size] in [0, 1], y uint8 [size, size] in {0, 1, 2}, and whether it has a slump
+    (drawn with probability `slump_share`)."""
     from scipy.ndimage import binary_dilation, binary_erosion, gaussian_filter
 
     base = np.array([0.25, 0.3, 0.3, 0.5, 0.65, 0.5, 0.1], np.float32) + 0.05 * (region - 1.5) * np.array(
@@ -51,7 +52,7 @@ def make_patch(rng: np.random.Generator, size: int, region: int):
     x = np.stack([b + gaussian_filter(rng.normal(0, 0.12, (size, size)), 6) for b in base]).astype(np.float32)
     y = np.zeros((size, size), np.uint8)
     radius = size / 8
-    has_slump = rng.random() < 0.55
+    has_slump = rng.random() < slump_share
     for _ in range(rng.integers(1, 3) if has_slump else 0):
         mask = _blob(rng, size, radius * rng.uniform(0.8, 1.4))
         rim = binary_dilation(mask, iterations=2) & ~binary_erosion(mask, iterations=2)
@@ -78,8 +79,9 @@ def make_patch(rng: np.random.Generator, size: int, region: int):
     return x, y, bool((y == POSITIVE).any())
 
 
-def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: int = 0) -> Path:
-    """Write the demo dataset to `out` (data.zarr, metadata.parquet, config.toml) and return its path."""
+def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: int = 0, slump_share: float = 0.55) -> Path:
+    """Write the demo dataset to `out` (data.zarr, metadata.parquet, config.toml) and return its path. `slump_share`:
+    the share of patches drawn with slumps (a drawn slump can still fall under a cloud)."""
     import pandas as pd
     import zarr
     from zarr.codecs import BloscCodec
@@ -89,7 +91,7 @@ def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: i
     xs, ys, rows = [], [], []
     for i in range(patches):
         region = i * len(REGIONS) // patches
-        x, y, positive = make_patch(rng, patch_size, region)
+        x, y, positive = make_patch(rng, patch_size, region, slump_share)
         xs.append(x)
         ys.append(y)
         rows.append({

@@ -37,6 +37,20 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
     return False
 
 
+def describe_cpu() -> str:
+    """This machine's CPU, for every figure measured on it: model name, cores, and the instruction sets that change
+    speed and bf16 (AVX-512, native bf16)."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return f"{platform.processor() or 'unknown CPU'}, {os.cpu_count()} cores"
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    features = "AVX-512" if "avx512f" in cpuinfo else "AVX2 only" if "avx2" in cpuinfo else "no AVX2"
+    bf16 = ", native bf16" if cpu_has_native_bf16(cpuinfo) else ""
+    return f"{model}, {os.cpu_count()} cores, {features}{bf16}"
+
+
 def rank_cuda_index() -> int:
     """The GPU this process trains on, known before Accelerate sets it: the launcher's LOCAL_RANK (Accelerate
     uses cuda:LOCAL_RANK), else the first visible GPU."""

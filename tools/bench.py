@@ -40,7 +40,7 @@ from smptrain.evaluation.evaluate import evaluate  # noqa: E402
 from smptrain.data.feed import feed, place_in_memory  # noqa: E402
 from smptrain.losses import Loss, focal_loss  # noqa: E402
 from smptrain.model import build_model  # noqa: E402
-from smptrain.runtime import choose_precision, make_accelerator  # noqa: E402
+from smptrain.runtime import choose_precision, describe_cpu, make_accelerator  # noqa: E402
 
 
 def sync(device):
@@ -175,10 +175,10 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
         check_sizes(len(rows), batch_size, epochs)
     bands = list(range(len(info.bands)))
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    results = {"device": name, "cpu": _cpu_model(), "patch_size": info.patch_size, "patches": len(rows),
+    results = {"device": name, "cpu": describe_cpu(), "patch_size": info.patch_size, "patches": len(rows),
                "bands": len(bands), "batch_size": batch_size, "mixed_precision": precision, "channels_last": channels_last,
                "workers": workers, "cpu_count": os.cpu_count(), "encoders": {}}
-    print(f"{name} ({results['cpu']}, {os.cpu_count()} cores); {len(rows)} patches of {info.patch_size}x{info.patch_size}"
+    print(f"{name} ({results['cpu']}); {len(rows)} patches of {info.patch_size}x{info.patch_size}"
           f" x {len(bands)} bands, batch {batch_size}, {precision} ({why}){', channels_last' if channels_last else ''}")
 
     # Loaders alone: tensorstore in-process (1 decoding thread, then --workers threads), zarr-python in 1 and
@@ -249,16 +249,6 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_out}")
-
-
-def _cpu_model() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "unknown CPU")
-    return f"{model}, {'AVX-512' if 'avx512f' in cpuinfo else 'no AVX-512'}"
 
 
 if __name__ == "__main__":

@@ -174,6 +174,28 @@ def cv_metrics(rows: list[dict], metrics: list[str], path: Path, heading: str) -
     return _save(fig, path)
 
 
+def recipes(rows: list[dict], metrics: list[str], path: Path, heading: str) -> Path:
+    """One panel per metric: each recipe's runs (one dot per seed) and their mean +- sample standard deviation,
+    recipes in the order of `rows`."""
+    plt = _pyplot()
+    names = list(dict.fromkeys(row["recipe"] for row in rows))
+    fig, axes = plt.subplots(1, len(metrics), figsize=((0.8 * len(names) + 1.5) * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for i, name in enumerate(names):
+            values = np.array([row[metric] for row in rows if row["recipe"] == name], float)
+            ax.plot(np.full(len(values), i) + np.linspace(-0.12, 0.12, len(values)), values, "o", color="0.6",
+                    markersize=4)
+            spread = values.std(ddof=1) if len(values) > 1 else 0.0
+            ax.errorbar([i + 0.3], [values.mean()], yerr=[spread], fmt="s", color="C0", capsize=4, markersize=5)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{metric} (dots: seeds; square: mean +- sample std)", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(heading, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def tuning(rows: list[dict], keys: list[str], out_dir: Path, study: str) -> dict[str, Path]:
     """The optimisation history (score per trial, best so far) and the score against each searched parameter."""
     plt = _pyplot()
