@@ -136,13 +136,13 @@ def check_model_of(cfg: Config) -> None:
     """What `set_up` checks of the model, alone: cfg's model built and a zero batch passed through it at the
     dataset's patch size on this process's device (fp32), so that a cross-validation or tuning trial that cannot be
     built fails before its directory exists. Raises `CannotBuild` with the reason."""
-    from accelerate import PartialState
+    from smptrain.runtime import process_state
 
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     channels = len(info.band_indices(cfg.data.bands))
     model = build_model(cfg.model.arch, cfg.model.encoder, channels, "none")
     check_patch_size(model, cfg.model.arch, info.patch_size)
-    device = PartialState().device
+    device = process_state().device
     check_forward(model.to(device), cfg.model.arch, cfg.model.encoder, channels, info.patch_size, device)
 
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 
 from smptrain.config import Config, replace
-from smptrain.storage import write_text, writing
+from smptrain.storage import on_main, write_text, writing
 from smptrain.errors import UserError
 
 # Every name inside a run directory; other modules ask for them here.
@@ -84,8 +84,6 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given:
     """The run directory and identity. A new run is named and created by the main process and broadcast; a resumed
     run is read by everyone from its `last` checkpoint. Returns (run_dir, run_name, run_id, meta or None): meta,
     the `last` checkpoint's description, is None for a new run, and that is the one place resuming is decided."""
-    from accelerate.utils import broadcast_object_list
-
     from smptrain.checkpoint import read_meta
     from smptrain.config import dump_toml
 
@@ -93,24 +91,13 @@ def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given:
         if not has_checkpoint(resume):
             raise UserError(f"{resume} has no complete checkpoint to resume from ({CHECKPOINTS}/{LAST} is missing)")
         meta = read_meta(checkpoint_link(resume, LAST))
-        if accelerator.is_main_process:
-            write_text(resume / CONFIG, dump_toml(cfg))  # the --set changes allowed on resume
+        on_main(lambda: write_text(resume / CONFIG, dump_toml(cfg)), resume / CONFIG)  # the --set changes allowed on resume
         if meta.get("world_size") != accelerator.num_processes:
             accelerator.print(f"note: the run used {meta.get('world_size')} process(es), this one uses "
                               f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")
         return resume, meta["run_name"], meta["run_id"], meta
-    created = {"run": None, "error": None}
-    if accelerator.is_main_process:
-        try:
-            created["run"] = create_run_dir(cfg, splits, accelerator.num_processes, given, info)
-        except (UserError, OSError) as error:
-            created["error"] = (f"{error}" if isinstance(error, UserError) else
-                                f"cannot create the run directory under {cfg.log.artifact_dir}: {error}")
-    payload = [created]
-    broadcast_object_list(payload)  # every rank calls it, also when the main process failed
-    if payload[0]["error"] is not None:
-        raise UserError(payload[0]["error"])
-    run_dir, name, run_id = payload[0]["run"]
+    run_dir, name, run_id = on_main(lambda: create_run_dir(cfg, splits, accelerator.num_processes, given, info),
+                                    Path(cfg.log.artifact_dir))
     return Path(run_dir), name, run_id, None
 
 

@@ -118,6 +118,15 @@ def configure_determinism(deterministic: bool) -> None:
         torch.set_float32_matmul_precision("high")
 
 
+def process_state():
+    """Accelerate's view of this process among the launched ones (rank, count, device), the one the Accelerator
+    then shares. Without a GPU it must be asked with cpu=True: a bare PartialState() on CPU ignores the launcher's
+    WORLD_SIZE, and the Accelerator made later inherits that one-process state (every rank its own main process)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, deterministic: bool = False):
     """The Accelerator of a command. Its trackers start later, once the run directory is known
     (smptrain.tracking)."""

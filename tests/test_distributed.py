@@ -181,3 +181,18 @@ def test_ctrl_c_under_the_launcher_stops_in_order_and_returns_after_the_training
     assert "Traceback" not in err and "exitcode" not in err, err[-3000:]
     assert err.count(f"{name}: stopping at the next logging step") == 1 and err.count("continue with:") == 1
     assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"] >= 2
+
+
+def test_a_cv_table_the_main_process_cannot_write_stops_both_ranks_in_one_sentence(demo_dir, tmp_path):
+    """Only the main process writes a CV's rows and table; when the filesystem refuses, the other rank must stop
+    with it instead of waiting in the next run's first collective for ever."""
+    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
+    row = tmp_path / "artifacts" / "stuck" / "rows" / "stuck-f0s42.json"
+    (row / "in-the-way").mkdir(parents=True)  # a directory where the finished run's row is to be renamed
+    result = run(["smptrain-launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+                  "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "-m", "smptrain.search.cv",
+                  "--config", str(config), "--name", "stuck", "--folds", "2", "--seeds", "42"], timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"cannot write {row}" in result.stderr
+    assert (tmp_path / "artifacts" / "stuck" / "stuck-f0s42" / "checkpoints" / "last").exists()  # the run is kept
+    assert not (tmp_path / "artifacts" / "stuck" / "stuck-f1s42").exists()  # and no rank went on to the next one

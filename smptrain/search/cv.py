@@ -31,10 +31,10 @@ import numpy as np
 from smptrain.runs import has_checkpoint
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
-from smptrain.storage import write_text, writing
+from smptrain.storage import on_main, write_text, writing
 from smptrain.errors import UserError, report_user_errors
 from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
-from smptrain.search.slots import claim
+from smptrain.search.slots import CLAIMS, claim
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
 DONE = ("finished", "early-stopped", "diverged", "pruned")  # statuses a continued CV does not run again
@@ -81,14 +81,11 @@ def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, ex
     `on_validation(validations_so_far_in_this_cv, metrics)` is called after each validation of each run; True
     prunes the CV (tuning's pruner). `extra` is recorded in cv.json (a tuning trial's parameters).
     """
-    from accelerate import PartialState
-
     from smptrain.prepare import check_model_of
 
     check_model_of(cfg)  # a model that cannot be built, or cannot take these patches, stops here: nothing written
-    main_process = PartialState().is_main_process
     definition = {"config": to_dict(cfg), "folds": list(plan.folds), "seeds": list(plan.seeds), **(extra or {})}
-    rows = open_cv(cv_dir, definition, main_process)
+    rows = open_cv(cv_dir, definition)
     counted = [0]
 
     def report(validations: int, metrics: dict) -> bool:
@@ -98,7 +95,9 @@ def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, ex
     status = "finished"
     for seed, fold in chosen_slots(plan):
         run_name = f"{cv_dir.name}-f{fold}s{seed}"
-        rows.update(read_rows(cv_dir))  # what other workers finished meanwhile
+        # what other workers finished meanwhile, as the main process read it: ranks reading the shared filesystem
+        # each for itself could see different rows, and one would train while the other skipped
+        rows.update(on_main(lambda: read_rows(cv_dir), cv_dir / ROWS))
         if rows.get(run_name, {}).get("status") in DONE:
             continue
         held = take(cv_dir, run_name, plan.claims, say)
@@ -108,13 +107,11 @@ def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, ex
             rows[run_name] = run_one(cfg, cv_dir, run_name, (fold, seed), report, say)
         finally:
             held.release()
-        if main_process:
-            write_text(cv_dir / ROWS / f"{run_name}.json", json.dumps(rows[run_name], default=plain) + "\n")
-            write_table(cv_dir, rows)
+        on_main(lambda: record(cv_dir, rows[run_name], rows), cv_dir / ROWS / f"{run_name}.json")
         if rows[run_name]["status"] in ("interrupted", "pruned"):
             status = rows[run_name]["status"]
             break
-    return score_cv(cv_dir, plan, {**rows, **read_rows(cv_dir)}, status, definition)
+    return score_cv(cv_dir, plan, {**rows, **on_main(lambda: read_rows(cv_dir), cv_dir / ROWS)}, status, definition)
 
 
 def chosen_slots(plan: Plan) -> list[tuple[int, int]]:
@@ -135,20 +132,20 @@ class _Unclaimed:
 def take(cv_dir: Path, run_name: str, use_claims: bool, say):
     """A held claim on `run_name` (or a stand-in without claims), or None when another worker holds it. The main
     process claims and tells the other ranks (every rank calls this)."""
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
     if not use_claims:
         return _Unclaimed()
-    state = PartialState()
-    held, owner = claim(cv_dir, run_name) if state.is_main_process else (None, None)
-    decided = [held is not None, owner]
-    if state.num_processes > 1:
-        broadcast_object_list(decided)
-    if not decided[0]:
-        say(f"cv {cv_dir.name}: {run_name} is being run by {decided[1]}; skipped")
+    holder = []  # the main process's claim (it touches its file from a thread, so it stays here)
+
+    def claim_it() -> tuple[bool, str | None]:
+        held, owner = claim(cv_dir, run_name)
+        holder.append(held)
+        return held is not None, owner
+
+    taken, owner = on_main(claim_it, cv_dir / CLAIMS / run_name)
+    if not taken:
+        say(f"cv {cv_dir.name}: {run_name} is being run by {owner}; skipped")
         return None
-    return held if held is not None else _Unclaimed()
+    return holder[0] if holder else _Unclaimed()
 
 
 def run_one(cfg: Config, cv_dir: Path, run_name: str, fold_seed: tuple[int, int], report, say) -> dict:
@@ -160,20 +157,14 @@ def run_one(cfg: Config, cv_dir: Path, run_name: str, fold_seed: tuple[int, int]
                               "log.run_name": run_name, "log.wandb_group": cv_dir.name})
     run_dir = cv_dir / run_name
     resume = run_dir if has_checkpoint(run_dir) else None
-    if run_dir.exists() and resume is None and _is_main():
-        shutil.rmtree(run_dir)  # started but never saved a checkpoint: nothing worth keeping
+    if run_dir.exists() and resume is None:  # started but never saved a checkpoint: nothing worth keeping
+        on_main(lambda: shutil.rmtree(run_dir), run_dir)
     say(f"cv {cv_dir.name}: fold {fold}, seed {seed}{' (resuming)' if resume else ''}")
     started = time.perf_counter()
     result = train(run_cfg, resume, on_validation=report)
     return {"fold": fold, "seed": seed, "status": result.status, "run_name": run_name, "run_dir": str(run_dir),
             "duration_s": time.perf_counter() - started, "epochs": result.epochs, "steps": result.steps,
             **result.last, **{f"best/{k}": v for k, v in result.best.items()}}
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
 
 
 def score_cv(cv_dir: Path, plan: Plan, rows: dict, status: str, definition: dict) -> CVResult:
@@ -187,8 +178,7 @@ def score_cv(cv_dir: Path, plan: Plan, rows: dict, status: str, definition: dict
     score, unstable, _ = score_runs(ordered, [(key, higher) for key, (_, higher) in zip(scoring.keys, scoring.metrics)],
                                     scoring.strategy)
     result = CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered), missing)
-    if _is_main():
-        write_outcome(result, definition, scoring)
+    on_main(lambda: write_outcome(result, definition, scoring), cv_dir)
     return result
 
 
@@ -208,22 +198,30 @@ def write_outcome(result: CVResult, definition: dict, scoring: Scoring) -> None:
                          f"{scoring.score_on} validation)")
 
 
-def open_cv(cv_dir: Path, definition: dict, main_process: bool) -> dict[str, dict]:
-    """The rows of a CV being continued (by run name), after checking that it is the same CV; {} for a new one."""
-    from accelerate import PartialState
-
+def open_cv(cv_dir: Path, definition: dict) -> dict[str, dict]:
+    """The rows of a CV being continued (by run name), after checking that it is the same CV; {} for a new one.
+    Every rank calls it (a CV that exists is there for all of them; a new one is created by the main process)."""
     state = cv_dir / "cv.json"
-    if state.is_file():
+    existed = state.is_file()
+    if existed:
         stored = json.loads(state.read_text())
         for key in ("config", "folds", "seeds"):
             if stored.get(key) != json.loads(json.dumps(definition[key], default=plain)):
                 differing = _first_difference(stored.get(key), definition[key], key)
                 raise UserError(f"{cv_dir} holds a cross-validation with a different {differing}; continue it with "
                                 f"the same configuration, or choose another --name")
-    elif main_process:
-        cv_dir.mkdir(parents=True, exist_ok=True)
-        write_text(state, json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
-    PartialState().wait_for_everyone()
+
+    def create() -> None:
+        if not existed:
+            cv_dir.mkdir(parents=True, exist_ok=True)
+            write_text(state, json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
+
+    on_main(create, state)
+    return on_main(lambda: earlier_rows(cv_dir), cv_dir)  # one reading, the main process's, for every rank
+
+
+def earlier_rows(cv_dir: Path) -> dict[str, dict]:
+    """The rows already written, by run name: runs.parquet's (a CV from before rows/ existed), then rows/."""
     table = cv_dir / "runs.parquet"
     rows = {}
     if table.is_file():  # a CV written before rows/ existed keeps its table
@@ -245,6 +243,12 @@ def read_rows(cv_dir: Path) -> dict[str, dict]:
             continue
         rows[row["run_name"]] = row
     return rows
+
+
+def record(cv_dir: Path, row: dict, rows: dict[str, dict]) -> None:
+    """Main process: a finished run's row (rows/NAME.json, for the other workers) and the table with it."""
+    write_text(cv_dir / ROWS / f"{row['run_name']}.json", json.dumps(row, default=plain) + "\n")
+    write_table(cv_dir, rows)
 
 
 def write_table(cv_dir: Path, rows: dict[str, dict]) -> None:

@@ -274,13 +274,11 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
     """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it. A DARTS
     [darts] table gives hpconfig, n-trials, tune-name, retrain-and-test and the CV options where the command line
     does not."""
-    from accelerate import PartialState
-
-    from smptrain.runtime import end_processes
+    from smptrain.runtime import end_processes, process_state
 
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
-    if PartialState().num_processes > 1:
+    if process_state().num_processes > 1:
         raise UserError("smptrain-tune runs one process per worker; start one worker per GPU (CUDA_VISIBLE_DEVICES) "
                         "with the same --study and --storage instead of accelerate launch")
     loaded = resolve(config_path, overrides, debug)
