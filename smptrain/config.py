@@ -386,7 +386,7 @@ def _check_combinations(cfg: Config, source: str) -> None:
     if not any(losses.values()):
         raise UserError(f"train.loss in {source} needs at least one loss with a positive weight")
     if cfg.train.pos_weight != 1 and "bce" not in losses:
-        raise UserError(f"train.pos_weight in {source} weighs bce's positive pixels, but train.loss ({cfg.train.loss!r}) has no bce")
+        raise UserError(f"train.pos_weight in {source} weighs bce's positive pixels, but train.loss ({cfg.train.loss!r}) has no bce; add bce or leave train.pos_weight at 1")
     if 0 < cfg.data.positive_fraction * cfg.train.batch_size < 0.5:  # rounded half up to places of a batch
         raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} in {source} gives no positive patch in a batch "
                         f"of {cfg.train.batch_size} (train.batch_size); use at least {0.5 / cfg.train.batch_size:g}")

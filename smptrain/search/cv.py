@@ -211,13 +211,13 @@ def open_cv(cv_dir: Path, definition: dict) -> dict[str, dict]:
                 raise UserError(f"{cv_dir} holds a cross-validation with a different {differing}; continue it with "
                                 f"the same configuration, or choose another --name")
 
-    def create() -> None:
+    def create_or_read() -> dict[str, dict]:
         if not existed:
             cv_dir.mkdir(parents=True, exist_ok=True)
             write_text(state, json.dumps({**definition, "status": "running"}, indent=2, default=plain) + "\n")
+        return earlier_rows(cv_dir)
 
-    on_main(create, state)
-    return on_main(lambda: earlier_rows(cv_dir), cv_dir)  # one reading, the main process's, for every rank
+    return on_main(create_or_read, state)  # one reading, the main process's, for every rank
 
 
 def earlier_rows(cv_dir: Path) -> dict[str, dict]:
