@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up the environment, lint (ruff, configured in pyproject.toml), then run the whole suite on
-# CPU (268 tests: 9:04 on 2 AVX-512 cores, about 26 minutes on 2 AVX2-only cores; fresh clone, alone).
+# CPU (268 tests: 9-12 minutes on 2 AVX-512 cores, about 26 minutes on 2 AVX2-only cores; fresh clone, alone).
 # One pytest worker per core (pytest-xdist); a test file stays on one worker, so module fixtures are built once and
 # the multi-process tests (test_distributed.py) never run two launches at once.
 set -euo pipefail
