@@ -28,9 +28,9 @@ class Window:
         self.device = device
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, start: float | None = None) -> None:
         self.loss_sum, self.count, self.wait = torch.zeros((), device=self.device), 0, 0.0
-        self.start = self.fetch_start = time.perf_counter()
+        self.start = self.fetch_start = time.perf_counter() if start is None else start
 
     def arrived(self) -> None:
         self.wait += time.perf_counter() - self.fetch_start

@@ -86,15 +86,34 @@ def test_feeds_deliver_the_loaders_batches_in_order(demo_dir):
     assert last[-1][0].shape[0] == 2 and last[0][0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_an_early_exit_from_a_prefetch_feed_stops_its_thread(demo_dir):
+@pytest.mark.parametrize("in_memory", [True, False])  # host memory, tensorstore read ahead on threads
+def test_an_early_exit_from_a_prefetch_feed_stops_its_threads(demo_dir, in_memory):
     import threading
 
     info = open_dataset(demo_dir)
-    memory = PatchDataset(info, sorted(int(r) for r in info.metadata.index), [0], in_memory=True)
-    loader = feed(memory, EvalBatches(len(memory), 2), torch.device("cpu"), 0, 0, 0, depth=1)
+    data = PatchDataset(info, sorted(int(r) for r in info.metadata.index), [0], in_memory=in_memory)
+    loader = feed(data, EvalBatches(len(data), 2), torch.device("cpu"), 1, 0, 0, depth=1)
     for _ in loader:
         break
-    assert not any(t.name == "smptrain-prefetch" for t in threading.enumerate())
+    assert not any(t.name.startswith(("smptrain-prefetch", "smptrain-read")) for t in threading.enumerate())
+
+
+def test_read_ahead_hands_out_batches_in_sampler_order_whatever_order_reads_finish(demo_dir):
+    """ReadAhead keeps several reads in flight; a later batch that is ready first still waits for its turn."""
+    import time
+
+    from smptrain.data.batches import ReadAhead
+
+    info = open_dataset(demo_dir)
+    rows = sorted(int(r) for r in info.metadata.index)[:24]
+    data = PatchDataset(info, rows, [0, 1])
+    sampler = TrainBatches(len(data), 4, 1, 0, seed=2)
+    reference = batches_of(make_loader(PatchDataset(info, rows, [0, 1], in_memory=True), sampler, 0, False, 0, 0))
+    slow_first = ReadAhead(data, sampler, pin_memory=False, ahead=3)
+    read = data.__getitems__
+    data.__getitems__ = lambda positions: (time.sleep(0.2 if positions[0] == reference[0][2][0] else 0),
+                                           read(positions))[1]
+    assert_same_batches(reference, batches_of(slow_first))
 
 
 @pytest.mark.parametrize("which", ["demo_dir", "foreign_dir"])  # zarr v3 and v2, one chunk per sample and band

@@ -10,10 +10,11 @@ Per encoder (Unet), with the same precision, memory format and thread count ever
   memory    `smptrain.train.train()` itself with data.in_memory (on the GPU when it fits, else a host-side
             prefetch thread); throughput and data-wait share from its own per-window records (warm-up window,
             validation and checkpoints excluded)
-  zarr      the same, streaming from zarr with --workers DataLoader workers
+  zarr      the same, streaming from zarr with --workers readers (tensorstore threads)
   eval      `evaluate()` with every metric, per sample, against training's forward pass per sample
-Once: the zarr readers alone (tensorstore and zarr-python; per worker and with --workers workers) and the
-in-memory loader. Prints a table and the device's name; --json writes every figure.
+Once: the zarr readers alone (tensorstore and zarr-python; per worker and with --workers workers), the
+in-memory loader, and one streamed batch stage by stage (decode, check, pin, copy). Prints a table and the
+device's name; --json writes every figure.
 """
 
 from __future__ import annotations
@@ -110,6 +111,35 @@ def loader_rate(dataset, batch, workers, epochs=2):
     return statistics.median(rates[1:])  # the first epoch starts the workers
 
 
+def batch_stages(dataset, batch, device):
+    """Milliseconds of each stage a streamed batch goes through, one after another on one batch: decoding (the
+    reader's own threads), the value check, pinning and the copy to the device (the last two on CUDA only)."""
+    from smptrain.data.dataset import check_values
+
+    dataset.open_reader()
+    rows = dataset.rows[:batch]
+    dataset._reader.read(rows, None)  # warm-up
+    stages = {}
+    start = time.perf_counter()
+    x, y = dataset._reader.read(rows, None)
+    stages["decode_ms"] = (time.perf_counter() - start) * 1e3
+    start = time.perf_counter()
+    check_values(x, y, rows, "bench")
+    stages["check_ms"] = (time.perf_counter() - start) * 1e3
+    if device.type == "cuda":
+        tensor = torch.from_numpy(x)
+        tensor.pin_memory().to(device, non_blocking=True)  # warm-up of the pinned pool and the copy
+        sync(device)
+        start = time.perf_counter()
+        pinned = tensor.pin_memory()
+        stages["pin_ms"] = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        pinned.to(device, non_blocking=True)
+        sync(device)
+        stages["copy_ms"] = (time.perf_counter() - start) * 1e3
+    return stages
+
+
 LOG_EVERY = 5  # optimizer steps per logging window of the smptrain runs
 
 
@@ -188,6 +218,9 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
                                                                         batch_size, 1)
         results[f"loader_{reader}_{workers}_workers_samples_per_s"] = loader_rate(
             PatchDataset(info, rows, bands, reader=reader), batch_size, workers)
+    streamed = PatchDataset(info, rows, bands, reader="tensorstore")
+    streamed.read_threads = workers
+    results["batch_stages"] = batch_stages(streamed, batch_size, device)
     memory = PatchDataset(info, rows, bands, in_memory=True, reader="zarr")
     results["loader_memory_samples_per_s"] = loader_rate(memory, batch_size, 0)
     for reader in ("tensorstore", "zarr") if loaders_only else ():
@@ -241,6 +274,7 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
         print(f"  zarr via {reader:<11}  1 {unit} {results[f'loader_{reader}_1_worker_samples_per_s']:8.1f} samples/s,"
               f" {workers} {unit}s {results[f'loader_{reader}_{workers}_workers_samples_per_s']:8.1f} samples/s")
     print(f"  in memory (host)                 {results['loader_memory_samples_per_s']:9.1f} samples/s")
+    print("  one streamed batch, stage by stage: " + ", ".join(f"{k[:-3]} {v:.1f} ms" for k, v in results["batch_stages"].items()))
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         results["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20

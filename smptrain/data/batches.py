@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -123,26 +125,73 @@ def _kill_leftover_workers() -> None:
             child.join(timeout=5)
 
 
-def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bool, seed: int, rank: int):
-    """A DataLoader over whole batches; workers only for zarr reads, persistent so an epoch starts at once."""
-    if dataset.reads_in_process():  # tensorstore: data.num_workers decoding threads (0 = all cores), no processes
-        workers, dataset.read_threads = 0, num_workers or None
-    else:
-        workers = 0 if dataset.memory is not None else num_workers
-    if workers:
-        import atexit
+class ReadAhead:
+    """Whole batches read in this process, `ahead` of them at once on as many threads, handed out in sampler order.
 
-        atexit.unregister(_kill_leftover_workers)
-        atexit.register(_kill_leftover_workers)  # runs before multiprocessing's handler (registered earlier)
+    What the in-process readers need to keep a GPU fed: tensorstore decodes one batch's chunks on its own threads, but
+    read, check, pin and copy one after another leave those threads idle while this process checks values and pins
+    memory. With several batches in flight the decoding of the next ones overlaps the checking and pinning of this
+    one (all of which release the GIL). Pinned on the CUDA device current when the reader was made, as a DataLoader
+    would (a new thread's current device is GPU 0, whatever the rank's).
+    """
+
+    def __init__(self, dataset: PatchDataset, batches, pin_memory: bool, ahead: int = 3):
+        self.dataset, self.batches, self.ahead = dataset, batches, max(ahead, 1)
+        self.pin_device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _start_thread(self) -> None:
+        if self.pin_device is not None:
+            torch.cuda.set_device(self.pin_device)
+
+    def _load(self, positions):
+        batch = self.dataset.__getitems__(positions)
+        return tuple(t.pin_memory() for t in batch) if self.pin_device is not None else batch
+
+    def __iter__(self):
+        self.dataset.open_reader()  # once, here: threads racing to open it would each open one
+        executor = ThreadPoolExecutor(self.ahead, thread_name_prefix="smptrain-read", initializer=self._start_thread)
+        pending: deque = deque()
+        try:
+            order = iter(self.batches)
+            for positions in order:
+                pending.append(executor.submit(self._load, positions))
+                if len(pending) == self.ahead:
+                    break
+            while pending:
+                batch = pending.popleft().result()
+                positions = next(order, None)
+                if positions is not None:
+                    pending.append(executor.submit(self._load, positions))
+                yield batch
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)  # an early exit waits only for the reads under way
+
+
+def make_loader(dataset: PatchDataset, batches, num_workers: int, pin_memory: bool, seed: int, rank: int):
+    """The batches of `batches`, read from `dataset`: in this process (`ReadAhead`) from memory or by tensorstore's
+    threads, else by persistent DataLoader worker processes (zarr-python), so that an epoch starts at once."""
+    if dataset.reads_in_process():  # tensorstore: data.num_workers decoding threads (0 = all cores), no processes
+        dataset.read_threads = num_workers or None
+        return ReadAhead(dataset, batches, pin_memory and dataset.memory is None)
+    if dataset.memory is not None or num_workers == 0:
+        pinned = pin_memory and (dataset.memory is None or dataset.memory[0].device.type == "cpu")
+        return ReadAhead(dataset, batches, pinned)
+    import atexit
+
+    atexit.unregister(_kill_leftover_workers)
+    atexit.register(_kill_leftover_workers)  # runs before multiprocessing's handler (registered earlier)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
         collate_fn=_batch,
-        num_workers=workers,
-        pin_memory=pin_memory and (dataset.memory is None or dataset.memory[0].device.type == "cpu"),
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        worker_init_fn=_seed_worker if workers > 0 else None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=True,
+        prefetch_factor=4,
+        worker_init_fn=_seed_worker,
         generator=generator,
     )

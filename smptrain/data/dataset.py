@@ -330,9 +330,13 @@ class PatchDataset(torch.utils.data.Dataset):
         decoded 512x512x7 batch to the main process through shared memory costs more than decoding it)."""
         return self.memory is None and self.reader_kind in ("auto", "tensorstore") and _tensorstore_usable()
 
-    def _read(self, rows: np.ndarray, block: int = 256):
-        if self._reader is None or self._reader.pid != os.getpid():  # a forked worker opens its own
+    def open_reader(self) -> None:
+        """Open the zarr reader of this process if it has none (a forked worker opens its own); in memory, nothing."""
+        if self.memory is None and (self._reader is None or self._reader.pid != os.getpid()):
             self._reader = ZarrReader(self.root, self.reader_kind, self.read_threads)
+
+    def _read(self, rows: np.ndarray, block: int = 256):
+        self.open_reader()
         if self._reader.kind == "tensorstore" and len(rows) <= block:  # any order: no sort, no copy back
             x, y = self._reader.read(rows, None if self.all_bands else self.band_indices)
             return np.ascontiguousarray(x), np.ascontiguousarray(y)

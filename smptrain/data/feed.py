@@ -4,9 +4,10 @@ Two ways, chosen per dataset by `feed()`:
 
 - `DeviceFeed`: the patches already live on the device (`data.in_memory` on a GPU with room for them). A batch is
   an index_select there; the indices of a whole epoch cross to the device in one copy. No host work per step.
-- `PrefetchFeed`: the batches come from a DataLoader (patches in host memory, or zarr read by worker processes).
-  A background thread takes them, and on CUDA copies them from pinned memory on a side stream, `depth` batches
-  ahead; the training step only waits on a CUDA event, so gathering, pinning and copying overlap the GPU's work.
+- `PrefetchFeed`: the batches come from a loader (`make_loader`: patches in host memory or decoded by tensorstore,
+  read a few batches ahead on threads of this process; or zarr-python in DataLoader worker processes). A background
+  thread takes them, and on CUDA copies them from pinned memory on a side stream, `depth` batches ahead; the
+  training step only waits on a CUDA event, so reading, checking, pinning and copying overlap the GPU's work.
 
 Either way a batch is `(x float32 [B, C, P, P], y uint8 [B, P, P], positions int64 [B])` on the device, in the
 order of the sampler, so the data order (and a resumed run) does not depend on which feed is used.
@@ -117,7 +118,7 @@ _END = object()
 
 
 class PrefetchFeed:
-    """A DataLoader drained by a background thread, `depth` batches ahead, copied to CUDA on a side stream.
+    """A loader drained by a background thread, `depth` batches ahead, copied to CUDA on a side stream.
 
     One side stream for the feed's whole life: the caching allocator reuses a freed block only on the stream that
     allocated it, so a new stream per epoch or validation would strand the blocks of the old ones and reserved memory
