@@ -18,7 +18,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from smptrain.errors import UserError, report_user_errors
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.data.labels import IGNORE, POSITIVE
 
 BANDS = ("blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope")

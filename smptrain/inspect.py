@@ -19,11 +19,12 @@ from pathlib import Path
 import click
 
 from smptrain.cli import config_options, resolve
-from smptrain.prepare import check_model_of
+from smptrain.training.prepare import check_model_of
 from smptrain.data.dataset import open_dataset
 from smptrain.data.scan import MISSING_CHUNKS, mismatch_sentence, scan_values
 from smptrain.storage import write_text
-from smptrain.errors import UserError, report_user_errors
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.data.splits import make_splits, split_fold, split_stats, split_test
 
 

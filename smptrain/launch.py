@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
 
-    from smptrain.errors import leave
+    from smptrain.cli import leave
 
     parser = launch_command_parser()
     parser.prog = "smptrain-launch"

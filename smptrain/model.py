@@ -189,31 +189,6 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) -> None:
-    """Load the weights of an earlier checkpoint into `model` before training (DARTS' --weights-from-checkpoint):
-    an smptrain run or checkpoint directory (its `best`, safetensors), or a DARTS Lightning `.ckpt`, which is a
-    pickle and is only read with `trust_pickle`. The architecture must match; the optimizer starts afresh."""
-    path = Path(source)
-    if path.is_file() and path.suffix == ".ckpt":
-        if not trust_pickle:
-            raise UserError(f"model.weights_from = {source!r} is a Lightning pickle, and loading a pickle can run code "
-                            f"from its author; pass --trust-pickle if you trust where this file comes from")
-        from smptrain.checkpoint import read_lightning
-
-        _, state = read_lightning(path)
-    else:
-        from smptrain.checkpoint import load_weights, resolve
-        from smptrain.runs import BEST
-
-        state = load_weights(resolve(path, BEST))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)[:200]
-        raise UserError(f"model.weights_from = {source!r} does not fit model.arch/model.encoder/bands of this run: "
-                        f"{first}") from None
-
-
 def check_patch_size(model: torch.nn.Module, arch: str, patch_size: int) -> None:
     """Fail early when the architecture cannot take this patch size (Unet needs a multiple of 32)."""
     stride = int(getattr(getattr(model, "encoder", None), "output_stride", 32) or 32)

@@ -129,7 +129,7 @@ def process_state():
 
 def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, deterministic: bool = False):
     """The Accelerator of a command. Its trackers start later, once the run directory is known
-    (smptrain.tracking)."""
+    (smptrain.training.tracking)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
@@ -192,3 +192,34 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True), positions.to(device, non_blocking=True)
+
+
+def on_main(work, what):
+    """`work()` on the main process alone, its (picklable) result for every rank. A refusal there, a `UserError` or
+    an `OSError` while writing `what`, is raised on every rank as one sentence, and any other failure as a
+    RuntimeError on the others (the main process raises its own error): the others would otherwise go on to the
+    next collective and wait for the main process for ever. Every rank calls it; with several processes it is also
+    a barrier (the others receive only once the work is done)."""
+    from accelerate.utils import broadcast_object_list
+
+    state = process_state()
+    outcome, failure = [None, None, None], None  # [result, a user's sentence, a bug's description]
+    if state.is_main_process:
+        try:
+            outcome[0] = work()
+        except UserError as error:
+            failure, outcome[1] = error, str(error)
+        except OSError as error:
+            outcome[1] = f"cannot write {what}: {error.strerror or error}"
+            failure = UserError(outcome[1])
+        except Exception as error:  # a bug: the main process shows its traceback, the others stop too
+            failure, outcome[2] = error, f"{type(error).__name__}: {error}"
+    if state.num_processes > 1:
+        broadcast_object_list(outcome)
+    if failure is not None:
+        raise failure
+    if outcome[1] is not None:
+        raise UserError(outcome[1])
+    if outcome[2] is not None:
+        raise RuntimeError(f"the main process failed at {what}: {outcome[2]}")
+    return outcome[0]

@@ -25,21 +25,23 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from smptrain.checkpoint import MONITOR, checkpoint_name, raise_pending
+from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import Config
 from smptrain.data.augment import augment, augment_generator
-from smptrain.divergence import TrainingStopped, Window, diverged, gradient_norm
-from smptrain.errors import UserError, report_user_errors
+from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.evaluation import plots
 from smptrain.evaluation.breakdown import validation_regions
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
 from smptrain.model import segmentation_logits
-from smptrain.prepare import Run, set_up
-from smptrain.runs import BEST, CONFIG, LAST, PREVIEWS, RESUMABLE, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir, start_or_continue
+from smptrain.training.prepare import Run, set_up
+from smptrain.training.runs import RESUMABLE, start_or_continue
+from smptrain.training.layout import BEST, CONFIG, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir
 from smptrain.runtime import end_processes
-from smptrain.schedule import learning_rate, planned
-from smptrain.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
+from smptrain.training.schedule import learning_rate, planned
+from smptrain.training.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
 from smptrain.storage import WriteFailed
 
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
@@ -98,7 +100,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
         stop.restore()
 
 
-# --- the phases of train(), in the order it uses them (set_up: smptrain.prepare) ---------------------------------
+# --- the phases of train(), in the order it uses them (set_up: smptrain.training.prepare) ---------------------------------
 
 
 def train_one_epoch(run: Run, epoch: int) -> bool:

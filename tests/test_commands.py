@@ -11,7 +11,7 @@ import segmentation_models_pytorch as smp
 import torch
 
 from conftest import run, tiny_config
-from smptrain.checkpoint import load_weights
+from smptrain.training.checkpoint import load_weights
 from smptrain.data.splits import make_splits
 from smptrain.config import load_config
 from smptrain.data.dataset import open_dataset

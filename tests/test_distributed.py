@@ -53,7 +53,7 @@ def test_learning_rate_of_epoch_e_is_lr_gamma_e(ddp_run):
 
 def test_two_process_validation_equals_one_process_evaluation(ddp_run):
     """The metrics the 2-process run logged equal a 1-process evaluation of the same checkpoint, exactly."""
-    from smptrain.checkpoint import load_weights, read_meta
+    from smptrain.training.checkpoint import load_weights, read_meta
     from smptrain.data.dataset import PatchDataset, open_dataset
     from smptrain.data.batches import EvalBatches
     from smptrain.data.feed import feed

@@ -11,7 +11,7 @@ from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.data.batches import EvalBatches, TrainBatches, make_loader
 from smptrain.data.feed import DeviceFeed, PrefetchFeed, feed
 from smptrain.runtime import choose_precision, cpu_has_native_bf16
-from smptrain.divergence import NonFiniteGuard
+from smptrain.training.divergence import NonFiniteGuard
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smptrain.tracking import MLFLOW_STORE, RUN_TAG, TENSORBOARD_DIR, mlflow_key
+from smptrain.training.tracking import MLFLOW_STORE, RUN_TAG, TENSORBOARD_DIR, mlflow_key
 
 pytestmark = pytest.mark.slow
 

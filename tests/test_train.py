@@ -174,7 +174,7 @@ def assert_trackers_continued(run_dir: Path):
     appear twice there, with the same values (resume is exact), timings aside."""
     import numpy as np
 
-    from smptrain.tracking import mlflow_key
+    from smptrain.training.tracking import mlflow_key
     from test_trackers import jsonl_series, mlflow_run, mlflow_series, tensorboard_series
 
     expected = jsonl_series(run_dir)
@@ -227,7 +227,7 @@ def test_learning_rate_follows_gamma_per_epoch(trained_run):
 
 
 def test_torch_compile_wrapper_keys_are_cleaned():
-    from smptrain.checkpoint import clean_state_dict
+    from smptrain.training.checkpoint import clean_state_dict
     from smptrain.model import build_model
 
     model = build_model("Unet", "resnet18", 3)
@@ -263,7 +263,7 @@ def test_a_late_signal_while_leaving_exits_130_not_killed():
     of the stop request within a moment is still that request."""
     script = (
         "import os, signal, sys, time\n"
-        "from smptrain.signals import StopSignal, exit_on_further_signals\n"
+        "from smptrain.training.signals import StopSignal, exit_on_further_signals\n"
         "exit_on_further_signals()\n"
         "stop = StopSignal(); stop.armed = True\n"
         "os.kill(os.getpid(), signal.SIGTERM); time.sleep(0.05)\n"
@@ -346,7 +346,7 @@ def test_a_moved_run_tests_converts_and_resumes_to_the_same_weights(resume_setup
 
 def test_schedules_are_pure_functions_of_the_step():
     from smptrain.config import TrainConfig
-    from smptrain.schedule import learning_rate, planned
+    from smptrain.training.schedule import learning_rate, planned
 
     darts = TrainConfig(lr=1e-3, gamma=0.7, max_epochs=4)
     assert [learning_rate(darts, s, s // 5, 5) for s in (0, 4, 5, 19)] == [1e-3, 1e-3, 1e-3 * 0.7, 1e-3 * 0.7 ** 3]

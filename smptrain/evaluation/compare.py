@@ -22,8 +22,9 @@ from pathlib import Path
 
 import click
 
-from smptrain.errors import UserError, report_user_errors
-from smptrain.runs import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
+from smptrain.training.layout import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
 
 LOWER_IS_BETTER = ("loss", "HammingDistance", "ExpectedCalibrationError")
 NOT_COMPARED = ("log.run_name",)  # differs by construction

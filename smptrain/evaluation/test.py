@@ -22,23 +22,24 @@ import torch
 from smptrain.evaluation import calibration as C
 from smptrain.evaluation import plots
 from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
-from smptrain.checkpoint import load_weights, read_meta, resolve
+from smptrain.training.checkpoint import load_weights, read_meta, resolve
 from smptrain.cli import config_options, resolve_config
 from smptrain.config import to_dict
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.storage import write_text
-from smptrain.errors import UserError, report_user_errors
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
 from smptrain.data.feed import evaluation_feed, place_in_memory
 from smptrain.losses import loss_from_config
 from smptrain.model import described_model
-from smptrain.runs import (BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, find_data,
-                           is_same_data, run_of)
+from smptrain.training.runs import find_data, is_same_data
+from smptrain.training.layout import BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, run_of
 from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes, local_processes,
                               make_accelerator)
 from smptrain.data.splits import make_splits
 from smptrain.evaluation.tta import TTA_CHOICES
-from smptrain.tracking import clean_number
+from smptrain.training.tracking import clean_number
 
 TEST_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # what --precision accepts
 PRECISION_NAMES = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # Accelerate's names -> what metrics.json records
@@ -186,7 +187,7 @@ def open_checkpoint(run_dir: Path, options: AssessOptions) -> Tested:
 
 def trackers_of_run(tested: Tested):
     """The training run's tracker runs, which the test appends to (None when it had none)."""
-    from smptrain.tracking import tracked_run
+    from smptrain.training.tracking import tracked_run
 
     meta = tested.meta
     if not meta.get("run_id"):
@@ -317,7 +318,7 @@ def print_report(tested: Tested, dataset, evaluation, metrics: dict, choice: dic
 def send_to_trackers(tested: Tested, tracked, metrics: dict, figures: dict, tables: dict) -> None:
     """Append to the training run in each tracker: the same wandb id with resume="allow" (DARTS' test-smp does the
     same), the same MLflow run, the run's TensorBoard directory."""
-    from smptrain.tracking import Recorder
+    from smptrain.training.tracking import Recorder
 
     recorder = Recorder(tested.accelerator, tested.run_dir, tracked)
     recorder.log(metrics, step=None, write_jsonl=False)

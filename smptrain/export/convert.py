@@ -30,15 +30,16 @@ import click
 import torch
 
 import smptrain
-from smptrain.checkpoint import clean_state_dict, file_mode, load_weights, read_lightning, read_meta, resolve
+from smptrain.training.checkpoint import clean_state_dict, file_mode, load_weights, read_lightning, read_meta, resolve
 from smptrain.config import plain
 from smptrain.data.labels import OUTPUT_CLASSES
 from smptrain.storage import WriteFailed, reason_of, sentence, writing
-from smptrain.errors import UserError, report_user_errors
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.evaluation.calibration import parse_threshold
 from smptrain.export.predict import load_converted
 from smptrain.model import described_model
-from smptrain.runs import BEST, LAST, TEST, THRESHOLD, run_of
+from smptrain.training.layout import BEST, LAST, TEST, THRESHOLD, run_of
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5

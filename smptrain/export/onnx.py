@@ -90,7 +90,7 @@ def export_onnx(model: dict, bands: dict, state: dict, extra: dict, target: Path
         if not difference <= TOLERANCE:
             raise UserError(f"self-check failed: onnxruntime's probabilities differ from PyTorch's by {difference:.3g} "
                             f"(> {TOLERANCE}); nothing was written")
-        from smptrain.checkpoint import file_mode
+        from smptrain.training.checkpoint import file_mode
 
         os.chmod(tmp, file_mode())
         os.replace(tmp, target)

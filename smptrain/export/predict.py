@@ -22,7 +22,8 @@ import click
 import numpy as np
 import torch
 
-from smptrain.errors import UserError, report_user_errors
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.evaluation.tta import TTA_CHOICES, averaged
 from smptrain.model import described_model
 

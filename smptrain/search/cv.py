@@ -28,11 +28,13 @@ from pathlib import Path
 import click
 import numpy as np
 
-from smptrain.runs import has_checkpoint
+from smptrain.training.layout import has_checkpoint
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
-from smptrain.storage import on_main, write_text, writing
-from smptrain.errors import UserError, report_user_errors
+from smptrain.storage import write_text, writing
+from smptrain.runtime import on_main
+from smptrain.errors import UserError
+from smptrain.cli import report_user_errors
 from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
 from smptrain.search.slots import CLAIMS, claim
 
@@ -81,7 +83,7 @@ def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, ex
     `on_validation(validations_so_far_in_this_cv, metrics)` is called after each validation of each run; True
     prunes the CV (tuning's pruner). `extra` is recorded in cv.json (a tuning trial's parameters).
     """
-    from smptrain.prepare import check_model_of
+    from smptrain.training.prepare import check_model_of
 
     check_model_of(cfg)  # a model that cannot be built, or cannot take these patches, stops here: nothing written
     definition = {"config": to_dict(cfg), "folds": list(plan.folds), "seeds": list(plan.seeds), **(extra or {})}
@@ -360,8 +362,8 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, task, confi
     """Cross-validate a configuration: every fold x seed, scored as DARTS scores them. A DARTS [darts] table gives
     n-folds, n-randoms, scoring-metric, multi-score-strategy and cv-name where the command line does not."""
     from smptrain.runtime import end_processes
-    from smptrain.signals import exit_on_further_signals
-    from smptrain.tracking import new_run_name
+    from smptrain.training.signals import exit_on_further_signals
+    from smptrain.training.tracking import new_run_name
 
     exit_on_further_signals()  # between runs and after a stopped one: a late signal must not turn 130 into 143
 

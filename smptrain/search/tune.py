@@ -39,7 +39,8 @@ from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, dump_toml, replace
 from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Plan, Scoring, cross_validate, cv_plan, write_frame
 from smptrain.storage import write_text
-from smptrain.errors import CannotBuild, UserError, report_user_errors
+from smptrain.errors import CannotBuild, UserError
+from smptrain.cli import report_user_errors
 from smptrain.search.study import Heartbeat, fresh_slots, me, open_study, recover_dead_trials
 from smptrain.search.space import (SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space,
                                    to_optuna, values_of)
@@ -121,7 +122,7 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
     """One trial: its parameters (a retry's own, the plan's slot, or TPE's), then a CV of them, told to the study."""
     from optuna.trial import TrialState
 
-    from smptrain.prepare import check_model_of
+    from smptrain.training.prepare import check_model_of
 
     cfg, params, planned, study, study_dir = search.cfg, search.params, search.planned, search.study, search.study_dir
     distributions = search.distributions

@@ -30,7 +30,7 @@ import smptrain
 from smptrain.config import plain
 from smptrain.errors import UserError
 from smptrain.storage import WriteFailed, writing
-from smptrain.runs import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
+from smptrain.training.layout import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MONITOR = "val/JaccardIndex"
@@ -299,6 +299,27 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (OSError, SafetensorError) as error:
         raise UserError(f"{path} is not a readable safetensors file: {error}") from None
+
+
+
+def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) -> None:
+    """Load the weights of an earlier checkpoint into `model` before training (DARTS' --weights-from-checkpoint):
+    an smptrain run or checkpoint directory (its `best`, safetensors), or a DARTS Lightning `.ckpt`, which is a
+    pickle and is only read with `trust_pickle`. The architecture must match; the optimizer starts afresh."""
+    path = Path(source)
+    if path.is_file() and path.suffix == ".ckpt":
+        if not trust_pickle:
+            raise UserError(f"model.weights_from = {source!r} is a Lightning pickle, and loading a pickle can run code "
+                            f"from its author; pass --trust-pickle if you trust where this file comes from")
+        _, state = read_lightning(path)
+    else:
+        state = load_weights(resolve(path, BEST))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)[:200]
+        raise UserError(f"model.weights_from = {source!r} does not fit model.arch/model.encoder/bands of this run: "
+                        f"{first}") from None
 
 
 def _share_weights(checkpoint: Path) -> None:

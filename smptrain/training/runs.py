@@ -1,8 +1,5 @@
-"""The run directory: every name inside it, its creation and clean-up, and its identity (where its data is, and
-whether a dataset is the one it was trained on).
-
-    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  previews/  test/{metrics.json, threshold.json}
-    RUN_DIR/checkpoints/NAME/{model.safetensors, meta.json, state/}   checkpoints/last -> NAME, checkpoints/best -> NAME
+"""Opening a run directory: a new one created, or the one being resumed read back; its clean-up, and its identity
+(where its data is, and whether a dataset is the one it was trained on). The names inside it: `layout`.
 
 A run records its paths absolute (so test, convert and resume work from any working directory) and, in `run.json`,
 the paths as they were given, where the dataset lies relative to the run directory, and a fingerprint of the
@@ -13,54 +10,28 @@ resuming.
 
 from __future__ import annotations
 
-import datetime
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from smptrain.config import Config, replace
-from smptrain.storage import on_main, write_text, writing
+from smptrain.storage import write_text, writing
+from smptrain.runtime import on_main
 from smptrain.errors import UserError
+from smptrain.training.checkpoint import TrainState, read_meta
+from smptrain.training.layout import (BEST, CHECKPOINTS, CONFIG, IDENTITY, LAST, PREVIEWS, SPLITS, checkpoint_link,
+                                      checkpoints_dir, has_checkpoint, now)
 
-# Every name inside a run directory; other modules ask for them here.
-CONFIG, SPLITS, IDENTITY, METRICS = "config.toml", "splits.json", "run.json", "metrics.jsonl"
-CHECKPOINTS, PREVIEWS, TEST = "checkpoints", "previews", "test"
-SCHEDULE_PLOT = "schedule.png"  # the planned learning rate (smptrain.schedule)
-TEST_METRICS, THRESHOLD = "metrics.json", "threshold.json"  # inside test/, from smptrain-test
-LAST, BEST = "last", "best"  # links in checkpoints/ to the newest and the best checkpoint
-WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state"  # inside a checkpoint directory
-
-
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS
-
-
-def checkpoint_link(run_dir: Path, which: str) -> Path:
-    """checkpoints/last or checkpoints/best of a run."""
-    return checkpoints_dir(run_dir) / which
-
-
-def has_checkpoint(run_dir: Path, which: str = LAST) -> bool:
-    """Whether the run has a complete checkpoint behind `which` (a run that saved nothing has none)."""
-    return (checkpoint_link(run_dir, which) / META).is_file()
-
-
-def run_of(checkpoint_dir: Path) -> Path:
-    """The run directory a checkpoint directory lies in (itself when it lies elsewhere)."""
-    checkpoint_dir = Path(checkpoint_dir)
-    return checkpoint_dir.parent.parent if checkpoint_dir.parent.name == CHECKPOINTS else checkpoint_dir
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:
     """Main process: a new run directory with its config, split manifest and identity; [path, name, id]."""
     from smptrain.config import dump_toml
-    from smptrain.tracking import new_run_id, new_run_name
+    from smptrain.training.tracking import new_run_id, new_run_name
 
     artifact_dir = Path(cfg.log.artifact_dir)
     name = cfg.log.run_name or new_run_name(artifact_dir)
@@ -80,25 +51,67 @@ def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info
     return [str(run_dir), name, run_id]
 
 
-def open_run(accelerator, cfg: Config, resume: Path | None, splits: dict, given: dict, info):
-    """The run directory and identity. A new run is named and created by the main process and broadcast; a resumed
-    run is read by everyone from its `last` checkpoint. Returns (run_dir, run_name, run_id, meta or None): meta,
-    the `last` checkpoint's description, is None for a new run, and that is the one place resuming is decided."""
-    from smptrain.checkpoint import read_meta
+@dataclass
+class Opening:
+    """A run as `begin` finds it: the one value that says whether the run is new or resumed, and what a resumed run
+    brings back; set-up, the loop and the trackers read it instead of asking again.
+
+    A new run knows only its configuration until `open_run` creates its directory (after every check, so that a
+    mistake leaves nothing behind). A resumed run is read back once, from its directory and its `last` checkpoint."""
+
+    cfg: Config  # paths absolute; a resumed run's data found again if it moved with the run
+    given: dict  # the paths as given, for a new run's run.json
+    resumed: bool = False
+    run_dir: Path | None = None  # None until a new run's directory exists
+    run_name: str = ""
+    run_id: str = ""
+    splits: dict | None = None  # a resumed run's own; a new run's are made from the data
+    state: TrainState = field(default_factory=TrainState)  # the counters, as `last` left them
+    best: dict = field(default_factory=dict)  # metrics of the best and of the last validation so far
+    last: dict = field(default_factory=dict)
+    world_size: int | None = None  # the processes a resumed run used
+
+    def require_data(self, info) -> None:
+        """A resumed run continues only on the dataset it was trained on."""
+        if self.resumed:
+            require_same_data(self.run_dir, info)
+
+
+def begin(cfg: Config, resume: Path | None) -> Opening:
+    """The run `cfg` and `resume` describe: a new one (nothing is written yet), or the run in `resume`, read back
+    from its `last` checkpoint with its data found again if it moved, living where its directory is now."""
+    if resume is None:
+        cfg, given = absolute_paths(cfg)
+        return Opening(cfg, given)
+    resume = Path(resume)
+    if not has_checkpoint(resume):
+        raise UserError(f"{resume} has no complete checkpoint to resume from ({CHECKPOINTS}/{LAST} is missing)")
+    meta = read_meta(checkpoint_link(resume, LAST))
+    cfg = replace(find_data(resume, cfg), **{"log.artifact_dir": str(resume.absolute().parent)})
+    state = TrainState(**meta["train_state"])
+    if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
+        state.early_stopped = False  # the patience was raised on resume
+    best = read_meta(checkpoint_link(resume, BEST)).get("metrics", {}) if has_checkpoint(resume, BEST) else {}
+    return Opening(cfg, {}, True, resume, meta["run_name"], meta["run_id"], json.loads((resume / SPLITS).read_text()),
+                   state, best, meta.get("metrics") or {}, meta.get("world_size"))
+
+
+def open_run(accelerator, opening: Opening, splits: dict, info) -> Opening:
+    """The run's directory, once everything is checked (every rank calls it; the main process writes). A new run
+    is named and created by the main process and broadcast; a resumed run's config.toml takes the `--set` changes
+    resuming allows."""
     from smptrain.config import dump_toml
 
-    if resume is not None:
-        if not has_checkpoint(resume):
-            raise UserError(f"{resume} has no complete checkpoint to resume from ({CHECKPOINTS}/{LAST} is missing)")
-        meta = read_meta(checkpoint_link(resume, LAST))
-        on_main(lambda: write_text(resume / CONFIG, dump_toml(cfg)), resume / CONFIG)  # the --set changes allowed on resume
-        if meta.get("world_size") != accelerator.num_processes:
-            accelerator.print(f"note: the run used {meta.get('world_size')} process(es), this one uses "
+    cfg = opening.cfg
+    if opening.resumed:
+        on_main(lambda: write_text(opening.run_dir / CONFIG, dump_toml(cfg)), opening.run_dir / CONFIG)
+        if opening.world_size != accelerator.num_processes:
+            accelerator.print(f"note: the run used {opening.world_size} process(es), this one uses "
                               f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")
-        return resume, meta["run_name"], meta["run_id"], meta
-    run_dir, name, run_id = on_main(lambda: create_run_dir(cfg, splits, accelerator.num_processes, given, info),
+        return opening
+    run_dir, name, run_id = on_main(lambda: create_run_dir(cfg, splits, accelerator.num_processes, opening.given, info),
                                     Path(cfg.log.artifact_dir))
-    return Path(run_dir), name, run_id, None
+    return dataclasses.replace(opening, run_dir=Path(run_dir), run_name=name, run_id=run_id, splits=splits)
 
 
 def remover(accelerator, run_dir: Path):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from smptrain.checkpoint import read_meta
+from smptrain.training.checkpoint import read_meta
 from smptrain.errors import UserError
-from smptrain.runs import LAST, checkpoint_link, has_checkpoint
+from smptrain.training.layout import LAST, checkpoint_link, has_checkpoint
 
 
 class TrainingStopped(UserError):

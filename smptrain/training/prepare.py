@@ -8,7 +8,6 @@ leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,24 +15,24 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from smptrain.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, read_meta
-from smptrain.config import Config, replace, to_dict
+from smptrain.config import Config, to_dict
 from smptrain.data.batches import TrainBatches
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
 from smptrain.data.labels import OUTPUT_CLASSES
 from smptrain.data.scan import check_labels
 from smptrain.data.splits import make_splits
-from smptrain.divergence import NonFiniteGuard
 from smptrain.errors import UserError
 from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_forward, check_patch_size, determinism_note, warm_start
-from smptrain.runs import (BEST, LAST, STATE, SPLITS, absolute_paths, checkpoint_link, find_data, has_checkpoint,
-                           open_run, remover, require_same_data)
+from smptrain.model import build_model, check_forward, check_patch_size, determinism_note
 from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
-from smptrain.signals import StopSignal
 from smptrain.storage import free_space, human
-from smptrain.tracking import Recorder, tracked_run
+from smptrain.training.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, warm_start
+from smptrain.training.divergence import NonFiniteGuard
+from smptrain.training.layout import LAST, STATE, checkpoint_link
+from smptrain.training.runs import Opening, begin, open_run, remover
+from smptrain.training.signals import StopSignal
+from smptrain.training.tracking import Recorder, tracked_run
 
 if TYPE_CHECKING:
     from timm.utils.model_ema import ModelEmaV3
@@ -50,7 +49,6 @@ class Run:
     optimizer: torch.optim.Optimizer
     ema: "ModelEmaV3 | None"  # the moving average of the weights (train.ema_decay), or None
     loss_fn: Loss
-    train_set: PatchDataset
     val_set: PatchDataset
     batches: TrainBatches
     train_loader: object
@@ -71,52 +69,48 @@ class Run:
 
 def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: bool = False) -> Run:
     """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
-    resumed state and the trackers."""
-    cfg, given = run_paths(cfg, resume)
+    resumed state and the trackers. Whether the run is new or resumed is decided once, by `begin`."""
+    opening = begin(cfg, resume)
+    cfg = opening.cfg
     precision, accelerator = start_accelerator(cfg)
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
-    if resume is not None:
-        require_same_data(resume, info)
+    opening.require_data(info)
     band_indices = info.band_indices(cfg.data.bands)
     # Every check of config and data comes before anything is written: a mistake found once the run directory
     # exists would leave it behind, and the corrected command would then stop with "already exists".
     bands = info.band_meta(band_indices)  # a band without normalisation is refused here
     loss_fn = loss_from_config(cfg.train)
-    splits = (json.loads((resume / SPLITS).read_text()) if resume
-              else make_splits(info.metadata, cfg.data, cfg.train.seed))
+    splits = opening.splits or make_splits(info.metadata, cfg.data, cfg.train.seed)
     check_labels(info, sorted(set(splits["train"]) | set(splits["val"])), cfg.data.accept_empty_mismatch)
     model, optimizer, ema = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
-                                               None if resume else cfg.model.weights_from, trust_pickle,
-                                               resumed=resume is not None)
-    train_set, val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
-                                                                       optimizer_state_to_come(optimizer))
+                                               trust_pickle, opening.resumed)
+    val_set, batches, train_loader, val_loader = build_data(cfg, accelerator, info, splits, band_indices,
+                                                            optimizer_state_to_come(optimizer))
     note = determinism_note(cfg.model.arch, cfg.model.encoder, len(band_indices), info.patch_size,
                             accelerator.device.type, cfg.train.deterministic)
     if note:
         accelerator.print(note)
 
-    # Only now the run directory (named once by the main process); `meta` (None for a new run) decides resuming.
-    run_dir, run_name, run_id, meta = open_run(accelerator, cfg, resume, splits, given, info)
-    warn_if_short_of_space(accelerator, run_dir, checkpoint_bytes(model, ema), cfg.train.save_top_k)
-    state, recorder = start_recording(accelerator, cfg, run_dir, run_name, run_id, meta, stop)
-    describe = dict(run_name=run_name, run_id=run_id, world_size=accelerator.num_processes, mixed_precision=precision,
-                    patch_size=info.patch_size,
+    # Only now the run directory: a new run's is created (named once by the main process).
+    opening = open_run(accelerator, opening, splits, info)
+    warn_if_short_of_space(accelerator, opening.run_dir, checkpoint_bytes(model, ema), cfg.train.save_top_k)
+    recorder = start_recording(accelerator, opening, stop)
+    describe = dict(run_name=opening.run_name, run_id=opening.run_id, world_size=accelerator.num_processes,
+                    mixed_precision=precision, patch_size=info.patch_size,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
                            "classes": OUTPUT_CLASSES},
                     bands=bands, config=to_dict(cfg))
+    state = opening.state
     run = Run(cfg=cfg, accelerator=accelerator, precision=precision, model=model, optimizer=optimizer, ema=ema,
-              loss_fn=loss_fn,
-              train_set=train_set, val_set=val_set, batches=batches, train_loader=train_loader, val_loader=val_loader,
-              run_dir=run_dir, recorder=recorder,
-              keeper=CheckpointKeeper(accelerator, run_dir, describe, cfg.train.save_top_k, state,
+              loss_fn=loss_fn, val_set=val_set, batches=batches, train_loader=train_loader, val_loader=val_loader,
+              run_dir=opening.run_dir, recorder=recorder,
+              keeper=CheckpointKeeper(accelerator, opening.run_dir, describe, cfg.train.save_top_k, state,
                                       ema.module if ema is not None else None), state=state,
               stop=stop, guard=NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
               previews=pick_previews(info, splits["val"]),
-              val_regions=info.metadata.loc[val_set.rows, "region"].astype(str).tolist())
-    if meta:
-        run.last = meta.get("metrics") or {}
-        run.best = read_meta(checkpoint_link(run_dir, BEST)).get("metrics", {}) if has_checkpoint(run_dir, BEST) else {}
+              val_regions=info.metadata.loc[val_set.rows, "region"].astype(str).tolist(),
+              best=opening.best, last=opening.last)
     accelerator.print(f"loss: {run.loss_fn.describe()}")
     return run
 
@@ -146,15 +140,6 @@ def check_model_of(cfg: Config) -> None:
     check_forward(model.to(device), cfg.model.arch, cfg.model.encoder, channels, info.patch_size, device)
 
 
-def run_paths(cfg: Config, resume: Path | None) -> tuple[Config, dict]:
-    """cfg with absolute paths (so the run can be tested, converted and resumed from anywhere) and the paths as
-    given; a resumed run finds its data again if it moved with the run, and lives where its directory is now."""
-    if resume is None:
-        return absolute_paths(cfg)
-    cfg = find_data(resume, cfg)
-    return replace(cfg, **{"log.artifact_dir": str(resume.absolute().parent)}), {}
-
-
 def start_accelerator(cfg: Config):
     """(precision, Accelerator), with torch's CPU threads set, and the choice said once."""
     precision, why = choose_precision(cfg.train.mixed_precision)
@@ -164,35 +149,30 @@ def start_accelerator(cfg: Config):
     return precision, accelerator
 
 
-def start_recording(accelerator, cfg: Config, run_dir: Path, run_name: str, run_id: str, meta: dict | None,
-                    stop: StopSignal) -> tuple[TrainState, Recorder]:
-    """The training state (a resumed run's from its `last` checkpoint, with weights, optimizer and RNG) and the
-    trackers. A new run that fails here, or ends before its first checkpoint, leaves no directory."""
-    if not meta:
-        stop.undo = remover(accelerator, run_dir)
+def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder:
+    """A resumed run's weights, optimizer and RNG back from its `last` checkpoint, and the trackers. A new run that
+    fails here, or ends before its first checkpoint, leaves no directory."""
+    if not opening.resumed:
+        stop.undo = remover(accelerator, opening.run_dir)
     try:
-        state = TrainState(**meta["train_state"]) if meta else TrainState()
-        accelerator.print(f"run directory: {run_dir}")
-        if meta:
-            restore(accelerator, run_dir, run_name, state)
-        recorder = Recorder(accelerator, run_dir, tracked_run(to_dict(cfg), run_name, run_id),
-                            resume_step=state.step if meta else None)
+        accelerator.print(f"run directory: {opening.run_dir}")
+        if opening.resumed:
+            restore(accelerator, opening)
+        return Recorder(accelerator, opening.run_dir, tracked_run(to_dict(opening.cfg), opening.run_name, opening.run_id),
+                        resume_step=opening.state.step if opening.resumed else None)
     except Exception:
         if stop.undo is not None:
             stop.undo()
             stop.undo = None
         raise
-    if state.early_stopped and state.bad_validations < cfg.train.early_stopping_patience:
-        state.early_stopped = False  # the patience was raised on resume
-    return state, recorder
 
 
 def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
-                       weights_from: str | None = None, trust_pickle: bool = False, resumed: bool = False):
-    """The model (same initial weights on every rank, or those of `weights_from`), AdamW, and (train.ema_decay) the
-    moving average of the weights, prepared by Accelerate. A resumed run skips `weights_from` and the encoder
-    weights: its own checkpoint comes back afterwards (so a resumed run needs neither the file nor the download
-    cache)."""
+                       trust_pickle: bool = False, resumed: bool = False):
+    """The model (same initial weights on every rank, or those of `model.weights_from`), AdamW, and
+    (train.ema_decay) the moving average of the weights, prepared by Accelerate. A resumed run skips
+    `model.weights_from` and the encoder weights: its own checkpoint comes back afterwards (so a resumed run needs
+    neither the file nor the download cache)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -200,8 +180,8 @@ def build_for_training(cfg: Config, accelerator, precision: str, in_channels: in
     # library's file locks make one of them download named weights and the others read them from the cache.
     model = build_model(cfg.model.arch, cfg.model.encoder, in_channels, "none" if resumed else cfg.model.encoder_weights)
     check_patch_size(model, cfg.model.arch, patch_size)
-    if weights_from:
-        warm_start(model, weights_from, trust_pickle)
+    if cfg.model.weights_from and not resumed:
+        warm_start(model, cfg.model.weights_from, trust_pickle)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     check_forward(model.to(accelerator.device), cfg.model.arch, cfg.model.encoder, in_channels, patch_size,
@@ -268,7 +248,7 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
     train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
     val_loader = evaluation_feed(val_set, cfg.train.batch_size, accelerator, cfg.data, cfg.train.seed,
                                  cfg.train.channels_last)
-    return train_set, val_set, batches, train_loader, val_loader
+    return val_set, batches, train_loader, val_loader
 
 
 def positive_sampling(cfg: Config, info, train_set: PatchDataset, world: int) -> tuple[list[int], int]:
@@ -288,14 +268,14 @@ def positive_sampling(cfg: Config, info, train_set: PatchDataset, world: int) ->
     return positives, slots
 
 
-def restore(accelerator, run_dir: Path, run_name: str, state: TrainState) -> None:
+def restore(accelerator, opening: Opening) -> None:
     """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
-    state_dir = checkpoint_link(run_dir, LAST) / STATE
+    state_dir = checkpoint_link(opening.run_dir, LAST) / STATE
     try:
         accelerator.load_state(str(state_dir))
     except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
         raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
-    accelerator.print(f"resuming {run_name} at epoch {state.epoch}, step {state.step}")
+    accelerator.print(f"resuming {opening.run_name} at epoch {opening.state.epoch}, step {opening.state.step}")
 
 
 def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:

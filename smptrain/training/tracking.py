@@ -22,7 +22,7 @@ from pathlib import Path
 
 from smptrain.choices import TRACKERS
 from smptrain.errors import UserError
-from smptrain.runs import METRICS
+from smptrain.training.layout import METRICS
 from smptrain.storage import WriteFailed, write_text, writing
 
 ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
