@@ -14,6 +14,7 @@ import errno
 import gc
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from smptrain.errors import UserError
@@ -123,12 +124,43 @@ def release_deleted(under: Path) -> None:
             continue
 
 
-def write_text(path, text: str) -> None:
-    """Write a whole text file: into a temporary beside it, renamed into place, so a refusal leaves the old file
-    (or none) and no partial one."""
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (0644 under 022): temporaries are made 0600 by some writers
+    (mkstemp, safetensors), and a job of another user on a shared cluster must read what smptrain wrote."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def replacing(path, needed: int | None = None, then: str = "", settle: bool = True):
+    """Write `path` whole or not at all: the block writes the temporary this yields (a hidden name beside `path`,
+    unique to this process and thread); when it ends without error the temporary gets the umask's mode and is
+    renamed over `path` in one step, so a reader, a kill or a full disk sees the old file (or none) or the new one,
+    never part of it. On any error the temporary is removed, and a filesystem refusal becomes `WriteFailed`.
+    Every file smptrain writes goes through here (text, tables, tensors, figures; links with `settle=False`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with writing(path, cleanup=lambda: tmp.unlink(missing_ok=True)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+    def remove() -> None:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+
+    with writing(path, needed, cleanup=remove, then=then):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:  # not a refusal of the filesystem (those `writing` words): a file where a folder goes
+            if reason_of(error, path) is not None:
+                raise
+            raise UserError(f"cannot write to {path.parent}: {error.strerror or error}") from None
+        remove()
+        yield tmp
+        if settle:
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
+
+
+def write_text(path, text: str) -> None:
+    """Write a whole text file through `replacing`."""
+    with replacing(path) as tmp:
+        tmp.write_text(text)

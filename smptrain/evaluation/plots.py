@@ -135,13 +135,12 @@ def learning_rate(steps: list[int], rates: list[float], steps_per_epoch: int, pa
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from smptrain.storage import writing
+    from smptrain.storage import replacing
 
     path = Path(path)
     try:
-        with writing(path, cleanup=lambda: path.unlink(missing_ok=True)):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=100)
+        with replacing(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path

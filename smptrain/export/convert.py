@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +29,10 @@ import click
 import torch
 
 import smptrain
-from smptrain.training.checkpoint import clean_state_dict, file_mode, load_weights, read_lightning, read_meta, resolve
+from smptrain.training.checkpoint import clean_state_dict, load_weights, read_lightning, read_meta, resolve
 from smptrain.config import plain
 from smptrain.data.labels import OUTPUT_CLASSES
-from smptrain.storage import WriteFailed, reason_of, sentence, writing
+from smptrain.storage import replacing
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.evaluation.calibration import parse_threshold
@@ -163,26 +162,12 @@ def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = Co
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out_dir)
-        os.close(handle)
-    except OSError as error:
-        if reason_of(error, out_dir) is not None:
-            raise WriteFailed(sentence(out_dir, reason_of(error, out_dir))) from None
-        raise UserError(f"cannot write to {out_dir}: {error.strerror or error}") from None
-    try:
-        with writing(target, needed=None):
-            torch.save(converted, tmp)
-        os.chmod(tmp, file_mode())  # mkstemp makes it 0600; an inference job of another user must read it
-        difference = self_check(Path(tmp), converted["config"]["model"], state)
+    with replacing(target) as tmp:  # whole, checked, or not at all
+        torch.save(converted, tmp)
+        difference = self_check(tmp, converted["config"]["model"], state)
         if not difference <= SELF_CHECK_TOLERANCE:
             raise UserError(f"self-check failed: the converted file's logits differ from the checkpoint's by "
                             f"{difference:.3g} (> {SELF_CHECK_TOLERANCE}); nothing was written")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
@@ -203,8 +188,6 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
     target = out_dir / f"{extra['name']}_{datetime.date.today().isoformat()}.onnx"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
-    with writing(out_dir):
-        out_dir.mkdir(parents=True, exist_ok=True)
     difference = export_onnx(model, bands, state, {**extra, "input_bands": input_bands}, target)
     click.echo(f"onnxruntime self-check: probabilities within {difference:.2g} of PyTorch's")
     return target

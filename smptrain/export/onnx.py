@@ -18,8 +18,6 @@ and name, model), and the keys the Deepness plugin reads: `model_type` = Segment
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -28,7 +26,7 @@ import torch
 
 from smptrain.errors import UserError
 from smptrain.model import described_model
-from smptrain.storage import writing
+from smptrain.storage import replacing
 
 OPSET = 17  # onnxruntime 1.16 and later run it; the TorchScript exporter's most tested opset
 TOLERANCE = 1e-4
@@ -76,27 +74,17 @@ def export_onnx(model: dict, bands: dict, state: dict, extra: dict, target: Path
     input_bands = list(extra.get("input_bands") or bands["bands"])
     module = wrapped(model, bands, state, input_bands, str(target))
     patch = int(extra.get("patch_size") or 256)
-    handle, tmp = tempfile.mkstemp(prefix=f".{target.stem}-", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        with writing(target, cleanup=lambda: Path(tmp).unlink(missing_ok=True)):
-            export_graph(module, len(input_bands), patch, tmp, model)
-            graph = onnx.load(tmp)
-            for key, value in metadata(model, bands, input_bands, extra, patch).items():
-                entry = graph.metadata_props.add()
-                entry.key, entry.value = key, value
-            onnx.save(graph, tmp)
-        difference = self_check(module, tmp, len(input_bands), patch, onnxruntime)
+    with replacing(target) as tmp:  # whole, checked, or not at all
+        export_graph(module, len(input_bands), patch, str(tmp), model)
+        graph = onnx.load(str(tmp))
+        for key, value in metadata(model, bands, input_bands, extra, patch).items():
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(graph, str(tmp))
+        difference = self_check(module, str(tmp), len(input_bands), patch, onnxruntime)
         if not difference <= TOLERANCE:
             raise UserError(f"self-check failed: onnxruntime's probabilities differ from PyTorch's by {difference:.3g} "
                             f"(> {TOLERANCE}); nothing was written")
-        from smptrain.training.checkpoint import file_mode
-
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return difference
 
 

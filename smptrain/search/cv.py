@@ -31,7 +31,7 @@ import numpy as np
 from smptrain.training.layout import has_checkpoint
 from smptrain.cli import config_options, given_or, resolve
 from smptrain.config import Config, plain, replace, to_dict
-from smptrain.storage import write_text, writing
+from smptrain.storage import replacing, write_text
 from smptrain.runtime import on_main
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
@@ -264,15 +264,11 @@ def write_table(cv_dir: Path, rows: dict[str, dict]) -> None:
 
 
 def write_frame(frame, stem: Path) -> None:
-    """`stem`.csv and `stem`.parquet, each written whole and renamed into place (several workers may write)."""
-    import os
-
+    """`stem`.csv and `stem`.parquet, each written whole (several workers may write)."""
     for suffix, write in ((".csv", lambda p: frame.to_csv(p, index=False)),
                           (".parquet", lambda p: frame.to_parquet(p, index=False))):
-        tmp = stem.with_name(f".{stem.name}.{os.getpid()}{suffix}")
-        with writing(stem.with_suffix(suffix), cleanup=lambda: tmp.unlink(missing_ok=True)):
+        with replacing(stem.with_suffix(suffix)) as tmp:
             write(tmp)
-            os.replace(tmp, stem.with_suffix(suffix))
 
 
 def summarise(rows: list[dict]) -> dict:

@@ -29,7 +29,7 @@ import torch
 import smptrain
 from smptrain.config import plain
 from smptrain.errors import UserError
-from smptrain.storage import WriteFailed, writing
+from smptrain.storage import WriteFailed, file_mode, replacing, writing
 from smptrain.training.layout import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
@@ -230,11 +230,8 @@ def point(run_dir: Path, link: str, name: str | None) -> None:
         if target.is_symlink():
             target.unlink()
         return
-    tmp = root / f".{link}.tmp"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(name, tmp)
-    os.replace(tmp, target)
+    with replacing(target, settle=False) as tmp:
+        os.symlink(name, tmp)
 
 
 def prune(run_dir: Path, keep: set[str]) -> None:
@@ -333,21 +330,11 @@ def _share_weights(checkpoint: Path) -> None:
             if theirs.is_file() and filecmp.cmp(ours, theirs, shallow=False)]
     if not same:
         return
-    theirs = same[0]
-    link = theirs.with_name(f".{theirs.name}.link")
     try:
-        os.link(ours, link)
-        os.replace(link, theirs)  # atomic: state/model.safetensors is never missing
-    except OSError:
-        if link.exists():
-            link.unlink()
-
-
-def file_mode() -> int:
-    """The mode a new file gets under the current umask (0644 under 022), for files written through temporaries."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+        with replacing(same[0], settle=False) as link:  # state/model.safetensors is never missing
+            os.link(ours, link)
+    except (OSError, WriteFailed):
+        pass
 
 
 def _settle_tree(path: Path) -> None:
