@@ -10,8 +10,9 @@ import sys
 
 import click
 
-from smptrain.config import Config, Loaded, read_config
+from smptrain.config import Loaded, read_config
 from smptrain.errors import UserError
+from smptrain.processes import is_main_process
 from smptrain.storage import REASONS, free_space, human
 
 
@@ -27,19 +28,15 @@ def config_options(command):
     return command
 
 
-def resolve(config_path, overrides, debug: bool, base: dict | None = None, base_source: str = "") -> Loaded:
+def read_options(config_path, overrides, debug: bool, base: dict | None = None, base_source: str = "") -> Loaded:
     """The configuration as read, with the `[darts]` keys this command does not use named once (main process)."""
     if debug:
         os.environ["SMPTRAIN_DEBUG"] = "1"
     loaded = read_config(config_path, overrides, base=base, base_source=base_source or "the defaults")
     line = loaded.darts.ignored_line(loaded.source)
-    if line and os.environ.get("RANK", "0") == "0":
+    if line and is_main_process():
         print(line, file=sys.stderr, flush=True)
     return loaded
-
-
-def resolve_config(config_path, overrides, debug: bool, base: dict | None = None, base_source: str = "") -> Config:
-    return resolve(config_path, overrides, debug, base, base_source).config
 
 
 def given_or(value, loaded: Loaded, option: str, default=None):

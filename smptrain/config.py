@@ -233,6 +233,18 @@ def to_dict(cfg: Config) -> dict:
     }
 
 
+def dotted_keys(config: dict, prefix: str = "") -> dict:
+    """A configuration as a dict (`to_dict`, or config.toml read back) with dotted keys: {"train.lr": 0.001, ...}.
+    The tables that are the value of one key (train.loss, data.band_normalisation) stay whole."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and not (prefix and key in ("loss", "band_normalisation")):
+            flat.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
 def plain(value):
     """`value` as plain TOML/JSON values, which a weights-only torch load accepts too: dicts with str keys, lists for
     tuples, Python numbers for numpy and torch scalars, and str for paths and anything else."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from smptrain.cli import config_options, resolve
+from smptrain.cli import config_options, read_options
 from smptrain.training.prepare import check_model_of
 from smptrain.data.dataset import open_dataset
 from smptrain.data.scan import MISSING_CHUNKS, mismatch_sentence, scan_values
@@ -44,7 +44,7 @@ def describe(name: str, stats: dict) -> str:
 @report_user_errors
 def main(json_out, download_weights, config_path, overrides, debug):
     """Validate the dataset of a config and print split and fold statistics."""
-    loaded = resolve(config_path, overrides, debug)
+    loaded = read_options(config_path, overrides, debug)
     cfg = loaded.config
     if download_weights:
         from smptrain.model import download_weights as fill

@@ -231,10 +231,8 @@ def _reason(error: Exception) -> str:
     return lines[0][:300] if lines else type(error).__name__
 
 
-def segmentation_logits(model: torch.nn.Module, x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """Forward pass returning fp32 logits (B, H, W)."""
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+def segmentation_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Forward pass returning fp32 logits (B, H, W); `x` comes in the memory format the feed gave it."""
     return model(x).float().squeeze(1)
 
 

@@ -118,15 +118,6 @@ def configure_determinism(deterministic: bool) -> None:
         torch.set_float32_matmul_precision("high")
 
 
-def process_state():
-    """Accelerate's view of this process among the launched ones (rank, count, device), the one the Accelerator
-    then shares. Without a GPU it must be asked with cpu=True: a bare PartialState() on CPU ignores the launcher's
-    WORLD_SIZE, and the Accelerator made later inherits that one-process state (every rank its own main process)."""
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
 def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, deterministic: bool = False):
     """The Accelerator of a command. Its trackers start later, once the run directory is known
     (smptrain.training.tracking)."""
@@ -142,6 +133,16 @@ def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, determini
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         step_scheduler_with_optimizer=False,
     )
+
+
+def start_accelerator(precision: str, why: str, threads: int = 0, grad_accum_steps: int = 1,
+                      deterministic: bool = False):
+    """The Accelerator of a command (training or testing), with torch's CPU threads set (`threads`, 0 = the cores
+    shared among this machine's processes) and both choices said once: "precision: ... (why); N CPU thread(s)"."""
+    accelerator = make_accelerator(precision, grad_accum_steps, deterministic)
+    count = configure_threads(threads, local_processes(accelerator))
+    accelerator.print(f"precision: {describe_precision(precision)} ({why}); {count} CPU thread(s) per process")
+    return accelerator
 
 
 def configure_threads(requested: int, local_processes: int) -> int:
@@ -192,34 +193,3 @@ def to_device(batch, device: torch.device, channels_last: bool = False):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True), positions.to(device, non_blocking=True)
-
-
-def on_main(work, what):
-    """`work()` on the main process alone, its (picklable) result for every rank. A refusal there, a `UserError` or
-    an `OSError` while writing `what`, is raised on every rank as one sentence, and any other failure as a
-    RuntimeError on the others (the main process raises its own error): the others would otherwise go on to the
-    next collective and wait for the main process for ever. Every rank calls it; with several processes it is also
-    a barrier (the others receive only once the work is done)."""
-    from accelerate.utils import broadcast_object_list
-
-    state = process_state()
-    outcome, failure = [None, None, None], None  # [result, a user's sentence, a bug's description]
-    if state.is_main_process:
-        try:
-            outcome[0] = work()
-        except UserError as error:
-            failure, outcome[1] = error, str(error)
-        except OSError as error:
-            outcome[1] = f"cannot write {what}: {error.strerror or error}"
-            failure = UserError(outcome[1])
-        except Exception as error:  # a bug: the main process shows its traceback, the others stop too
-            failure, outcome[2] = error, f"{type(error).__name__}: {error}"
-    if state.num_processes > 1:
-        broadcast_object_list(outcome)
-    if failure is not None:
-        raise failure
-    if outcome[1] is not None:
-        raise UserError(outcome[1])
-    if outcome[2] is not None:
-        raise RuntimeError(f"the main process failed at {what}: {outcome[2]}")
-    return outcome[0]

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending
-from smptrain.cli import config_options, resolve_config
+from smptrain.cli import config_options, read_options
 from smptrain.config import Config
 from smptrain.data.augment import augment, augment_generator
 from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm
@@ -347,7 +347,7 @@ def main(resume, trust_pickle, config_path, overrides, debug):
     """Train an smp binary segmentation model on a DARTS dataset."""
     exit_on_further_signals()  # outside train()'s own handling: a late signal must not turn exit 130 into 143
     if resume == "auto":
-        cfg, resume = start_or_continue(resolve_config(config_path, overrides, debug) if config_path else None)
+        cfg, resume = start_or_continue(read_options(config_path, overrides, debug).config if config_path else None)
     elif resume is not None:
         resume = Path(resume)
         if config_path:
@@ -358,11 +358,11 @@ def main(resume, trust_pickle, config_path, overrides, debug):
         changed = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
         if changed:
             raise UserError(f"--set {changed[0]} cannot change on resume; only {', '.join(sorted(RESUMABLE))} can")
-        cfg = resolve_config(str(resume / CONFIG), overrides, debug)
+        cfg = read_options(str(resume / CONFIG), overrides, debug).config
     else:
         if config_path is None:
             raise UserError("--config is required to start a run (e.g. --config configs/base.toml)")
-        cfg = resolve_config(config_path, overrides, debug)
+        cfg = read_options(config_path, overrides, debug).config
     result = train(cfg, resume, trust_pickle=trust_pickle)
     end_processes()
     exit_for(result)

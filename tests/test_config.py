@@ -98,14 +98,14 @@ def test_nested_replace_changes_only_the_named_keys():
     assert cfg.model == Config().model and cfg.data.dir == Config().data.dir
 
 
-def test_the_names_inside_a_run_directory_are_written_in_runs_py_only():
+def test_the_names_inside_a_run_directory_are_written_in_layout_py_only():
     import re
     from pathlib import Path
 
     package = Path(__file__).resolve().parents[1] / "smptrain"
     names = re.compile(r'"(checkpoints|splits\.json|run\.json|metrics\.jsonl|previews|threshold\.json|model\.safetensors|'
                        r'meta\.json)"')
-    found = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py") if path.name != "runs.py"
+    found = [f"{path.relative_to(package)}:{number}" for path in package.rglob("*.py") if path.name != "layout.py"
              for number, line in enumerate(path.read_text().splitlines(), 1) if names.search(line)]
     assert not found, found
 

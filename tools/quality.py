@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from smptrain.config import load_config  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluation import plots  # noqa: E402
-from smptrain.evaluation.test import AssessOptions, assess_checkpoint  # noqa: E402
+from smptrain.evaluation.test import assess_checkpoint  # noqa: E402
 from smptrain.runtime import describe_cpu  # noqa: E402
 
 HELD_OUT = "Lena Delta"
@@ -78,7 +78,7 @@ def train_and_test(recipe: str, changes: list[str], seed: int, data: Path, out: 
     result = train(load_config(None, overrides))
     if result.status not in ("finished", "early-stopped"):
         raise click.ClickException(f"{name} ended {result.status}: {result.message}")
-    metrics = assess_checkpoint(result.run_dir, AssessOptions(precision="fp32"))
+    metrics = assess_checkpoint(result.run_dir, precision="fp32")
     return {"recipe": recipe, "seed": seed, "changes": "; ".join(changes) or "(DARTS' defaults)",
             "test/JaccardIndex": metrics["test/JaccardIndex"], "test/F1Score": metrics["test/F1Score"],
             "best/val/JaccardIndex": result.best["val/JaccardIndex"], "epochs": result.epochs,

@@ -72,10 +72,15 @@ def resident_on(dataset: PatchDataset, device: torch.device) -> bool:
             and same_device(dataset.memory[0].device, device))
 
 
-def evaluation_feed(dataset: PatchDataset, batch_size: int, accelerator, data_cfg, seed: int, channels_last: bool):
-    """This rank's whole batches of an evaluation set (validation or test), brought to the device."""
+def evaluation_feed(dataset: PatchDataset, batch_size: int, accelerator, data_cfg, channels_last: bool,
+                    place: bool = False):
+    """This rank's whole batches of an evaluation set (validation or test), brought to the device. With `place`,
+    the set's in-memory patches go to the device first where data.memory_device allows (training places its two
+    sets together instead, to share the room between them)."""
+    if place and dataset.memory is not None:
+        place_in_memory([dataset], accelerator.device, data_cfg.memory_device)
     batches = EvalBatches(len(dataset), batch_size, accelerator.num_processes, accelerator.process_index)
-    return feed(dataset, batches, accelerator.device, data_cfg.num_workers, seed, accelerator.process_index,
+    return feed(dataset, batches, accelerator.device, data_cfg.num_workers, 0, accelerator.process_index,
                 channels_last)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import click
 
+from smptrain.config import dotted_keys
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.training.layout import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
@@ -45,20 +46,10 @@ def find_runs(paths) -> list[Path]:
     return runs
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and not (prefix and key in ("band_normalisation", "loss")):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def read_run(run_dir: Path, metric: str) -> dict:
     """One run's record: its config (flattened), the metric's curve, best and last, test metrics, steps and time."""
     try:
-        config = flatten(tomllib.loads((run_dir / CONFIG).read_text()))
+        config = dotted_keys(tomllib.loads((run_dir / CONFIG).read_text()))
         identity = json.loads((run_dir / IDENTITY).read_text())
     except (OSError, ValueError) as error:
         raise UserError(f"{run_dir} is not a readable run directory: {error}") from None

@@ -13,6 +13,7 @@ at that threshold beside those at 0.5.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,20 +24,19 @@ from smptrain.evaluation import calibration as C
 from smptrain.evaluation import plots
 from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
 from smptrain.training.checkpoint import load_weights, read_meta, resolve
-from smptrain.cli import config_options, resolve_config
+from smptrain.cli import config_options, read_options
 from smptrain.config import to_dict
 from smptrain.data.dataset import PatchDataset, open_dataset
 from smptrain.storage import write_text
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
-from smptrain.data.feed import evaluation_feed, place_in_memory
+from smptrain.data.feed import evaluation_feed
 from smptrain.losses import loss_from_config
 from smptrain.model import described_model
 from smptrain.training.runs import find_data, is_same_data
 from smptrain.training.layout import BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, run_of
-from smptrain.runtime import (choose_precision, configure_threads, describe_precision, end_processes, local_processes,
-                              make_accelerator)
+from smptrain.runtime import choose_precision, end_processes, start_accelerator
 from smptrain.data.splits import make_splits
 from smptrain.evaluation.tta import TTA_CHOICES
 from smptrain.training.tracking import clean_number
@@ -79,26 +79,12 @@ def main(run_dir, checkpoint, batch_size, json_out, figures_dir, tta, threshold,
          debug):
     """Evaluate a checkpoint of RUN_DIR on its held-out test split, with DARTS' full metric set, per region and per
     sample, optionally with test-time augmentation and a threshold chosen on validation."""
-    options = AssessOptions(checkpoint, batch_size, json_out, figures_dir, tta, C.parse_threshold(threshold), precision,
-                            config_path, overrides, debug)
-    assess_checkpoint(Path(run_dir), options)
+    if debug:
+        os.environ["SMPTRAIN_DEBUG"] = "1"
+    assess_checkpoint(Path(run_dir), checkpoint, tta=tta, threshold=C.parse_threshold(threshold), precision=precision,
+                      batch_size=batch_size, config_path=config_path, overrides=overrides, json_out=json_out,
+                      figures_dir=figures_dir)
     end_processes()
-
-
-@dataclass(frozen=True)
-class AssessOptions:
-    """What smptrain-test was asked for (its options); the defaults are the command's."""
-
-    checkpoint: str = BEST  # best, last, or a checkpoint directory
-    batch_size: int | None = None  # None: the run's
-    json_out: str | None = None  # None: RUN_DIR/test/metrics.json
-    figures_dir: str | None = None  # None: RUN_DIR/test
-    tta: str = "none"
-    threshold: float | str = 0.5  # a probability, or "val-best"
-    precision: str = "fp32"  # one of TEST_PRECISIONS
-    config_path: str | None = None  # another dataset or split: --config / --set
-    overrides: tuple = ()
-    debug: bool = False
 
 
 @dataclass
@@ -118,22 +104,25 @@ class Tested:
     precision: str
 
 
-def assess_checkpoint(run_dir: Path, options: AssessOptions = AssessOptions()) -> dict:
-    """Test a run's checkpoint (every rank calls it); returns the test metrics and writes them with the figures.
-    fp32 whatever the run trained with, unless `options.precision` says otherwise."""
-    tested = open_checkpoint(run_dir, options)
+def assess_checkpoint(run_dir: Path, checkpoint: str = BEST, *, tta: str = "none", threshold: float | str = 0.5,
+                      precision: str = "fp32", batch_size: int | None = None, config_path: str | None = None,
+                      overrides=(), json_out: str | None = None, figures_dir: str | None = None) -> dict:
+    """Test a run's checkpoint (`checkpoint`: best, last, or a checkpoint directory) on its test split; every rank
+    calls it. Returns the test metrics and writes them (to `json_out`, default RUN_DIR/test/metrics.json) with the
+    figures and tables (to `figures_dir`, default RUN_DIR/test). fp32 whatever the run trained with, unless
+    `precision` (one of TEST_PRECISIONS) says otherwise; `threshold`: a probability or "val-best"; `config_path` and
+    `overrides` change the configuration (another dataset or split)."""
+    tested = open_checkpoint(run_dir, checkpoint, config_path, overrides, precision,
+                             ("test", "val") if threshold == "val-best" else ("test",))
     cfg, accelerator, model = tested.cfg, tested.accelerator, tested.model
-    batch_size = options.batch_size or cfg.train.batch_size
+    batch_size = batch_size or cfg.train.batch_size
     loss_fn = loss_from_config(cfg.train)
 
     def loader_of(rows):
-        dataset = PatchDataset(tested.info, rows, tested.band_indices, in_memory=cfg.data.in_memory,
-                               reader=cfg.data.reader)
-        if cfg.data.in_memory:
-            place_in_memory([dataset], accelerator.device, cfg.data.memory_device)
-        return dataset, evaluation_feed(dataset, batch_size, accelerator, cfg.data, 42, cfg.train.channels_last)
+        dataset = PatchDataset(tested.info, rows, tested.band_indices, cfg.data.in_memory, cfg.data.reader)
+        return dataset, evaluation_feed(dataset, batch_size, accelerator, cfg.data, cfg.train.channels_last, place=True)
 
-    tta, threshold, choice, tta_threshold = options.tta, options.threshold, None, None
+    choice, tta_threshold = None, None
     if threshold == "val-best":
         val_set, val_loader = loader_of(tested.splits.get("val", []))
         accelerator.print(f"choosing the threshold on {len(val_set)} validation patches"
@@ -152,32 +141,27 @@ def assess_checkpoint(run_dir: Path, options: AssessOptions = AssessOptions()) -
 
     metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
     if accelerator.is_main_process:
-        report(tested, dataset, evaluation, metrics, choice, options)
+        report(tested, dataset, evaluation, metrics, choice, json_out, figures_dir)
     accelerator.wait_for_everyone()
     return metrics
 
 
-def open_checkpoint(run_dir: Path, options: AssessOptions) -> Tested:
-    """The checkpoint, its configuration (with --config/--set), its data and splits, and the model prepared by an
-    Accelerator in the test's precision."""
-    checkpoint = options.checkpoint
+def open_checkpoint(run_dir: Path, checkpoint: str, config_path, overrides, precision: str, names) -> Tested:
+    """The checkpoint, its configuration (with --config/--set), its data and splits (`names` checked), and the model
+    prepared by an Accelerator in the test's precision."""
     checkpoint_dir = resolve(run_dir if checkpoint in (BEST, LAST) else checkpoint,
                              checkpoint if checkpoint in (BEST, LAST) else BEST)
     meta = read_meta(checkpoint_dir)
     if not run_dir.is_dir() or not checkpoints_dir(run_dir).is_dir():
         run_dir = run_of(checkpoint_dir)
-    cfg = resolve_config(options.config_path, options.overrides, options.debug, base=meta["config"],
-                         base_source=f"{checkpoint_dir}/meta.json")
+    cfg = read_options(config_path, overrides, False, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json").config
     if cfg.data.dir == meta["config"]["data"].get("dir"):
         cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     band_indices = info.indices_of(meta["bands"]["bands"], "the checkpoint was trained on")
-    splits, split_source = run_splits(run_dir, cfg, meta, info,
-                                      ("test", "val") if options.threshold == "val-best" else ("test",))
-    precision, why = precision_for_test(options.precision)
-    accelerator = make_accelerator(precision, deterministic=cfg.train.deterministic)
-    configure_threads(cfg.train.threads, local_processes(accelerator))
-    accelerator.print(f"precision: {describe_precision(precision)} ({why})")
+    splits, split_source = run_splits(run_dir, cfg, meta, info, names)
+    precision, why = precision_for_test(precision)
+    accelerator = start_accelerator(precision, why, cfg.train.threads, deterministic=cfg.train.deterministic)
     torch.manual_seed(42)
     model = accelerator.prepare(described_model(meta["model"], load_weights(checkpoint_dir),
                                                 str(checkpoint_dir / WEIGHTS)))
@@ -233,11 +217,12 @@ def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
     return splits, source
 
 
-def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | None, options: AssessOptions) -> None:
+def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | None, json_out: str | None,
+           figures_dir: str | None) -> None:
     """Main process: the metrics file, tables per region and sample, figures, the terminal report, wandb."""
     run_dir = tested.run_dir
-    out_json = Path(options.json_out) if options.json_out else run_dir / TEST / TEST_METRICS
-    figures_dir = Path(options.figures_dir) if options.figures_dir else run_dir / TEST  # never next to --json
+    out_json = Path(json_out) if json_out else run_dir / TEST / TEST_METRICS
+    figures_dir = Path(figures_dir) if figures_dir else run_dir / TEST  # never next to --json
     figures_dir.mkdir(parents=True, exist_ok=True)
     label = f"{tested.meta.get('run_name', run_dir.name)}, {tested.checkpoint_dir.name}"
     figures = write_figures(tested, dataset, evaluation, figures_dir, label)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -44,7 +43,7 @@ MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 SELF_CHECK_TOLERANCE = 1e-5
 
 
-def from_smptrain(path: Path, which: str, threshold: float | str = 0.5) -> tuple[dict, dict, dict]:
+def from_smptrain(path: Path, which: str, threshold: float | str = 0.5) -> tuple[dict, dict, dict, dict]:
     """(model config, bands, state dict, extra metadata) of one of our checkpoints; safetensors only."""
     checkpoint = resolve(path, which)
     meta = read_meta(checkpoint)
@@ -127,38 +126,31 @@ def self_check(path: Path, model_config: dict, state: dict) -> float:
         return float((source(x) - loaded(x)).abs().max())
 
 
-@dataclass(frozen=True)
-class ConvertOptions:
-    """smptrain-convert's options beside the source, the directory and the name; the defaults are the command's."""
-
-    framework: str = "smp"  # model_framework in the converted config
-    which: str = BEST  # the run's checkpoint to convert: best or last
-    overwrite: bool = False  # replace an existing file of the same name and date
-    trust_pickle: bool = False  # read a DARTS Lightning .ckpt (a pickle)
-    bands_from: Path | None = None  # a dataset whose config.toml gives a names-only checkpoint its factors
-    threshold: float | str = 0.5  # stored in config.smptrain.threshold; val-best: smptrain-test's choice
-    format: str = "darts"  # darts: the file SMPSegmenter loads; onnx: raw bands in, probabilities out (export/onnx.py)
-
-
-def convert(source: Path, out_dir: Path, name: str, options: ConvertOptions = ConvertOptions()) -> Path:
-    """Write the converted file and return its path (see the module docstring)."""
+def convert(source: Path, out_dir: Path, name: str, *, which: str = BEST, threshold: float | str = 0.5,
+            file_format: str = "darts", framework: str = "smp", overwrite: bool = False, trust_pickle: bool = False,
+            bands_from: Path | None = None) -> Path:
+    """Write the converted file `out_dir/NAME_YYYY-MM-DD.ckpt` (or `.onnx`) and return its path (see the module
+    docstring). `which`: the run's checkpoint (best or last); `threshold`: stored in config.smptrain.threshold, a
+    number or val-best (smptrain-test's choice); `file_format`: darts (the file SMPSegmenter loads) or onnx (raw
+    bands in, probabilities out); `framework`: config.model_framework; `trust_pickle`: read a DARTS Lightning `.ckpt`;
+    `bands_from`: a dataset whose config.toml gives a names-only Lightning checkpoint its band factors."""
     if not name or "/" in name:
         raise UserError(f"--name must be a plain file name stem, got {name!r}")
-    threshold, overwrite = parse_threshold(options.threshold), options.overwrite
+    threshold = parse_threshold(threshold)
     if source.is_file() and source.suffix == ".ckpt":
-        if not options.trust_pickle:
+        if not trust_pickle:
             raise UserError(f"{source} is a Lightning pickle, and loading a pickle can run code from its author; "
                             f"pass --trust-pickle if you trust where this file comes from")
-        model, bands, state, extra = from_lightning(source, options.bands_from)
+        model, bands, state, extra = from_lightning(source, bands_from)
         if threshold == "val-best":
             raise UserError("--threshold val-best needs an smptrain run (smptrain-test chooses it); give a number")
         extra["threshold"] = threshold
     else:
-        model, bands, state, extra = from_smptrain(source, options.which, threshold)
+        model, bands, state, extra = from_smptrain(source, which, threshold)
     dataset = extra.pop("dataset_dir", None)  # where the ONNX input's band order comes from
-    if options.format == "onnx":
+    if file_format == "onnx":
         return to_onnx(model, bands, state, {**extra, "name": name}, out_dir, overwrite, dataset)
-    converted = build_converted(model, bands, state, name, options.framework, extra)
+    converted = build_converted(model, bands, state, name, framework, extra)
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
@@ -220,9 +212,9 @@ def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, b
     source = Path(checkpoint)
     if not source.exists():
         raise UserError(f"checkpoint {source} does not exist")
-    options = ConvertOptions(framework, which, overwrite, trust_pickle, Path(bands_from) if bands_from else None,
-                             threshold, file_format)
-    target = convert(source, Path(out_dir), name, options)
+    target = convert(source, Path(out_dir), name, which=which, threshold=threshold, file_format=file_format,
+                     framework=framework, overwrite=overwrite, trust_pickle=trust_pickle,
+                     bands_from=Path(bands_from) if bands_from else None)
     click.echo(f"wrote {target}" if file_format == "onnx" else
                f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
 

@@ -29,10 +29,10 @@ import click
 import numpy as np
 
 from smptrain.training.layout import has_checkpoint
-from smptrain.cli import config_options, given_or, resolve
+from smptrain.cli import config_options, given_or, read_options
 from smptrain.config import Config, plain, replace, to_dict
 from smptrain.storage import replacing, write_text
-from smptrain.runtime import on_main
+from smptrain.processes import on_main
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
@@ -365,7 +365,7 @@ def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, task, confi
 
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
-    loaded = resolve(config_path, overrides, debug)
+    loaded = read_options(config_path, overrides, debug)
     cfg, plan = loaded.config, cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task)
     name = given_or(name, loaded, "cv_name") or new_run_name(Path(cfg.log.artifact_dir))
     if "/" in name:

@@ -25,13 +25,10 @@ from smptrain.errors import UserError
 
 SAMPLERS = ("random", "grid", "tpe")
 DISTRIBUTIONS = ("uniform", "loguniform", "reversed_loguniform", "intuniform", "choice", "constant")
-# The DARTS Hyperparameters fields a hpconfig may name, and our keys for them.
-DARTS_HYPERPARAMETERS = {
-    "model_arch": "model.arch", "model_encoder": "model.encoder", "model_encoder_weights": "model.encoder_weights",
-    "augment": "train.augment", "learning_rate": "train.lr", "gamma": "train.gamma",
-    "focal_loss_alpha": "train.focal_alpha", "focal_loss_gamma": "train.focal_gamma", "batch_size": "train.batch_size",
-    "bands": "data.bands",
-}
+# The DARTS Hyperparameters fields a hpconfig may name, and our keys for them (DARTS' own keys for those fields).
+DARTS_HYPERPARAMETERS = {name: DARTS_KEYS[name] for name in (
+    "model_arch", "model_encoder", "model_encoder_weights", "augment", "learning_rate", "gamma", "focal_loss_alpha",
+    "focal_loss_gamma", "batch_size", "bands")}
 SECTIONS = ("data", "model", "train", "log")
 
 

@@ -8,8 +8,6 @@ its directory (the storage lets only one worker make that transition).
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from pathlib import Path
@@ -35,10 +33,6 @@ def open_study(name: str, storage: str | None, study_dir: Path):
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
     except Exception as error:  # a URL Optuna cannot open (driver missing, server down), an unwritable path
         raise UserError(f"--storage {storage!r} cannot be opened: {str(error).splitlines()[0][:200]}") from None
-
-
-def me() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def is_stale(trial, grace: float) -> bool:

@@ -30,64 +30,55 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
 
-from smptrain.cli import config_options, given_or, resolve
+from smptrain.cli import config_options, given_or, read_options
 from smptrain.config import Config, dump_toml, replace
-from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Plan, Scoring, cross_validate, cv_plan, write_frame
+from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Plan, cross_validate, cv_plan, write_frame
 from smptrain.storage import write_text
 from smptrain.errors import CannotBuild, UserError
 from smptrain.cli import report_user_errors
-from smptrain.search.study import Heartbeat, fresh_slots, me, open_study, recover_dead_trials
+from smptrain.search.slots import me
+from smptrain.search.study import Heartbeat, fresh_slots, open_study, recover_dead_trials
 from smptrain.search.space import (SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space,
                                    to_optuna, values_of)
 
-@dataclass
-class TuneOptions:
-    trials: int | None
-    sampler: str
-    single_run: bool
-    folds: list[int]
-    seeds: list[int]
-    scoring: Scoring
-    prune: bool
-    heartbeat: float
-
-
-@dataclass
+@dataclass(frozen=True)
 class Search:
-    """What every trial of this worker shares: the base configuration, the space, its plan (None for TPE) and the
-    Optuna distributions, and the study with its directory."""
+    """This worker's share of a study, built once: the base configuration, the space and DARTS' plan of it (None
+    for TPE), the Optuna distributions, how each trial runs (its CV plan, pruning, heartbeat), and the study with its
+    directory. Every trial reads it."""
 
     cfg: Config
     params: list[Param]
-    planned: list[dict] | None
-    distributions: dict
+    planned: list[dict] | None  # random and grid: the plan's entries, one per slot; TPE: None
+    trials: int  # the slots of the study
+    cv: Plan  # each trial's cross-validation (claims off: the study gives a trial one worker)
+    prune: bool
+    heartbeat: float  # seconds between heartbeats; a trial without one for 3 intervals is taken as dead
     study_dir: Path
     study: object
+    distributions: dict = field(default_factory=dict)
 
 
-def work(cfg: Config, params: list[Param], study_dir: Path, study, options: TuneOptions, say=print) -> str:
+def work(search: Search, say=print) -> str:
     """This worker's share of the study: trials until every slot is taken. Returns 'finished' or 'interrupted'."""
     import optuna
     from optuna.trial import TrialState
 
-    planned = plan(params, options.sampler, options.trials) if options.sampler != "tpe" else None
-    total = len(planned) if planned is not None else options.trials
-    study.sampler = (plan_sampler([to_optuna(params, entry) for entry in planned]) if planned is not None
+    study, planned = search.study, search.planned
+    study.sampler = (plan_sampler([to_optuna(search.params, entry) for entry in planned]) if planned is not None
                      else optuna.samplers.TPESampler(seed=42))
     reseeded = planned is not None
-    distributions = optuna_distributions(params)
-    pruner = optuna.pruners.MedianPruner() if options.prune else optuna.pruners.NopPruner()
-    study.pruner = pruner
-    grace = 3 * options.heartbeat
+    study.pruner = optuna.pruners.MedianPruner() if search.prune else optuna.pruners.NopPruner()
+    grace = 3 * search.heartbeat
     while True:
         recover_dead_trials(study, grace, say)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if fresh_slots(study) >= total and not waiting:
+        if fresh_slots(study) >= search.trials and not waiting:
             return "finished"
         trial = study.ask()
         if "slot" not in trial.user_attrs:  # a fresh trial: the next slot, in the order the storage numbered them
@@ -95,7 +86,7 @@ def work(cfg: Config, params: list[Param], study_dir: Path, study, options: Tune
                        and t.number < trial.number and (t.user_attrs.get("slot") is not None or t.state != TrialState.WAITING)]
             slot = len(earlier)
             trial.set_user_attr("slot", slot)
-            if slot >= total:  # another worker took the last slot a moment ago
+            if slot >= search.trials:  # another worker took the last slot a moment ago
                 trial.set_user_attr("failure", "surplus: every slot was already taken")
                 study.tell(trial, state=TrialState.FAIL)
                 continue
@@ -103,9 +94,8 @@ def work(cfg: Config, params: list[Param], study_dir: Path, study, options: Tune
                 study.sampler, reseeded = optuna.samplers.TPESampler(seed=42 + slot), True
         trial.set_user_attr("worker", me())
         trial.set_user_attr("heartbeat", time.time())
-        status = run_trial(Search(cfg, params, planned, distributions, study_dir, study), trial, options, say)
-        if status == "interrupted":
-            return status
+        if run_trial(search, trial, say) == "interrupted":
+            return "interrupted"
 
 
 def suggest(trial, name: str, distribution):
@@ -118,7 +108,7 @@ def suggest(trial, name: str, distribution):
     return trial.suggest_float(name, distribution.low, distribution.high, log=distribution.log)
 
 
-def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
+def run_trial(search: Search, trial, say) -> str:
     """One trial: its parameters (a retry's own, the plan's slot, or TPE's), then a CV of them, told to the study."""
     from optuna.trial import TrialState
 
@@ -146,7 +136,7 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
         return "failed"
     directory = trial.user_attrs.get("directory") or f"trial-{trial.number:04d}"
     trial.set_user_attr("directory", directory)
-    metric = options.scoring.first
+    metric = search.cv.scoring.first
 
     def report(step: int, metrics: dict) -> bool:
         value = metrics.get(metric)
@@ -155,10 +145,9 @@ def run_trial(search: Search, trial, options: TuneOptions, say) -> str:
         trial.report(value, step)
         return trial.should_prune()
 
-    beat = Heartbeat(trial, options.heartbeat)
+    beat = Heartbeat(trial, search.heartbeat)
     try:
-        plan = Plan(options.folds, options.seeds, options.scoring, claims=False)  # the study gives a trial one worker
-        result = cross_validate(trial_cfg, study_dir / directory, plan, report,
+        result = cross_validate(trial_cfg, study_dir / directory, search.cv, report,
                                 {"trial": trial.number, "values": values}, say=say)
     finally:
         beat.close()
@@ -275,14 +264,15 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
     """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it. A DARTS
     [darts] table gives hpconfig, n-trials, tune-name, retrain-and-test and the CV options where the command line
     does not."""
-    from smptrain.runtime import end_processes, process_state
+    from smptrain.runtime import end_processes
+    from smptrain.processes import process_state
 
     if config_path is None:
         raise UserError("--config is required (e.g. --config configs/base.toml)")
     if process_state().num_processes > 1:
         raise UserError("smptrain-tune runs one process per worker; start one worker per GPU (CUDA_VISIBLE_DEVICES) "
                         "with the same --study and --storage instead of accelerate launch")
-    loaded = resolve(config_path, overrides, debug)
+    loaded = read_options(config_path, overrides, debug)
     cfg = loaded.config
     space_path = Path(given_or(space_path, loaded, "space") or space_of(config_path))
     params = read_space(space_path, cfg)  # every entry is checked before any training starts
@@ -293,14 +283,15 @@ def main(space_path, trials, sampler, study_name, storage, single_run, folds, se
     if sampler != "grid" and trials is None:
         trials = 100  # DARTS' default
     cv = cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on)
-    options = TuneOptions(trials, sampler, single_run, [cfg.data.fold] if single_run else cv.folds,
-                          [cfg.train.seed] if single_run else cv.seeds, cv.scoring, prune, heartbeat)
-    if sampler != "tpe":
-        plan(params, sampler, trials)  # a grid of non-lists fails here, before any training
+    planned = plan(params, sampler, trials) if sampler != "tpe" else None  # a grid of non-lists fails here
     name = given_or(study_name, loaded, "study") or space_path.stem
     study_dir = Path(cfg.log.artifact_dir) / name
-    study = open_study(name, storage, study_dir)
-    status = work(cfg, params, study_dir, study, options)
+    search = Search(cfg, params, planned, len(planned) if planned is not None else trials,
+                    Plan([cfg.data.fold] if single_run else cv.folds, [cfg.train.seed] if single_run else cv.seeds,
+                         cv.scoring, claims=False),
+                    prune, heartbeat, study_dir, open_study(name, storage, study_dir), optuna_distributions(params))
+    status = work(search)
+    study = search.study
     best = write_results(cfg, params, study, study_dir)
     end_processes()
     if status == "interrupted":

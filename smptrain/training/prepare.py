@@ -25,7 +25,7 @@ from smptrain.data.splits import make_splits
 from smptrain.errors import UserError
 from smptrain.losses import Loss, loss_from_config
 from smptrain.model import build_model, check_forward, check_patch_size, determinism_note
-from smptrain.runtime import choose_precision, configure_threads, describe_precision, local_processes, make_accelerator
+from smptrain.runtime import choose_precision, start_accelerator
 from smptrain.storage import free_space, human
 from smptrain.training.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, warm_start
 from smptrain.training.divergence import NonFiniteGuard
@@ -72,7 +72,9 @@ def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: boo
     resumed state and the trackers. Whether the run is new or resumed is decided once, by `begin`."""
     opening = begin(cfg, resume)
     cfg = opening.cfg
-    precision, accelerator = start_accelerator(cfg)
+    precision, why = choose_precision(cfg.train.mixed_precision)
+    accelerator = start_accelerator(precision, why, cfg.train.threads, cfg.train.grad_accum_steps,
+                                    cfg.train.deterministic)
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     opening.require_data(info)
@@ -130,7 +132,7 @@ def check_model_of(cfg: Config) -> None:
     """What `set_up` checks of the model, alone: cfg's model built and a zero batch passed through it at the
     dataset's patch size on this process's device (fp32), so that a cross-validation or tuning trial that cannot be
     built fails before its directory exists. Raises `CannotBuild` with the reason."""
-    from smptrain.runtime import process_state
+    from smptrain.processes import process_state
 
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     channels = len(info.band_indices(cfg.data.bands))
@@ -138,15 +140,6 @@ def check_model_of(cfg: Config) -> None:
     check_patch_size(model, cfg.model.arch, info.patch_size)
     device = process_state().device
     check_forward(model.to(device), cfg.model.arch, cfg.model.encoder, channels, info.patch_size, device)
-
-
-def start_accelerator(cfg: Config):
-    """(precision, Accelerator), with torch's CPU threads set, and the choice said once."""
-    precision, why = choose_precision(cfg.train.mixed_precision)
-    accelerator = make_accelerator(precision, cfg.train.grad_accum_steps, cfg.train.deterministic)
-    threads = configure_threads(cfg.train.threads, local_processes(accelerator))
-    accelerator.print(f"precision: {describe_precision(precision)} ({why}); {threads} CPU thread(s) per process")
-    return precision, accelerator
 
 
 def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder:
@@ -246,8 +239,7 @@ def build_data(cfg: Config, accelerator, info, splits: dict, band_indices: list[
         size = train_set.nbytes + (val_set.nbytes if val_set is not train_set else 0)
         accelerator.print(f"patches in memory on the {'device' if where == 'device' else 'host'} ({size / 2**30:.2f} GiB)")
     train_loader = feed(train_set, batches, device, cfg.data.num_workers, cfg.train.seed, rank, cfg.train.channels_last)
-    val_loader = evaluation_feed(val_set, cfg.train.batch_size, accelerator, cfg.data, cfg.train.seed,
-                                 cfg.train.channels_last)
+    val_loader = evaluation_feed(val_set, cfg.train.batch_size, accelerator, cfg.data, cfg.train.channels_last)
     return val_set, batches, train_loader, val_loader
 
 

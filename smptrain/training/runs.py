@@ -20,7 +20,7 @@ from pathlib import Path
 
 from smptrain.config import Config, replace
 from smptrain.storage import write_text, writing
-from smptrain.runtime import on_main
+from smptrain.processes import is_main_process, on_main
 from smptrain.errors import UserError
 from smptrain.training.checkpoint import TrainState, read_meta
 from smptrain.training.layout import (BEST, CHECKPOINTS, CONFIG, IDENTITY, LAST, PREVIEWS, SPLITS, checkpoint_link,
@@ -211,7 +211,7 @@ def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
     if not (run_dir / CONFIG).is_file():
         raise UserError(f"{run_dir} exists and is not a run directory (no {CONFIG}); choose another log.run_name")
     if not has_checkpoint(run_dir):  # started, but killed before its first checkpoint: nothing to continue
-        if os.environ.get("RANK", "0") == "0":  # the other ranks decide the same, from the same files
+        if is_main_process():  # the other ranks decide the same, from the same files
             shutil.rmtree(run_dir, ignore_errors=True)
         return cfg, None
     stored, given = to_dict(load_config(run_dir / CONFIG)), to_dict(absolute_paths(cfg)[0])

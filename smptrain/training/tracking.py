@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smptrain.choices import TRACKERS
+from smptrain.config import dotted_keys
 from smptrain.errors import UserError
 from smptrain.training.layout import METRICS
 from smptrain.storage import WriteFailed, write_text, writing
@@ -73,17 +74,10 @@ def mlflow_key(key: str) -> str:
     return re.sub(r"[^\w\-./: ]", "_", key)
 
 
-def flat_config(config: dict, prefix: str = "") -> dict:
+def flat_config(config: dict) -> dict:
     """`{"train.lr": 0.001, "train.augment": '["D4"]'}`: the scalars TensorBoard's hparams and MLflow's params take."""
-    flat = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and not (prefix and key in ("loss", "band_normalisation")):
-            flat.update(flat_config(value, f"{prefix}{key}."))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[prefix + key] = value
-        else:
-            flat[prefix + key] = json.dumps(value)
-    return flat
+    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+            for key, value in dotted_keys(config).items()}
 
 
 @dataclass(frozen=True)
