@@ -29,15 +29,145 @@ def cli_env(**extra) -> dict:
 
 
 def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: bool = False, **env):
-    """Run a command (console script name or python -m) in a subprocess; returns CompletedProcess with text."""
+    """Run a command (console script name or python -m) in its own process; returns CompletedProcess with text.
+
+    smptrain's commands and `python -m smptrain...` / `python tools/...` are forked from this worker's zygote (a
+    Python that has imported torch, smp, Accelerate and the rest once): each is still a real process with its own
+    exit status and output, without paying those 4-5 s of imports again. Anything else, or an environment that
+    libraries read at import time (anything but SMPTRAIN_*), starts a fresh interpreter."""
     if args[0].startswith("smptrain-") or args[0] == "accelerate":
-        args = [str(BIN / args[0]), *args[1:]]
+        full = [str(BIN / args[0]), *args[1:]]
     elif args[0] == "python":
-        args = [sys.executable, *args[1:]]
-    result = subprocess.run(args, cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True, timeout=timeout)
+        full = [sys.executable, *args[1:]]
+    else:
+        full = list(args)
+    target = Zygote.target(args)
+    if target is not None and all(key.startswith("SMPTRAIN_") for key in env):
+        result = Zygote.get().run(full, target, cwd or ROOT, cli_env(**env), timeout)
+    else:
+        result = subprocess.run(full, cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True,
+                                timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+        raise AssertionError(f"{' '.join(full)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+ZYGOTE = r"""
+import io, json, os, runpy, signal, sys, traceback
+os.environ["MPLBACKEND"] = "Agg"
+sys.modules["wandb"] = None  # timm imports wandb if it can, and wandb makes a temporary folder that its first child
+import numpy, pandas, pyarrow, zarr, torch, segmentation_models_pytorch, timm, accelerate, safetensors, click, tqdm
+import sklearn.model_selection, scipy.ndimage, matplotlib.pyplot
+import smptrain.train, smptrain.evaluation.test, smptrain.export.convert, smptrain.export.predict, smptrain.inspect
+import smptrain.search.cv, smptrain.search.tune, smptrain.evaluation.compare, smptrain.demo
+del sys.modules["wandb"]  # ... to exit would remove for all: each child imports wandb itself when it logs to it
+requests = sys.stdin
+reply = os.fdopen(os.dup(1), "w", buffering=1)
+reply.write("ready\n")
+for line in requests:
+    job = json.loads(line)
+    sys.stdout.flush(); sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            os.chdir(job["cwd"])
+            os.environ.clear()
+            os.environ.update(job["env"])
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            for fd, path in ((1, job["out"]), (2, job["err"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            sys.stdin = io.TextIOWrapper(io.FileIO(0, "r"))
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.argv = job["argv"]
+            kind, name = job["target"]
+            if kind == "module":
+                sys.modules.pop(name, None)  # as `python -m`: the module runs once, as __main__
+                runpy.run_module(name, run_name="__main__", alter_sys=True)
+            elif kind == "path":
+                sys.path[0] = os.path.dirname(os.path.abspath(name))
+                runpy.run_path(name, run_name="__main__")
+            else:
+                module, function = name.split(":")
+                __import__(module)
+                getattr(sys.modules[module], function)()
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            try:
+                sys.stdout.flush(); sys.stderr.flush()
+            finally:
+                os._exit(code)
+    reply.write(json.dumps({"pid": pid}) + "\n")
+    _, status = os.waitpid(pid, 0)
+    reply.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
+"""
+
+
+class Zygote:
+    """A pre-imported Python per pytest worker that forks every smptrain command it is given (see `run`)."""
+
+    _instance = None
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, env=cli_env(), cwd=ROOT, text=True, bufsize=1)
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the test zygote did not start")
+
+    @classmethod
+    def get(cls) -> "Zygote":
+        if cls._instance is None or cls._instance.proc.poll() is not None:
+            cls._instance = cls()
+        return cls._instance
+
+    @staticmethod
+    def target(args: list[str]):
+        """What the forked child runs for `args`: a console script's function, a module, or a script; else None."""
+        if args[0].startswith("smptrain-"):
+            import tomllib
+
+            scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+            return ("entry", scripts[args[0]]) if args[0] in scripts else None
+        if args[0] == "python" and len(args) > 2 and args[1] == "-m" and args[2].startswith("smptrain"):
+            return ("module", args[2])
+        if args[0] == "python" and len(args) > 1 and args[1].endswith(".py"):
+            return ("path", args[1])
+        return None
+
+    def run(self, full: list[str], target, cwd: Path, env: dict, timeout: float):
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="zygote-") as tmp:
+            out, err = Path(tmp) / "out", Path(tmp) / "err"
+            argv = full[1:] if target[0] != "entry" else [full[0], *full[1:]]
+            if target[0] == "module":
+                argv = [target[1], *full[3:]]
+            job = {"argv": argv, "target": target, "cwd": str(cwd), "env": env, "out": str(out), "err": str(err)}
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            pid = json.loads(self.proc.stdout.readline())["pid"]
+            import selectors
+
+            selector = selectors.DefaultSelector()
+            selector.register(self.proc.stdout, selectors.EVENT_READ)
+            if not selector.select(timeout):
+                os.killpg(pid, signal.SIGKILL)
+                self.proc.stdout.readline()
+                raise subprocess.TimeoutExpired(full, timeout)
+            code = json.loads(self.proc.stdout.readline())["status"]
+            return subprocess.CompletedProcess(full, code, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
 
 
 def launch_two(args: list[str], timeout: float = 600, precision: str = "no", **env):
