@@ -14,6 +14,9 @@ launcher, see `one_process`). What differs is what a signal does to the launcher
 - A SIGINT or SIGTERM sent to the launcher alone (`kill PID`, a scheduler signalling only the top process) is
   passed on to the training processes, so they stop the same way. When the whole group got the signal too, each
   training process sees it twice within a moment; smptrain counts that as one request (see `StopSignal`).
+
+How training processes start also covers `smptrain-train`'s own entry (`train_command`): the signals are set
+before torch and the rest load, as `python -m smptrain.train` sets them first thing.
 """
 
 from __future__ import annotations
@@ -110,4 +113,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    main()
+
+
+def train_command() -> None:
+    """`smptrain-train`: `python -m smptrain.train`'s command, with its signal handling set before torch and the rest
+    load, so that a signal in those seconds ends it with 130 like any interrupted run."""
+    from smptrain.training.signals import exit_on_further_signals
+
+    exit_on_further_signals()
+    from smptrain.train import main
+
     main()

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 from smptrain.errors import UserError
+from smptrain.failpoints import failpoint
 
 REASONS = {
     errno.ENOSPC: "no space is left on its filesystem",
@@ -157,7 +158,9 @@ def replacing(path, needed: int | None = None, then: str = "", settle: bool = Tr
         yield tmp
         if settle:
             os.chmod(tmp, file_mode())
+        failpoint("write.before_rename", path.name)
         os.replace(tmp, path)
+        failpoint("write.after_rename", path.name)
 
 
 def write_text(path, text: str) -> None:

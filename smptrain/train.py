@@ -13,36 +13,42 @@ state. So training 4 epochs equals training 2, stopping, and resuming to 4 (on C
 
 from __future__ import annotations
 
-import math
-import os
-import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Callable
-
-import click
-import torch
-from tqdm.auto import tqdm
-
-from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending
-from smptrain.cli import config_options, read_options
-from smptrain.config import Config
-from smptrain.data.augment import augment, augment_generator
-from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
-from smptrain.evaluation import plots
-from smptrain.evaluation.breakdown import validation_regions
-from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves
-from smptrain.model import segmentation_logits
-from smptrain.training.prepare import Run, set_up
-from smptrain.training.runs import RESUMABLE, start_or_continue
-from smptrain.training.layout import BEST, CONFIG, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir
-from smptrain.runtime import end_processes
-from smptrain.training.schedule import learning_rate, planned
 from smptrain.training.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
-from smptrain.storage import WriteFailed
+
+if __name__ == "__main__":  # `python -m smptrain.train`: a signal while torch and the rest load (seconds) ends the
+    exit_on_further_signals()  # command as an interrupted run would, 130, instead of "killed by SIGTERM"
+
+import math  # noqa: E402 (the signals first)
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import click  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from smptrain.cli import config_options, read_options, report_user_errors  # noqa: E402
+from smptrain.config import Config  # noqa: E402
+from smptrain.data.augment import augment, augment_generator  # noqa: E402
+from smptrain.errors import UserError  # noqa: E402
+from smptrain.evaluation import plots  # noqa: E402
+from smptrain.evaluation.breakdown import validation_regions  # noqa: E402
+from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves  # noqa: E402
+from smptrain.failpoints import failpoint  # noqa: E402
+from smptrain.model import segmentation_logits  # noqa: E402
+from smptrain.processes import is_main_process  # noqa: E402
+from smptrain.runtime import end_processes  # noqa: E402
+from smptrain.storage import WriteFailed  # noqa: E402
+from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending  # noqa: E402
+from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm  # noqa: E402
+from smptrain.training.layout import (BEST, CONFIG, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link,  # noqa: E402
+                                      checkpoints_dir)
+from smptrain.training.prepare import Run, set_up  # noqa: E402
+from smptrain.training.runs import RESUMABLE, Opening, begin, start_or_continue, tidy  # noqa: E402
+from smptrain.training.schedule import learning_rate, planned  # noqa: E402
 
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
 
@@ -70,18 +76,23 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
     stop = StopSignal()  # before the first step a signal ends the run at once: there is nothing to save yet
     run = None
     try:
-        run = set_up(cfg, resume, stop, trust_pickle)
+        failpoint("startup")
+        opening = begin(cfg, resume)  # new, or resumed: decided here, once
+        if opening.finished:
+            return already_finished(opening)
+        run = set_up(opening, stop, trust_pickle)
         write_schedule(run)
+        if run.state.validation_owed:  # a stop came between the last step of an epoch and its validation
+            if validate(run, run.state.epoch - 1, on_validation):
+                return end(run, "pruned", f"pruned after validation {run.state.validations}")
         while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
             epoch = run.state.epoch
             # One pass over the training split; False when the ranks agreed to stop for a signal.
             if not train_one_epoch(run, epoch):
                 return stop_interrupted(run, epoch)
-            # DARTS' cadence: validate every n epochs and after the last one, then select, save and preview.
-            if (epoch + 1) % cfg.train.val_every_n_epochs == 0 or epoch + 1 == cfg.train.max_epochs:
-                validate_and_keep(run, epoch)
-                if on_validation is not None and on_validation(run.state.validations, run.last):
-                    return end(run, "pruned", f"pruned after validation {run.state.validations}")
+            # DARTS' cadence (train_one_epoch says whether it is owed): validate, select, preview and save.
+            if run.state.validation_owed and validate(run, epoch, on_validation):
+                return end(run, "pruned", f"pruned after validation {run.state.validations}")
         return end(run, "early-stopped" if run.state.early_stopped else "finished")
     except TrainingStopped as error:  # diverged: nothing more is saved, the last good checkpoint stays
         discard_if_nothing_saved(run)
@@ -125,8 +136,17 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         window.fetching()
     bar.close()
     state.epoch, state.micro_step = epoch + 1, 0
+    # Owed until done: a stop before it saves `last` with the debt, and the resumed run pays it first.
+    state.validation_owed = (epoch + 1) % cfg.train.val_every_n_epochs == 0 or epoch + 1 == cfg.train.max_epochs
     run.recorder.log({"epoch": epoch, "learning_rate": current_lr(run)}, state.step)
+    failpoint("epoch.before_validation")
     return not reduce_window(run, window, epoch)[1]
+
+
+def validate(run: Run, epoch: int, on_validation: Callable[[int, dict], bool] | None) -> bool:
+    """The validation owed after `epoch`, then the caller's verdict: whether it prunes the run there."""
+    validate_and_keep(run, epoch)
+    return on_validation is not None and on_validation(run.state.validations, run.last)
 
 
 def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window") -> None:
@@ -244,13 +264,14 @@ def validate_and_keep(run: Run, epoch: int) -> None:
         f"epoch {epoch} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
         f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
         f" | val/AUROC {metrics['val/AUROC']:.4f}")
-    run.keeper.save(run.model, epoch, metrics, name, run.recorder.failure)
     every = cfg.log.preview_every_n_val
     if accelerator.is_main_process and every and (state.validations == 1 or state.validations % every == 0):
-        try:
+        try:  # before the checkpoint: a kill between the two makes the resumed run validate, and draw, again
             write_previews(run, evaluation)
         except WriteFailed as error:  # main process only: raised on every rank at the next checkpoint or the end
             run.recorder.failure = run.recorder.failure or error
+    state.validation_owed = False
+    run.keeper.save(run.model, epoch, metrics, name, run.recorder.failure)
     if state.early_stopped:
         accelerator.print(f"early stopping: {MONITOR} has not improved for {state.bad_validations} validation(s)"
                           if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
@@ -268,6 +289,22 @@ def write_previews(run: Run, evaluation) -> None:
             f"{label}: validation preview", run.cfg.train.channels_last)
     for key, path in figures.items():
         run.recorder.image(f"val/{key}", path, run.state.step)
+
+
+def already_finished(opening: Opening) -> RunResult:
+    """A resumed run with nothing left to do (a requeued job whose run had finished): nothing is written. Another
+    dataset than the run's is still refused, as it would be for a run with epochs left."""
+    from smptrain.data.dataset import open_dataset
+
+    opening.require_data(open_dataset(opening.cfg.data.dir, opening.cfg.data.band_normalisation))
+    state = opening.state
+    if is_main_process():
+        tidy(opening)  # what a kill after its last checkpoint left; nothing, for a tidy run
+        print(f"{opening.run_dir}: the run has already finished ({state.epoch} epoch(s), {state.step} step(s), "
+              f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}); nothing to do "
+              f"(raise train.max_epochs to train it further)", flush=True)
+    return RunResult("early-stopped" if state.early_stopped else "finished", opening.run_dir, opening.best,
+                     opening.last, state.epoch, state.step, "already finished")
 
 
 def stop_interrupted(run: Run, epoch: int) -> RunResult:

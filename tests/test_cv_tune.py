@@ -265,3 +265,23 @@ def test_a_killed_cv_workers_run_is_resumed_by_the_next_worker(demo_dir, tmp_pat
     outcome = json.loads((tmp_path / "artifacts" / "array" / "cv.json").read_text())
     reference = json.loads((tmp_path / "artifacts" / "sequential" / "cv.json").read_text())
     assert outcome["missing"] == [] and outcome["score"] == reference["score"]
+
+
+def test_the_cv_table_holds_every_row_on_disk_whoever_tabulates_last(tmp_path):
+    """Two workers finish at the same moment: each wrote its run's row, and the one that scores last had seen only
+    its own run. The table, cv.json and the score come from the rows on disk, so neither run is lost."""
+    import pandas as pd
+
+    from smptrain.search.cv import Plan, record, score_cv
+
+    cv_dir = tmp_path / "cv"
+    rows = [{"fold": 0, "seed": seed, "status": "finished", "run_name": f"cv-f0s{seed}", "run_dir": str(cv_dir / f"cv-f0s{seed}"),
+             "duration_s": 1.0, "epochs": 1, "steps": 2, "val/JaccardIndex": 0.5 + seed / 1000, "val/Recall": 0.6}
+            for seed in (42, 21)]
+    record(cv_dir, rows[0])  # worker A's run
+    record(cv_dir, rows[1])  # worker B's, a moment later
+    result = score_cv(cv_dir, Plan([0], [42, 21]), "finished", {"config": {}, "folds": [0], "seeds": [42, 21]})
+    assert result.status == "finished" and not result.missing and len(result.rows) == 2
+    assert sorted(pd.read_csv(cv_dir / "runs.csv")["run_name"]) == ["cv-f0s21", "cv-f0s42"]
+    assert len(pd.read_parquet(cv_dir / "runs.parquet")) == 2
+    assert json.loads((cv_dir / "cv.json").read_text())["runs"] == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smptrain"
 FOUNDATION = {"smptrain.choices", "smptrain.config", "smptrain.darts_config", "smptrain.errors", "smptrain.storage",
-              "smptrain.runtime", "smptrain.processes"}
+              "smptrain.runtime", "smptrain.processes", "smptrain.failpoints"}
 
 
 def module_name(path: Path) -> str:

@@ -36,7 +36,7 @@ from smptrain.processes import on_main
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
-from smptrain.search.slots import CLAIMS, claim
+from smptrain.search.slots import CLAIMS, claim, in_turn
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
 DONE = ("finished", "early-stopped", "diverged", "pruned")  # statuses a continued CV does not run again
@@ -109,11 +109,11 @@ def cross_validate(cfg: Config, cv_dir: Path, plan: Plan, on_validation=None, ex
             rows[run_name] = run_one(cfg, cv_dir, run_name, (fold, seed), report, say)
         finally:
             held.release()
-        on_main(lambda: record(cv_dir, rows[run_name], rows), cv_dir / ROWS / f"{run_name}.json")
+        on_main(lambda: record(cv_dir, rows[run_name]), cv_dir / ROWS / f"{run_name}.json")
         if rows[run_name]["status"] in ("interrupted", "pruned"):
             status = rows[run_name]["status"]
             break
-    return score_cv(cv_dir, plan, {**rows, **on_main(lambda: read_rows(cv_dir), cv_dir / ROWS)}, status, definition)
+    return score_cv(cv_dir, plan, status, definition)
 
 
 def chosen_slots(plan: Plan) -> list[tuple[int, int]]:
@@ -169,8 +169,24 @@ def run_one(cfg: Config, cv_dir: Path, run_name: str, fold_seed: tuple[int, int]
             **result.last, **{f"best/{k}": v for k, v in result.best.items()}}
 
 
-def score_cv(cv_dir: Path, plan: Plan, rows: dict, status: str, definition: dict) -> CVResult:
-    """DARTS' score over the plan's runs that are there, and which are missing (main process writes cv.json)."""
+def score_cv(cv_dir: Path, plan: Plan, status: str, definition: dict) -> CVResult:
+    """DARTS' score over the plan's runs that are there, and which are missing. The main process reads every row
+    on disk and writes cv.json, the table and the figure from them, in turn with other workers (`in_turn`): a
+    worker's own view of the rows could lack one another worker finished a moment ago. Every rank calls it."""
+
+    def tabulate() -> CVResult:
+        with in_turn(cv_dir):
+            rows = earlier_rows(cv_dir)
+            result = outcome_of(cv_dir, plan, rows, status)
+            write_outcome(result, definition, plan.scoring)
+            if rows:
+                write_table(cv_dir, rows)
+        return result
+
+    return on_main(tabulate, cv_dir)
+
+
+def outcome_of(cv_dir: Path, plan: Plan, rows: dict, status: str) -> CVResult:
     names = [f"{cv_dir.name}-f{fold}s{seed}" for seed, fold in plan.slots]
     ordered = [rows[name] for name in names if name in rows]
     missing = [name for name in names if rows.get(name, {}).get("status") not in DONE]
@@ -179,9 +195,7 @@ def score_cv(cv_dir: Path, plan: Plan, rows: dict, status: str, definition: dict
     scoring = plan.scoring
     score, unstable, _ = score_runs(ordered, [(key, higher) for key, (_, higher) in zip(scoring.keys, scoring.metrics)],
                                     scoring.strategy)
-    result = CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered), missing)
-    on_main(lambda: write_outcome(result, definition, scoring), cv_dir)
-    return result
+    return CVResult(cv_dir, status, score, unstable, ordered, summarise(ordered), missing)
 
 
 def write_outcome(result: CVResult, definition: dict, scoring: Scoring) -> None:
@@ -247,10 +261,9 @@ def read_rows(cv_dir: Path) -> dict[str, dict]:
     return rows
 
 
-def record(cv_dir: Path, row: dict, rows: dict[str, dict]) -> None:
-    """Main process: a finished run's row (rows/NAME.json, for the other workers) and the table with it."""
+def record(cv_dir: Path, row: dict) -> None:
+    """Main process: a finished run's row, rows/NAME.json, which every worker's tabulation reads."""
     write_text(cv_dir / ROWS / f"{row['run_name']}.json", json.dumps(row, default=plain) + "\n")
-    write_table(cv_dir, rows)
 
 
 def write_table(cv_dir: Path, rows: dict[str, dict]) -> None:

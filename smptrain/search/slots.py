@@ -11,6 +11,8 @@ the run itself, which then resumes from the dead worker's last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import socket
@@ -113,3 +115,26 @@ def claim(cv_dir: Path, run_name: str) -> tuple[Claim | None, str | None]:
         return None, _owner(path)
     grave.unlink(missing_ok=True)
     return (Claim(path), None) if _create(path) else (None, _owner(path))
+
+
+@contextlib.contextmanager
+def in_turn(cv_dir: Path):
+    """Workers that tabulate the same cross-validation take turns: an advisory POSIX lock (`lockf`, which NFS and
+    Lustre grant across hosts) on `{cv_dir}/.table.lock`. The one that tabulates last has read every row written
+    before it, so no row is lost whoever finishes first. A filesystem without locks lets them go on unlocked."""
+    import fcntl
+
+    Path(cv_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cv_dir) / ".table.lock", "a") as handle:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX)
+            locked = True
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            locked = False
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.lockf(handle, fcntl.LOCK_UN)

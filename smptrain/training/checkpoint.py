@@ -29,6 +29,7 @@ import torch
 import smptrain
 from smptrain.config import plain
 from smptrain.errors import UserError
+from smptrain.failpoints import failpoint
 from smptrain.storage import WriteFailed, file_mode, replacing, writing
 from smptrain.training.layout import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
@@ -48,6 +49,7 @@ class TrainState:
     bad_validations: int = 0  # validations since the best one
     top_k: list = field(default_factory=list)  # [[val/JaccardIndex, checkpoint name]], best first
     early_stopped: bool = False
+    validation_owed: bool = False  # the epoch's last step is done and its validation due, not yet done
 
 
 class CheckpointKeeper:
@@ -98,6 +100,7 @@ class CheckpointKeeper:
         if accelerator.is_main_process:
             point(self.run_dir, LAST, name)
             point(self.run_dir, BEST, self.best_name)
+            failpoint("checkpoint.after_link")
             prune(self.run_dir, {entry[1] for entry in self.state.top_k})
 
 
@@ -166,9 +169,11 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pe
             raise failure
         raise failure or WriteFailed(f"another process could not write checkpoint {final}")
     if accelerator.is_main_process:
+        failpoint("checkpoint.before_rename")
         if final.exists():  # the same step saved again (e.g. Ctrl-C right after a validation)
             shutil.rmtree(final)
         os.rename(tmp, final)
+        failpoint("checkpoint.after_rename")
     accelerator.wait_for_everyone()
     return final
 

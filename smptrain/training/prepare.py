@@ -30,7 +30,7 @@ from smptrain.storage import free_space, human
 from smptrain.training.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, warm_start
 from smptrain.training.divergence import NonFiniteGuard
 from smptrain.training.layout import LAST, STATE, checkpoint_link
-from smptrain.training.runs import Opening, begin, open_run, remover
+from smptrain.training.runs import Opening, open_run, remover
 from smptrain.training.signals import StopSignal
 from smptrain.training.tracking import Recorder, tracked_run
 
@@ -67,10 +67,9 @@ class Run:
     skipped_total: int = 0
 
 
-def set_up(cfg: Config, resume: Path | None, stop: StopSignal, trust_pickle: bool = False) -> Run:
+def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Run:
     """Accelerator, data, model and optimizer, then (only once all of them are checked) the run directory, the
-    resumed state and the trackers. Whether the run is new or resumed is decided once, by `begin`."""
-    opening = begin(cfg, resume)
+    resumed state and the trackers, for the run `runs.begin` opened (new or resumed)."""
     cfg = opening.cfg
     precision, why = choose_precision(cfg.train.mixed_precision)
     accelerator = start_accelerator(precision, why, cfg.train.threads, cfg.train.grad_accum_steps,

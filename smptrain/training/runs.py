@@ -11,6 +11,7 @@ resuming.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -22,7 +23,8 @@ from smptrain.config import Config, replace
 from smptrain.storage import write_text, writing
 from smptrain.processes import is_main_process, on_main
 from smptrain.errors import UserError
-from smptrain.training.checkpoint import TrainState, read_meta
+from smptrain.failpoints import failpoint
+from smptrain.training.checkpoint import TrainState, point, prune, read_meta
 from smptrain.training.layout import (BEST, CHECKPOINTS, CONFIG, IDENTITY, LAST, PREVIEWS, SPLITS, checkpoint_link,
                                       checkpoints_dir, has_checkpoint, now)
 
@@ -40,14 +42,27 @@ def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info
         raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
                         f"another log.run_name")
     run_id = new_run_id()
-    with writing(run_dir, cleanup=lambda: shutil.rmtree(run_dir, ignore_errors=True)):  # all of it, or nothing
-        checkpoints_dir(run_dir).mkdir(parents=True)
-        (run_dir / PREVIEWS).mkdir()
-        (run_dir / CONFIG).write_text(dump_toml(cfg))
-        (run_dir / SPLITS).write_text(json.dumps(splits) + "\n")
-        (run_dir / IDENTITY).write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
-                                                    "world_size": world_size, **identity(cfg, given, info, run_dir)},
-                                                   indent=2) + "\n")
+    # Made under a hidden name and renamed into place: a kill at any moment leaves the run directory complete or
+    # absent (a half-made one would stop every requeued `--resume auto`); a leftover of a killed start goes first.
+    tmp = artifact_dir / f".{name}.creating"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with writing(run_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        checkpoints_dir(tmp).mkdir(parents=True)
+        failpoint("run_dir.created")
+        (tmp / PREVIEWS).mkdir()
+        (tmp / CONFIG).write_text(dump_toml(cfg))
+        (tmp / SPLITS).write_text(json.dumps(splits) + "\n")
+        (tmp / IDENTITY).write_text(json.dumps({"run_name": name, "run_id": run_id, "created": now(),
+                                                "world_size": world_size, **identity(cfg, given, info, run_dir)},
+                                               indent=2) + "\n")
+        try:
+            os.rename(tmp, run_dir)
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"run directory {run_dir} already exists; continue it with --resume {run_dir} or choose "
+                            f"another log.run_name") from None
     return [str(run_dir), name, run_id]
 
 
@@ -70,6 +85,12 @@ class Opening:
     best: dict = field(default_factory=dict)  # metrics of the best and of the last validation so far
     last: dict = field(default_factory=dict)
     world_size: int | None = None  # the processes a resumed run used
+
+    @property
+    def finished(self) -> bool:
+        """A resumed run with nothing left to do: every epoch trained and validated, or stopped early."""
+        return self.resumed and not self.state.validation_owed and (
+            self.state.epoch >= self.cfg.train.max_epochs or self.state.early_stopped)
 
     def require_data(self, info) -> None:
         """A resumed run continues only on the dataset it was trained on."""
@@ -104,7 +125,11 @@ def open_run(accelerator, opening: Opening, splits: dict, info) -> Opening:
 
     cfg = opening.cfg
     if opening.resumed:
-        on_main(lambda: write_text(opening.run_dir / CONFIG, dump_toml(cfg)), opening.run_dir / CONFIG)
+        def settle():  # what a kill left behind goes; config.toml takes the --set changes resuming allows
+            tidy(opening)
+            write_text(opening.run_dir / CONFIG, dump_toml(cfg))
+
+        on_main(settle, opening.run_dir / CONFIG)
         if opening.world_size != accelerator.num_processes:
             accelerator.print(f"note: the run used {opening.world_size} process(es), this one uses "
                               f"{accelerator.num_processes}; the data order changes, so the continuation is not exact")
@@ -112,6 +137,28 @@ def open_run(accelerator, opening: Opening, splits: dict, info) -> Opening:
     run_dir, name, run_id = on_main(lambda: create_run_dir(cfg, splits, accelerator.num_processes, opening.given, info),
                                     Path(cfg.log.artifact_dir))
     return dataclasses.replace(opening, run_dir=Path(run_dir), run_name=name, run_id=run_id, splits=splits)
+
+
+def tidy(opening: Opening) -> None:
+    """Main process, resuming: what a kill left in the run directory goes (temporaries; `best` not yet pointing to
+    the best checkpoint of the top-k; checkpoints that a kill between linking and pruning kept); a tidy directory is
+    left as it is, byte for byte."""
+    remove_temporaries(opening.run_dir)
+    best = opening.state.top_k[0][1] if opening.state.top_k else None
+    link = checkpoint_link(opening.run_dir, BEST)
+    if (os.readlink(link) if link.is_symlink() else None) != best:  # killed between linking `last` and `best`
+        point(opening.run_dir, BEST, best)
+    prune(opening.run_dir, {name for _, name in opening.state.top_k})
+
+
+def remove_temporaries(run_dir: Path) -> None:
+    """What a process killed while writing left in a run directory: hidden temporaries of `storage.replacing`
+    (`.NAME.PID-THREAD.tmp`) and of checkpoints being assembled (`checkpoints/.tmp-NAME`)."""
+    for path in list(Path(run_dir).rglob(".*")):
+        if path.name.endswith(".tmp") and (path.is_file() or path.is_symlink()):
+            path.unlink(missing_ok=True)
+        elif path.parent.name == CHECKPOINTS and path.name.startswith(".tmp-") and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def remover(accelerator, run_dir: Path):

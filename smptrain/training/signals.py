@@ -24,8 +24,9 @@ class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exceptio
 class StopSignal:
     """SIGINT and SIGTERM (what SLURM sends before SIGKILL), in three phases.
 
-    Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: the signal
-    raises `Interrupted` at once, and a new run's directory is removed. Once armed, it sets a flag that all ranks
+    Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: a new run's
+    directory is removed and, in a command (which installed `exit_on_further_signals`), the process ends at once
+    with 130; called from Python (a notebook), the signal raises `Interrupted`. Once armed, it sets a flag that all ranks
     agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
     `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
 
@@ -60,7 +61,17 @@ class StopSignal:
         if self.first[0] is None:
             self.first = _last_request = (signum, now)
         if not self.armed:
-            raise Interrupted(f"{name} before the first training step finished: stopped, nothing to save", self.undo)
+            message = f"{name} before the first training step finished: stopped, nothing to save"
+            if getattr(self.previous.get(signum), "ends_the_command", False):
+                # A command's own process: end it here. An exception raised at this arbitrary point could land in
+                # a C extension's import (tensorstore's), which turns it into an ImportError and, imported again,
+                # aborts the process (SIGABRT); nothing is there to unwind before the first step anyway.
+                if local_main():
+                    print(f"\n{message}", file=sys.stderr, flush=True)
+                if self.undo is not None:
+                    self.undo()
+                _leave(130)
+            raise Interrupted(message, self.undo)
         if self.raised:
             raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
         self.raised = True
@@ -87,15 +98,20 @@ def exit_on_further_signals(code: int = 130) -> None:
     def leave_now(signum, frame):
         if _last_request[0] == signum and time.monotonic() - _last_request[1] < StopSignal.SAME_REQUEST_S:
             return
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        _leave(code)
 
+    leave_now.ends_the_command = True  # what StopSignal recognises: this process is a command's, not a notebook's
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, leave_now)
+
+
+def _leave(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def local_main() -> bool:

@@ -23,6 +23,7 @@ from pathlib import Path
 from smptrain.choices import TRACKERS
 from smptrain.config import dotted_keys
 from smptrain.errors import UserError
+from smptrain.failpoints import failpoint
 from smptrain.training.layout import METRICS
 from smptrain.storage import WriteFailed, write_text, writing
 
@@ -243,8 +244,10 @@ class Recorder:
             size = self.path.stat().st_size if self.path.exists() else 0
             try:  # a refused append is cut back to the last whole line
                 with writing(self.path, cleanup=lambda: os.truncate(self.path, size) if self.path.exists() else None):
+                    failpoint("metrics.before_append")
                     with open(self.path, "a") as handle:
                         handle.write(json.dumps({"step": step, **record}) + "\n")
+                    failpoint("metrics.after_append")
             except WriteFailed as error:
                 self.failure = error
         if self.names:

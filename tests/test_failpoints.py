@@ -1,0 +1,161 @@
+"""A kill at any moment: the real training command is killed at each named failpoint (`smptrain.failpoints`), the
+same `--resume auto` command is run again, and what it leaves is compared with an uninterrupted run's: every weight
+file bitwise, `last` and `best`, metrics.jsonl record by record (timings aside), the run directory's files, and no
+temporaries left anywhere. And a requeue of a finished run changes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run, tiny_config
+from smptrain.failpoints import POINTS
+
+pytestmark = pytest.mark.slow  # end to end: real processes killed and run again
+
+
+def command(config: Path, name: str) -> list[str]:
+    return ["python", "-m", "smptrain.train", "--config", str(config), "--set", f"log.run_name='{name}'",
+            "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, demo_dir):
+    """The uninterrupted run every killed one is compared with: 2 epochs of 4 steps, validation and previews after
+    each, the top 1 kept (so checkpoints are pruned), a record every 2 steps."""
+    tmp = tmp_path_factory.mktemp("failpoints")
+    config = tiny_config(tmp, demo_dir, data={"subsample": 16}, train={"max_epochs": 2, "save_top_k": 1},
+                         log={"preview_every_n_val": 1, "log_every_n_steps": 2})
+    run(command(config, "reference"), check=True)
+    return config, tmp / "artifacts" / "reference"
+
+
+def files(run_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")} for line in lines]
+
+
+def assert_same_run(reference: Path, other: Path) -> None:
+    assert files(other) == files(reference)
+    for link in ("last", "best"):
+        assert os.readlink(other / "checkpoints" / link) == os.readlink(reference / "checkpoints" / link)
+    weights = [p.relative_to(reference) for p in (reference / "checkpoints").rglob("*.safetensors")
+               if not p.parent.is_symlink()]
+    assert weights
+    for relative in weights:
+        a, b = load_file(str(reference / relative)), load_file(str(other / relative))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), relative
+    assert records(other) == records(reference)
+
+
+def assert_no_leftovers(artifacts: Path) -> None:
+    hidden = [str(p) for p in artifacts.rglob(".*") if p.name != ".table.lock"]
+    assert not hidden, hidden
+
+
+def preview(reference: Path) -> str:
+    return sorted(p.name for p in (reference / "previews").glob("val_step*.png"))[-1]
+
+
+# (failpoint, its signal): a SIGKILL at each point, and the SIGTERMs that scheduler and Ctrl-C send.
+CASES = [
+    ("startup:term", 130),
+    ("run_dir.created", -9),
+    ("epoch.before_validation:term", 130),
+    ("epoch.before_validation#2", -9),
+    ("checkpoint.before_rename#2", -9),
+    ("checkpoint.after_rename#2", -9),
+    ("checkpoint.after_link#2", -9),
+    ("write.before_rename@last#2", -9),
+    ("write.after_rename@last#2", -9),
+    ("write.before_rename@PREVIEW", -9),
+    ("write.after_rename@PREVIEW", -9),
+    ("metrics.before_append#5", -9),
+    ("metrics.after_append#5", -9),
+    ("metrics.after_append#3:term", 130),
+]
+
+
+def test_every_failpoint_has_a_case():
+    named = {case.split(":")[0].split("#")[0].split("@")[0] for case, _ in CASES}
+    assert named == set(POINTS)
+
+
+@pytest.mark.parametrize("armed, status", CASES, ids=[case for case, _ in CASES])
+def test_a_kill_at_a_failpoint_then_the_same_command_gives_the_uninterrupted_run(reference, armed, status):
+    config, straight = reference
+    armed = armed.replace("PREVIEW", preview(straight))
+    name = "killed"
+    first = run(command(config, name), SMPTRAIN_FAILPOINT=armed)
+    assert first.returncode == status, f"{first.stdout[-2000:]}\n{first.stderr[-3000:]}"
+    again = run(command(config, name))
+    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
+    assert_same_run(straight, straight.parent / name)
+    assert_no_leftovers(straight.parent)
+    # the next case starts from nothing
+    import shutil
+
+    shutil.rmtree(straight.parent / name)
+
+
+def test_a_stop_between_the_last_step_and_its_validation_leaves_the_validation_owed(reference):
+    config, straight = reference
+    stopped = run(command(config, "owed"), SMPTRAIN_FAILPOINT="epoch.before_validation:term")
+    assert stopped.returncode == 130
+    run_dir = straight.parent / "owed"
+    meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["train_state"]["validation_owed"] and meta["train_state"]["validations"] == 0
+    assert not any("val/JaccardIndex" in r for r in records(run_dir))
+    resumed = run(command(config, "owed"), check=True)
+    assert "resuming owed at epoch 1" in resumed.stdout + resumed.stderr
+    assert [r["step"] for r in records(run_dir) if "val/JaccardIndex" in r] == \
+        [r["step"] for r in records(straight) if "val/JaccardIndex" in r]
+
+
+def test_a_requeued_finished_run_changes_nothing_and_says_so(reference):
+    config, straight = reference
+    before = {path: ((straight / path).read_bytes() if not (straight / path).is_symlink()
+                     else os.readlink(straight / path), (straight / path).lstat().st_mtime_ns)
+              for path in files(straight)}
+    again = run(command(config, "reference"), check=True)
+    assert "already finished" in again.stdout and "nothing to do" in again.stdout
+    after = {path: ((straight / path).read_bytes() if not (straight / path).is_symlink()
+                    else os.readlink(straight / path), (straight / path).lstat().st_mtime_ns)
+             for path in files(straight)}
+    assert after == before
+
+
+def test_a_signal_at_any_moment_of_start_up_ends_with_130_and_leaves_nothing(demo_dir, tmp_path):
+    """Fresh interpreters (not the zygote: their imports are part of start-up), each sent SIGTERM at another moment
+    of its first seconds: while Python loads torch and the rest, while tensorstore is imported (an exception
+    raised there used to become an ImportError, and the next import of it aborted the process: SIGABRT), while the
+    model is built. Every one ends with 130, and none leaves a run directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, cli_env
+
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16, "in_memory": False}, train={"max_epochs": 1})
+    for delay in (0.3, 1.2, 2.5, 3.5, 4.5):
+        process = subprocess.Popen([sys.executable, "-m", "smptrain.train", "--config", str(config), "--set",
+                                    f"log.run_name='at{delay}'"], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 130, f"SIGTERM after {delay} s: exit {process.returncode}\n{output[-2000:]}"
+        if "stopping at the next logging step" not in output:  # still starting (a fast machine may be training)
+            assert not (tmp_path / "artifacts" / f"at{delay}").exists()
+    if (tmp_path / "artifacts").exists():
+        assert_no_leftovers(tmp_path / "artifacts")
