@@ -9,7 +9,8 @@ hyphenated (`learning-rate = 4e-4`); a key the command lacks is ignored, so one 
 - a training key that smptrain handles otherwise (`device`: Accelerate places the processes) is ignored with its
   reason (`HANDLED_OTHERWISE`); a key of another DARTS command (preprocessing, Earth Engine, inference, paths) is
   ignored (`OTHER_COMMANDS`); both are named in one line;
-- any other key is an error naming it and the closest DARTS name.
+- any other key is an error naming it and the closest training key when it is close to one (a misspelling), and
+  otherwise ignored and named in the same line (a key of a DARTS command newer than this list).
 
 Hyphens and underscores are the same. The module loads no torch (`smptrain.config` uses it).
 """
@@ -76,8 +77,11 @@ HANDLED_OTHERWISE = {
 }
 
 # The keys of DARTS' other commands (training-data preparation, inference pipelines, Earth Engine and AWS access,
-# shared paths), from the command signatures of darts-nextgen a59af6f to 4af7791.
+# shared paths), from the command signatures of darts-nextgen a59af6f to 1d2746d (which added aux-dir, tcvis-year,
+# tcvis-lag, arcticdem-resolution and zoom-factor). DARTS keeps adding keys: one that is none of these and not close
+# to a training key is ignored too (`read_darts`).
 OTHER_COMMANDS = frozenset("""
+    aux_dir tcvis_year tcvis_lag arcticdem_resolution zoom_factor
     admin_dir aoi_file aoi_shapefile append arcticdem_dir arcticdem_elevation_vrt arcticdem_slope_vrt aws_profile_name
     bands_mapping binarization_threshold cache_dir dask_worker data_dir debug_data dem_data_dir disk_dtype
     edge_erosion_size ee_project ee_use_highvolume end_date exclude_nan exclude_nopositive export_bands force
@@ -93,6 +97,7 @@ OTHER_COMMANDS = frozenset("""
 """.split())
 
 ALL_KEYS = (*DARTS_KEYS, *DARTS_OPTIONS, *HANDLED_OTHERWISE, *sorted(OTHER_COMMANDS))
+TRAINING_KEYS = (*DARTS_KEYS, *DARTS_OPTIONS)  # what a misspelling must not silently lose
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Reading:
     lines: tuple[tuple[str, object, str], ...] = ()  # (key as written, value, what it became)
     ignored: tuple[str, ...] = ()  # keys of other DARTS commands, as written (without their sub-tables)
     handled_otherwise: tuple[tuple[str, str], ...] = ()  # (key as written, why it is not read)
+    unknown: tuple[str, ...] = ()  # keys no DARTS command known here has, far from every training key
 
     def ignored_line(self, source: str) -> str | None:
         """One line naming every key not read, or None."""
@@ -111,6 +117,9 @@ class Reading:
         if self.ignored:
             parts.append(f"{', '.join(self.ignored)} (other DARTS commands)")
         parts += [f"{key} ({why})" for key, why in self.handled_otherwise]
+        if self.unknown:
+            parts.append(f"{', '.join(self.unknown)} (unknown here: a newer DARTS command's, or a typo of a key "
+                         f"that is not a training key)")
         return f"{source}: [darts] keys not used here: {'; '.join(parts)}" if parts else None
 
 
@@ -138,7 +147,7 @@ def read_darts(table: dict, source: str) -> Reading:
         raise UserError(f"[darts] in {source} must be a table")
     config: dict = {}
     options: dict = {}
-    lines, ignored, otherwise = [], [], []
+    lines, ignored, otherwise, unknown = [], [], [], []
     for name, (written, value) in flatten(table).items():
         shown = f"[darts] {written}"
         if name in DARTS_KEYS:
@@ -164,9 +173,12 @@ def read_darts(table: dict, source: str) -> Reading:
         elif name in OTHER_COMMANDS:
             ignored.append(written.rpartition(".")[2])
             lines.append((shown, value, "not read: a key of another DARTS command"))
-        else:
-            raise UserError(f"unknown key {shown} in {source}: no DARTS command has it{closest(name)}")
-    return Reading(config, options, tuple(lines), tuple(ignored), tuple(otherwise))
+        elif closest(name, TRAINING_KEYS):  # a misspelt training key must not pass unnoticed
+            raise UserError(f"unknown key {shown} in {source}: no DARTS command has it{closest(name, TRAINING_KEYS)}")
+        else:  # another DARTS command's key (DARTS keeps adding them): it does not change training
+            unknown.append(written.rpartition(".")[2])
+            lines.append((shown, value, "not read: unknown here"))
+    return Reading(config, options, tuple(lines), tuple(ignored), tuple(otherwise), tuple(unknown))
 
 
 def merge_darts(raw: dict, path: Path, sections: tuple[str, ...], check) -> Reading:
@@ -225,9 +237,9 @@ def option_value(option: str, value, where: str):
     return value
 
 
-def closest(name: str) -> str:
-    """'; did you mean X?' among every DARTS key (hyphenated, as DARTS writes them)."""
-    match = difflib.get_close_matches(name, ALL_KEYS, n=1, cutoff=0.6)
+def closest(name: str, among=ALL_KEYS) -> str:
+    """'; did you mean X?' among DARTS keys (every one by default; hyphenated, as DARTS writes them), or ''."""
+    match = difflib.get_close_matches(name, among, n=1, cutoff=0.6)
     return f"; did you mean {match[0].replace('_', '-')}?" if match else ""
 
 

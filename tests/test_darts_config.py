@@ -225,3 +225,20 @@ def test_a_model_that_cannot_take_the_patches_is_refused_before_anything_is_writ
             "error: model.arch = 'Unet' with model.encoder = 'tu-maxvit_tiny_rw_224' cannot take 64 x 64 patches: "
             "height (16) must be divisible by window (7)")
         assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_a_config_file_of_darts_1d2746d_reads_and_its_new_keys_of_other_commands_are_named_and_ignored(tmp_path):
+    """1d2746d added aux-dir, tcvis-year, tcvis-lag, arcticdem-resolution and zoom-factor to DARTS' commands; a key
+    that DARTS adds later and that is far from every training key is ignored the same way, and named."""
+    path = quickstart(tmp_path, text=QUICKSTART + '\n[darts.inference]\naux-dir = "/data/aux"\ntcvis-year = 2022\n'
+                                                  'tcvis-lag = 3\narcticdem-resolution = 10\nzoom-factor = 2\n'
+                                                  'mosaic-tiling-scheme = "utm"\n')
+    loaded = read_config(path)
+    line = loaded.darts.ignored_line(str(path))
+    for key in ("aux-dir", "tcvis-year", "tcvis-lag", "arcticdem-resolution", "zoom-factor"):
+        assert key in line.split("(other DARTS commands)")[0]
+    assert "mosaic-tiling-scheme (unknown here" in line
+    assert loaded.config == read_config(quickstart(tmp_path)).config  # training reads the same as without them
+    targets = {key: target for key, _, target in loaded.darts.lines}
+    assert targets["[darts] inference.zoom-factor"] == "not read: a key of another DARTS command"
+    assert targets["[darts] inference.mosaic-tiling-scheme"] == "not read: unknown here"

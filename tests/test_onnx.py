@@ -3,6 +3,8 @@ computation (normalise, network, sigmoid), and smptrain-predict --onnx against s
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -42,11 +44,13 @@ def test_the_onnx_file_computes_what_the_darts_segmenter_computes(tmp_path, arch
     bands = {"bands": BANDS7[-count:], "band_factors": FACTORS7[-count:], "band_offsets": OFFSETS7[-count:]}
     target = tmp_path / "m.onnx"
     difference = export_onnx(model, bands, network.state_dict(), {"patch_size": 64, "threshold": 0.4,
-                                                                    "input_bands": BANDS7, "name": "rts"}, target)
+                                                                    "input_bands": BANDS7, "name": "rts"}, target,
+                             dynamic=True)  # onnx-dynamic: any height and width, for onnxruntime
     assert difference <= 1e-4
     session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     props = session.get_modelmeta().custom_metadata_map
-    assert props["model_type"] == "Segmentor" and props["seg_thresh"] == "0.4" and props["tiles_size"] == "64"
+    assert json.loads(props["model_type"]) == "Segmentor" and json.loads(props["seg_thresh"]) == 0.4
+    assert json.loads(props["tile_size"]) == json.loads(props["tiles_size"]) == 64
     generator = torch.Generator().manual_seed(1)
     for size in (64, 96):
         raw = torch.rand(2, 7, size, size, generator=generator) * 4000  # every dataset band, raw

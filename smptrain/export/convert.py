@@ -2,6 +2,7 @@
 
     smptrain-convert CHECKPOINT --out-dir DIR --name NAME [--framework smp] [--which best|last] [--overwrite]
                      [--trust-pickle] [--bands-from DATASET_DIR] [--threshold 0.5|NUMBER|val-best]
+                     [--format darts|onnx|onnx-dynamic] [--resolution CM_PER_PIXEL]
 
 CHECKPOINT is a run directory (its `best` checkpoint, or `--which last`), a checkpoint directory, or a DARTS
 Lightning `.ckpt`. The output `DIR/NAME_YYYY-MM-DD.ckpt` is a `torch.save` of
@@ -12,9 +13,9 @@ Lightning `.ckpt`. The output `DIR/NAME_YYYY-MM-DD.ckpt` is a `torch.save` of
      "statedict": fp32 CPU state dict, no model./module./_orig_mod. prefixes}
 
 holding only plain Python types and tensors, so `torch.load(path, weights_only=True)` reads it. After writing,
-the file is reloaded the way the consumer does and its logits are compared with the source's; a mismatch removes
-the file and fails. Lightning checkpoints are pickles that can run code when loaded: they are read only with
-`--trust-pickle`.
+the file is reloaded the way the consumer does and its logits are compared with the source's on a patch of the
+size the run trained on (a MaxViT or Swin model takes no other); a mismatch removes the file and fails. Lightning
+checkpoints are pickles that can run code when loaded: they are read only with `--trust-pickle`.
 """
 
 from __future__ import annotations
@@ -35,11 +36,13 @@ from smptrain.storage import replacing
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
 from smptrain.evaluation.calibration import parse_threshold
+from smptrain.export.onnx import first_sentence
 from smptrain.export.predict import load_converted
 from smptrain.model import described_model
 from smptrain.training.layout import BEST, LAST, TEST, THRESHOLD, run_of
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
+LIGHTNING_SIZES = (256, 224, 512, 384, 1024, 64)  # DARTS' usual patch sizes, tried for a checkpoint that does not say
 SELF_CHECK_TOLERANCE = 1e-5
 
 
@@ -116,24 +119,51 @@ def build_converted(model: dict, bands: dict, state: dict, name: str, framework:
     }
 
 
-def self_check(path: Path, model_config: dict, state: dict) -> float:
-    """Largest |logit difference| between the source weights and the file loaded as the consumer loads it."""
-    source = described_model(model_config, clean_state_dict(state), str(path)).eval()
-    loaded, _ = load_converted(path)
-    size = 64
-    x = torch.rand(2, int(model_config["in_channels"]), size, size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return float((source(x) - loaded(x)).abs().max())
+def self_check(path: Path, model_config: dict, state: dict, patch: int) -> float:
+    """Largest |logit difference| between the source weights and the file loaded as the consumer loads it, on one
+    patch of the size the model was trained on (a MaxViT or Swin model takes no other); any failure is one
+    sentence."""
+    try:
+        source = described_model(model_config, clean_state_dict(state), str(path)).eval()
+        loaded, _ = load_converted(path)
+        x = torch.rand(1, int(model_config["in_channels"]), patch, patch, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            return float((source(x) - loaded(x)).abs().max())
+    except UserError:
+        raise
+    except Exception as error:  # the library's own reason (a timm assert, an out-of-memory)
+        raise UserError(f"self-check failed: model.arch = {model_config['arch']!r} with model.encoder = "
+                        f"{model_config['encoder_name']!r} cannot run a {patch} x {patch} patch: "
+                        f"{first_sentence(error)}; nothing was written") from None
+
+
+def patch_of(extra: dict, model_config: dict) -> int:
+    """The patch size the checks run: the run's, else (a Lightning checkpoint, which does not record it) the first
+    of DARTS' usual sizes that the model takes."""
+    if extra.get("patch_size"):
+        return int(extra["patch_size"])
+    model = described_model(model_config, None, "the checkpoint").eval()
+    for size in LIGHTNING_SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, int(model_config["in_channels"]), size, size))
+            return size
+        except Exception:
+            continue
+    raise UserError(f"model.arch = {model_config['arch']!r} with model.encoder = {model_config['encoder_name']!r} "
+                    f"takes none of the patch sizes {LIGHTNING_SIZES}; nothing was written")
 
 
 def convert(source: Path, out_dir: Path, name: str, *, which: str = BEST, threshold: float | str = 0.5,
             file_format: str = "darts", framework: str = "smp", overwrite: bool = False, trust_pickle: bool = False,
-            bands_from: Path | None = None) -> Path:
+            bands_from: Path | None = None, resolution: float | None = None) -> Path:
     """Write the converted file `out_dir/NAME_YYYY-MM-DD.ckpt` (or `.onnx`) and return its path (see the module
     docstring). `which`: the run's checkpoint (best or last); `threshold`: stored in config.smptrain.threshold, a
-    number or val-best (smptrain-test's choice); `file_format`: darts (the file SMPSegmenter loads) or onnx (raw
-    bands in, probabilities out); `framework`: config.model_framework; `trust_pickle`: read a DARTS Lightning `.ckpt`;
-    `bands_from`: a dataset whose config.toml gives a names-only Lightning checkpoint its band factors."""
+    number or val-best (smptrain-test's choice); `file_format`: darts (the file SMPSegmenter loads), onnx (raw
+    bands in, probabilities out, the run's patch size: what QGIS Deepness loads) or onnx-dynamic (any height and
+    width, for onnxruntime); `resolution`: cm per pixel, for Deepness; `framework`: config.model_framework;
+    `trust_pickle`: read a DARTS Lightning `.ckpt`; `bands_from`: a dataset whose config.toml gives a names-only
+    Lightning checkpoint its band factors."""
     if not name or "/" in name:
         raise UserError(f"--name must be a plain file name stem, got {name!r}")
     threshold = parse_threshold(threshold)
@@ -148,15 +178,17 @@ def convert(source: Path, out_dir: Path, name: str, *, which: str = BEST, thresh
     else:
         model, bands, state, extra = from_smptrain(source, which, threshold)
     dataset = extra.pop("dataset_dir", None)  # where the ONNX input's band order comes from
-    if file_format == "onnx":
-        return to_onnx(model, bands, state, {**extra, "name": name}, out_dir, overwrite, dataset)
+    patch = patch_of(extra, model)
+    if file_format in ("onnx", "onnx-dynamic"):
+        return to_onnx(model, bands, state, {**extra, "name": name, "patch_size": patch, "resolution": resolution},
+                       out_dir, overwrite, dataset, dynamic=file_format == "onnx-dynamic")
     converted = build_converted(model, bands, state, name, framework, extra)
     target = out_dir / f"{name}_{converted['config']['time']}.ckpt"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
     with replacing(target) as tmp:  # whole, checked, or not at all
         torch.save(converted, tmp)
-        difference = self_check(tmp, converted["config"]["model"], state)
+        difference = self_check(tmp, converted["config"]["model"], state, patch)
         if not difference <= SELF_CHECK_TOLERANCE:
             raise UserError(f"self-check failed: the converted file's logits differ from the checkpoint's by "
                             f"{difference:.3g} (> {SELF_CHECK_TOLERANCE}); nothing was written")
@@ -164,7 +196,7 @@ def convert(source: Path, out_dir: Path, name: str, *, which: str = BEST, thresh
 
 
 def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, overwrite: bool,
-            dataset: str | None) -> Path:
+            dataset: str | None, dynamic: bool = False) -> Path:
     """`DIR/NAME_YYYY-MM-DD.onnx` (see smptrain.export.onnx); the input bands are the run's dataset's when it is
     reachable, else the model's."""
     from smptrain.export.onnx import export_onnx
@@ -180,8 +212,14 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
     target = out_dir / f"{extra['name']}_{datetime.date.today().isoformat()}.onnx"
     if target.exists() and not overwrite:
         raise UserError(f"{target} already exists; pass --overwrite to replace it or choose another --name")
-    difference = export_onnx(model, bands, state, {**extra, "input_bands": input_bands}, target)
+    difference = export_onnx(model, bands, state, {**extra, "input_bands": input_bands}, target, dynamic)
     click.echo(f"onnxruntime self-check: probabilities within {difference:.2g} of PyTorch's")
+    size = "any height and width (for onnxruntime; Deepness needs --format onnx)" if dynamic else \
+        f"{extra['patch_size']} x {extra['patch_size']} pixels, any batch"
+    click.echo(f"input: raw values of the bands {', '.join(input_bands)} in this order, {size}")
+    if not extra.get("resolution") and not dynamic:
+        click.echo("resolution: not recorded; give it with --resolution CM_PER_PIXEL (Deepness resamples the map to "
+                   "it, e.g. 300 for PlanetScope's 3 m) or set it in the plugin")
     return target
 
 
@@ -199,13 +237,17 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
 @click.option("--threshold", default="0.5", show_default=True,
               help="Stored as config.smptrain.threshold (what smptrain-predict --binarize uses): a number, or val-best "
                    "for the one `smptrain-test --threshold val-best` chose on the validation split.")
-@click.option("--format", "file_format", type=click.Choice(["darts", "onnx"]), default="darts", show_default=True,
+@click.option("--format", "file_format", type=click.Choice(["darts", "onnx", "onnx-dynamic"]), default="darts",
+              show_default=True,
               help="darts: the file the DARTS pipeline loads; onnx: raw bands in, probabilities out, with the band "
-                   "normalisation inside (needs the onnx extra).")
+                   "normalisation inside, at the run's patch size (what QGIS Deepness loads; needs the onnx extra); "
+                   "onnx-dynamic: the same for any height and width, for onnxruntime.")
+@click.option("--resolution", type=float, default=None,
+              help="ONNX: the imagery's resolution in cm per pixel, recorded for Deepness (e.g. 300 for 3 m).")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
 @report_user_errors
 def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, threshold, file_format,
-         debug):
+         resolution, debug):
     """Convert CHECKPOINT (run dir, checkpoint dir or DARTS .ckpt) into the DARTS inference format."""
     if debug:
         os.environ["SMPTRAIN_DEBUG"] = "1"
@@ -214,8 +256,8 @@ def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, b
         raise UserError(f"checkpoint {source} does not exist")
     target = convert(source, Path(out_dir), name, which=which, threshold=threshold, file_format=file_format,
                      framework=framework, overwrite=overwrite, trust_pickle=trust_pickle,
-                     bands_from=Path(bands_from) if bands_from else None)
-    click.echo(f"wrote {target}" if file_format == "onnx" else
+                     bands_from=Path(bands_from) if bands_from else None, resolution=resolution)
+    click.echo(f"wrote {target}" if file_format != "darts" else
                f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
 
 

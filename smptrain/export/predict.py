@@ -178,8 +178,13 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta
         raw = np.load(tile, allow_pickle=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{tile} is not a readable .npy array: {error}") from None
-    patch_size = choose_patch_size(patch_size, config, raw.shape[-2:], overlap, reflection, str(tile))
+    if config.get("fixed_size") and patch_size is not None and patch_size != config["fixed_size"]:
+        raise UserError(f"{checkpoint} takes {config['fixed_size']} x {config['fixed_size']} patches only (exported "
+                        f"with --format onnx); drop --patch-size, or export with --format onnx-dynamic")
+    patch_size = choose_patch_size(patch_size or config.get("fixed_size"), config, raw.shape[-2:], overlap, reflection,
+                                   str(tile))
     tiles = inputs_of(raw, config, is_onnx).reshape(1, *raw.shape[-3:])
+    check_patches(model, config, tiles.shape[1], patch_size, str(checkpoint))
     probs = predict_in_patches(model, tiles, patch_size, overlap, batch_size, reflection, device, tta)[0].cpu()
     share = f"{float((probs > threshold).float().mean()):.2%} above {threshold:g}"
     if binarize:
@@ -191,13 +196,42 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta
 
 
 def onnx_model(path):
-    """(OnnxSegmenter, a config shaped like a converted file's) of an exported ONNX file."""
+    """(OnnxSegmenter, a config shaped like a converted file's) of an exported ONNX file; `fixed_size` is the side
+    of the patches a fixed-size file (--format onnx) takes, None for a dynamic one."""
     from smptrain.export.onnx import load_onnx
 
     session, description = load_onnx(Path(path))
+    side = session.get_inputs()[0].shape[-1]
     return OnnxSegmenter(session), {"smptrain": {"patch_size": description["patch_size"],
                                                  "threshold": description["threshold"]},
-                                    "input_bands": description["input_bands"]}
+                                    "input_bands": description["input_bands"],
+                                    "fixed_size": side if isinstance(side, int) else None}
+
+
+def check_patches(model, config: dict, channels: int, patch_size: int, source: str) -> None:
+    """What training checks of a patch size, before a tile is cut: one zero patch through the model must come back
+    as logits of the same size (Segformer turns 65 px into 64, a DeepLabV3Plus cannot take 100); one sentence."""
+    from smptrain.errors import CannotBuild
+    from smptrain.model import check_forward, check_patch_size
+
+    description = config.get("model") or {}
+    if isinstance(model, OnnxSegmenter):
+        try:
+            out = model(torch.zeros(1, channels, patch_size, patch_size))
+            shape = tuple(out.shape[-2:])
+        except Exception as error:
+            raise UserError(f"{source} cannot take {patch_size} x {patch_size} patches: "
+                            f"{str(error).strip().splitlines()[0][:200]}; give another --patch-size") from None
+        if shape != (patch_size, patch_size):
+            raise UserError(f"{source} turns {patch_size} x {patch_size} patches into {shape[0]} x {shape[1]} "
+                            f"probabilities; give another --patch-size (a multiple of 32 is safe)")
+        return
+    try:
+        check_patch_size(model, description["arch"], patch_size)
+        check_forward(model, description["arch"], description["encoder_name"], channels, patch_size,
+                      next(model.parameters()).device)
+    except CannotBuild as error:
+        raise UserError(f"--patch-size: {error}") from None
 
 
 def inputs_of(raw: np.ndarray, config: dict, is_onnx: bool) -> torch.Tensor:

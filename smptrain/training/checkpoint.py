@@ -31,7 +31,7 @@ from smptrain.config import plain
 from smptrain.errors import UserError
 from smptrain.failpoints import failpoint
 from smptrain.storage import WriteFailed, file_mode, replacing, writing
-from smptrain.training.layout import BEST, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
+from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MONITOR = "val/JaccardIndex"
@@ -266,7 +266,13 @@ def resolve(path: str | Path, which: str = BEST) -> Path:
             if candidate.is_symlink():
                 raise UserError(f"{candidate} points to a missing checkpoint; the run directory is damaged")
         raise UserError(f"run directory {path} has no '{which}' checkpoint yet (no validation has finished)")
-    raise UserError(f"{path} is neither a run directory nor a checkpoint directory (expected meta.json and model.safetensors)")
+    if (path / CONFIG).is_file() or (path / IDENTITY).is_file():
+        raise UserError(f"run directory {path} has no {root.name}/ folder: no checkpoint of it was saved, or the "
+                        f"folder was moved or deleted")
+    if (path / META).is_file():
+        raise UserError(f"checkpoint directory {path} has meta.json but no {WEIGHTS}; it is incomplete")
+    raise UserError(f"{path} is neither a run directory (config.toml, {root.name}/) nor a checkpoint directory "
+                    f"(meta.json and {WEIGHTS})")
 
 
 def read_lightning(path: Path) -> tuple[dict, dict]:

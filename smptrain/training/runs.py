@@ -45,7 +45,8 @@ def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info
     # Made under a hidden name and renamed into place: a kill at any moment leaves the run directory complete or
     # absent (a half-made one would stop every requeued `--resume auto`); a leftover of a killed start goes first.
     tmp = artifact_dir / f".{name}.creating"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in (tmp, artifact_dir / f".{name}.removing"):
+        shutil.rmtree(leftover, ignore_errors=True)
     with writing(run_dir, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True)):
         checkpoints_dir(tmp).mkdir(parents=True)
         failpoint("run_dir.created")
@@ -166,7 +167,20 @@ def remover(accelerator, run_dir: Path):
     it holds nothing to resume, and leaving it would make the corrected re-run stop with "already exists"."""
     if not accelerator.is_main_process:
         return None
-    return lambda: shutil.rmtree(run_dir, ignore_errors=True)
+    return lambda: remove_run_dir(run_dir)
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a run directory so that a kill halfway leaves none: renamed to a hidden name first (one step), then
+    deleted; `create_run_dir` clears what a killed removal left."""
+    gone = run_dir.with_name(f".{run_dir.name}.removing")
+    try:
+        os.rename(run_dir, gone)
+    except FileNotFoundError:
+        return
+    except OSError:
+        gone = run_dir
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 PATH_KEYS = (("data", "dir"), ("log", "artifact_dir"), ("model", "encoder_weights"), ("model", "weights_from"))
@@ -259,7 +273,7 @@ def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
         raise UserError(f"{run_dir} exists and is not a run directory (no {CONFIG}); choose another log.run_name")
     if not has_checkpoint(run_dir):  # started, but killed before its first checkpoint: nothing to continue
         if is_main_process():  # the other ranks decide the same, from the same files
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)
         return cfg, None
     stored, given = to_dict(load_config(run_dir / CONFIG)), to_dict(absolute_paths(cfg)[0])
     for section, values in stored.items():
