@@ -271,8 +271,8 @@ def resolve(path: str | Path, which: str = BEST) -> Path:
                         f"folder was moved or deleted")
     if (path / META).is_file():
         raise UserError(f"checkpoint directory {path} has meta.json but no {WEIGHTS}; it is incomplete")
-    raise UserError(f"{path} is neither a run directory (config.toml, {root.name}/) nor a checkpoint directory "
-                    f"(meta.json and {WEIGHTS})")
+    raise UserError(f"{path} is neither a run directory nor a checkpoint directory (expected config.toml and "
+                    f"{root.name}/, or meta.json and {WEIGHTS})")
 
 
 def read_lightning(path: Path) -> tuple[dict, dict]:
