@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smptrain.choices import (AUGMENTATIONS, FOLD_METHODS, LOSSES, MEMORY_DEVICES, PRECISION_CHOICES, READERS,
-                              SCHEDULES, SPLIT_METHODS, TRACKERS)
+                              RECIPES, SCHEDULES, SPLIT_METHODS, TRACKERS)
 from smptrain.darts_config import DARTS_KEYS, Reading, darts_override, merge_darts
+from smptrain.recipes import with_recipe
 from smptrain.errors import UserError
 
 def setting(default, *, one_of: tuple | None = None, at_least: float | None = None, rule=None):
@@ -75,7 +76,9 @@ class TrainConfig:
     cosine_epochs: int = setting(0, at_least=0)  # cosine schedule: epochs it spans (fix it to extend a run by resuming); 0 = train.max_epochs
     freeze_encoder_epochs: int = setting(0, at_least=0)  # train only decoder and head for the first n epochs (encoder weights and BatchNorm statistics fixed)
     encoder_lr_scale: float = setting(1.0, rule=(lambda v: v > 0 and math.isfinite(v), "a positive number"))  # the encoder's learning rate as a multiple of the schedule's
+    recipe: str = setting("darts", one_of=RECIPES)  # a named recipe (smptrain/recipes.toml) whose keys fill in those the configuration does not set
     warmup_steps: int = setting(0, at_least=0)  # optimizer steps of linear warmup, (step + 1) / warmup_steps times the schedule; 0 = none
+    warmup_epochs: int = setting(0, at_least=0)  # linear warmup over this many epochs (instead of warmup_steps); 0 = none
     ema_decay: float = setting(0.0, rule=(lambda v: 0 <= v < 1, "in [0, 1)"))  # exponential moving average of the weights (timm's ModelEmaV3), which validation, best, test and convert use; 0 = off
     ema_warmup: bool = False  # with ema_decay: timm's EMA warmup, decay min(ema_decay, 1 - (1 + step) ** -2/3), so early steps forget the initial weights
     loss: str | dict[str, float] = "focal"  # focal | bce | dice | jaccard | tversky | lovasz, or a weighted sum {focal = 1.0, dice = 0.5}
@@ -141,6 +144,7 @@ class Loaded:
     config: Config
     darts: Reading = field(default_factory=Reading)
     source: str = "the defaults"
+    from_recipe: tuple[str, ...] = ()  # the keys train.recipe filled in (section.key)
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), base: dict | None = None,
@@ -187,7 +191,8 @@ def read_config(path: str | Path | None, overrides: typing.Sequence[str] = (), b
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] in {source} must be a table")
         raw[section][name] = value
-    return Loaded(from_dict(raw, source), darts, source)
+    raw, from_recipe = with_recipe(raw, source)
+    return Loaded(from_dict(raw, source), darts, source, tuple(from_recipe))
 
 
 def _check_one(section: str, name: str, value, source: str) -> None:
@@ -402,6 +407,8 @@ def _check_combinations(cfg: Config, source: str) -> None:
     if 0 < cfg.data.positive_fraction * cfg.train.batch_size < 0.5:  # rounded half up to places of a batch
         raise UserError(f"data.positive_fraction = {cfg.data.positive_fraction:g} in {source} gives no positive patch in a batch "
                         f"of {cfg.train.batch_size} (train.batch_size); use at least {0.5 / cfg.train.batch_size:g}")
+    if cfg.train.warmup_steps and cfg.train.warmup_epochs:
+        raise UserError(f"train.warmup_steps and train.warmup_epochs in {source} both set a warmup; give one of them")
     if "wandb" in cfg.log.trackers and not cfg.log.wandb_project:
         raise UserError(f"log.trackers in {source} includes wandb but log.wandb_project is empty; set the project")
     if cfg.data.fold_method != "none":

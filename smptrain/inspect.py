@@ -25,6 +25,7 @@ from smptrain.data.scan import MISSING_CHUNKS, mismatch_sentence, scan_values
 from smptrain.storage import write_text
 from smptrain.errors import UserError
 from smptrain.cli import report_user_errors
+from smptrain.training.schedule import describe as describe_schedule
 from smptrain.data.splits import make_splits, split_fold, split_stats, split_test
 
 
@@ -89,6 +90,12 @@ def main(json_out, download_weights, config_path, overrides, debug):
                f"fold: {cfg.data.fold_method}, fold {cfg.data.fold} of {cfg.data.total_folds}")
     for name in ("train", "val", "test"):
         click.echo(describe(name, split_stats(info.metadata, splits[name])))
+    if loaded.from_recipe:
+        click.echo(f"recipe {cfg.train.recipe} (smptrain/recipes.toml) set: {', '.join(loaded.from_recipe)}")
+    per_epoch = len(splits["train"]) // (cfg.train.batch_size * cfg.train.grad_accum_steps)
+    if per_epoch:
+        click.echo(f"{describe_schedule(cfg.train, per_epoch)} (one process: under accelerate launch, an epoch has "
+                   f"1/N of these steps on N processes)")
     if cfg.data.fold_method != "none":
         trainval, _ = split_test(info.metadata, cfg.data.split_method, cfg.data.split_by)
         part = info.metadata.loc[trainval]

@@ -48,7 +48,8 @@ from smptrain.training.layout import (BEST, CONFIG, LAST, PREVIEWS, SCHEDULE_PLO
                                       checkpoints_dir)
 from smptrain.training.prepare import Run, set_up  # noqa: E402
 from smptrain.training.runs import RESUMABLE, Opening, begin, start_or_continue, tidy  # noqa: E402
-from smptrain.training.schedule import learning_rate, planned  # noqa: E402
+from smptrain.training.schedule import describe as describe_schedule  # noqa: E402
+from smptrain.training.schedule import learning_rate, planned, warmup_of  # noqa: E402
 
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
 
@@ -211,12 +212,14 @@ def encoder(run: Run) -> torch.nn.Module:
 
 
 def write_schedule(run: Run) -> None:
-    """Main process: `RUN_DIR/schedule.png`, the learning rate of every step the run takes (also on resume)."""
+    """The schedule said in one line, and (main process) `RUN_DIR/schedule.png`, the learning rate of every step the
+    run takes (also on resume)."""
+    train, per_epoch = run.cfg.train, run.batches.steps_per_epoch
+    run.accelerator.print(describe_schedule(train, per_epoch))
     if not run.accelerator.is_main_process:
         return
-    train, per_epoch = run.cfg.train, run.batches.steps_per_epoch
     steps, rates = planned(train, per_epoch, points=4000)  # enough for the figure, quick for any run length
-    warmup = f", {train.warmup_steps} warmup steps" if train.warmup_steps else ""
+    warmup = f", {warmup_of(train, per_epoch)} warmup steps" if warmup_of(train, per_epoch) else ""
     try:
         plots.learning_rate(steps, rates, per_epoch, run.run_dir / SCHEDULE_PLOT,
                             f"{run.keeper.describe['run_name']}: {train.schedule} schedule{warmup}, lr {train.lr:g} "

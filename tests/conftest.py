@@ -34,7 +34,7 @@ def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: b
     smptrain's commands and `python -m smptrain...` / `python tools/...` are forked from this worker's zygote (a
     Python that has imported torch, smp, Accelerate and the rest once): each is still a real process with its own
     exit status and output, without paying those 4-5 s of imports again. Anything else, or an environment that
-    libraries read at import time (anything but SMPTRAIN_*), starts a fresh interpreter."""
+    libraries read at import time (see `read_at_run_time`), starts a fresh interpreter."""
     if args[0].startswith("smptrain-") or args[0] == "accelerate":
         full = [str(BIN / args[0]), *args[1:]]
     elif args[0] == "python":
@@ -42,7 +42,7 @@ def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: b
     else:
         full = list(args)
     target = Zygote.target(args)
-    if target is not None and all(key.startswith("SMPTRAIN_") for key in env):
+    if target is not None and all(read_at_run_time(key, value) for key, value in env.items()):
         result = Zygote.get().run(full, target, cwd or ROOT, cli_env(**env), timeout)
     else:
         result = subprocess.run(full, cwd=cwd or ROOT, env=cli_env(**env), capture_output=True, text=True,
@@ -50,6 +50,12 @@ def run(args: list[str], cwd: Path | None = None, timeout: float = 600, check: b
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(full)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def read_at_run_time(key: str, value: str) -> bool:
+    """Whether a forked command sees this environment variable as a fresh one would: smptrain's own, wandb's and
+    MLflow's (neither is imported by the zygote), or a value the zygote started with."""
+    return key.startswith(("SMPTRAIN_", "WANDB_", "MLFLOW_")) or cli_env().get(key) == value
 
 
 ZYGOTE = r"""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "smptrain"
 FOUNDATION = {"smptrain.choices", "smptrain.config", "smptrain.darts_config", "smptrain.errors", "smptrain.storage",
-              "smptrain.runtime", "smptrain.processes", "smptrain.failpoints"}
+              "smptrain.runtime", "smptrain.processes", "smptrain.failpoints",
+              "smptrain.recipes"}
 
 
 def module_name(path: Path) -> str:

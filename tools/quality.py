@@ -8,29 +8,30 @@ positives are rare) is split by region: Lena Delta, whose band statistics lie fa
 the test split, so the test measures a domain shift; the other three regions train and validate (DARTS' 5 folds,
 fold 0). Every recipe trains a Unet with timm's ResNet-10-T encoder (`tu-resnet10t`, resnet-class at half
 resnet18's step time, so 18 runs fit in 20 minutes on 2 CPU cores) from scratch with every seed, in fp32 (a number
-must not depend on whether the CPU has native bf16), through `smptrain.train.train()` itself, and its best checkpoint
-(chosen on validation) is tested in fp32 on the held-out region by smptrain-test's own code (`assess_checkpoint`).
+must not depend on whether the CPU has native bf16). It is `smptrain-recipes`' comparison (smptrain.search.recipes:
+each run trained, its best checkpoint chosen on validation and tested in fp32 on the held-out region) on the
+generated data, with single changes of DARTS' defaults as the variants beside the named `rare-positives`.
 
 Recipes, each DARTS' default with one change, and their combination:
   darts       DARTS' defaults: focal loss, AdamW lr 1e-3 * 0.9**epoch, batch 8, validation every 3 epochs
   focal+dice  train.loss = {focal = 1.0, dice = 1.0}
-  cosine      train.schedule = "cosine" with one epoch of train.warmup_steps
+  cosine      train.schedule = "cosine" with train.warmup_epochs = 1
   ema         train.ema_decay = 0.99 with train.ema_warmup
   positives   data.positive_fraction = 0.33 (nnU-Net's share)
+  rare-positives  the named recipe: focal+dice, cosine with a warmup epoch and positives together
   combined    every change above whose mean best val/JaccardIndex beat darts' (chosen on validation, never on
               test); all four if fewer than two did
 
 Prints, per recipe, the mean +- sample standard deviation over the seeds of test IoU and F1 (and of the best
-validation IoU), with the CPU the numbers came from; writes runs.csv (one row per run), summary.csv and quality.png
-to --out. Three seeds are few: a difference smaller than the spread is no difference. A machine repeats its own
-numbers exactly, but fp32 convolutions take other kernels with AVX-512 than with AVX2, so runs differ between
-machines: compare recipes within one table (the CPU is printed with it), never across.
+validation IoU), with the CPU the numbers came from; writes runs.csv (one row per run), summary.csv (with the paired
+differences to darts), comparison.json, comparison.png and quality.png to --out. Three seeds are few: a difference
+smaller than the spread is no difference. A machine repeats its own numbers exactly, but fp32 convolutions take
+other kernels with AVX-512 than with AVX2, so runs differ between machines: compare recipes within one table (the
+CPU is printed with it), never across.
 """
 
 from __future__ import annotations
 
-import csv
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -39,22 +40,21 @@ import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smptrain.config import load_config  # noqa: E402
 from smptrain.demo import make_demo  # noqa: E402
 from smptrain.evaluation import plots  # noqa: E402
-from smptrain.evaluation.test import assess_checkpoint  # noqa: E402
 from smptrain.runtime import describe_cpu  # noqa: E402
+from smptrain.search.recipes import METRICS, Comparison, compare, summarise  # noqa: E402
 
 HELD_OUT = "Lena Delta"
 ENCODER = "tu-resnet10t"  # timm's ResNet-10-T: resnet-class, half resnet18's step time in a Unet on CPU
-CHANGES = {  # recipe -> its overrides of DARTS' defaults ({steps} = one epoch of optimizer steps)
+CHANGES = {  # recipe -> its overrides of DARTS' defaults
     "focal+dice": ["train.loss={focal = 1.0, dice = 1.0}"],
-    "cosine": ["train.schedule='cosine'", "train.warmup_steps={steps}"],
+    "cosine": ["train.schedule='cosine'", "train.warmup_epochs=1"],
     "ema": ["train.ema_decay=0.99", "train.ema_warmup=true"],
     "positives": ["data.positive_fraction=0.33"],
 }
-RECIPES = ("darts", *CHANGES, "combined")
-METRICS = ("test/JaccardIndex", "test/F1Score", "best/val/JaccardIndex")
+NAMED = {"rare-positives": ["train.recipe='rare-positives'"]}  # smptrain's named recipe (smptrain/recipes.toml)
+RECIPES = ("darts", *CHANGES, *NAMED, "combined")
 
 
 def base_overrides(data: Path, out: Path, epochs: int) -> list[str]:
@@ -62,41 +62,7 @@ def base_overrides(data: Path, out: Path, epochs: int) -> list[str]:
     return [f"data.dir='{data}'", "data.split_method='region'", f"data.split_by=['{HELD_OUT}']",
             "data.fold_method='kfold'", "data.total_folds=5", "data.fold=0", "data.in_memory=true",
             "data.num_workers=0", f"model.encoder='{ENCODER}'", f"train.max_epochs={epochs}",
-            "train.mixed_precision='no'", f"log.artifact_dir='{out / 'runs'}'", "log.preview_every_n_val=0",
-            "log.log_every_n_steps=50"]
-
-
-def train_and_test(recipe: str, changes: list[str], seed: int, data: Path, out: Path, epochs: int,
-                   steps_per_epoch: int) -> dict:
-    """One run of a recipe: train, then test its best checkpoint in fp32 on the held-out region."""
-    from smptrain.train import train
-
-    name = f"{recipe}-seed{seed}"
-    changes = [c.replace("{steps}", str(steps_per_epoch)) for c in changes]
-    overrides = [*base_overrides(data, out, epochs), *changes, f"train.seed={seed}", f"log.run_name='{name}'"]
-    started = time.perf_counter()
-    result = train(load_config(None, overrides))
-    if result.status not in ("finished", "early-stopped"):
-        raise click.ClickException(f"{name} ended {result.status}: {result.message}")
-    metrics = assess_checkpoint(result.run_dir, precision="fp32")
-    return {"recipe": recipe, "seed": seed, "changes": "; ".join(changes) or "(DARTS' defaults)",
-            "test/JaccardIndex": metrics["test/JaccardIndex"], "test/F1Score": metrics["test/F1Score"],
-            "best/val/JaccardIndex": result.best["val/JaccardIndex"], "epochs": result.epochs,
-            "duration_s": round(time.perf_counter() - started, 1)}
-
-
-def summarise(rows: list[dict]) -> list[dict]:
-    """Per recipe, in the order run: mean and sample standard deviation of each metric over the seeds."""
-    summary = []
-    for recipe in dict.fromkeys(row["recipe"] for row in rows):
-        runs = [row for row in rows if row["recipe"] == recipe]
-        entry = {"recipe": recipe, "seeds": len(runs), "changes": runs[0]["changes"]}
-        for metric in METRICS:
-            values = [row[metric] for row in runs]
-            entry[f"{metric} mean"] = statistics.fmean(values)
-            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else float("nan")
-        summary.append(entry)
-    return summary
+            "train.mixed_precision='no'", "log.preview_every_n_val=0", "log.log_every_n_steps=50"]
 
 
 def combination(summary: list[dict]) -> list[str]:
@@ -105,13 +71,6 @@ def combination(summary: list[dict]) -> list[str]:
     darts = next(entry[key] for entry in summary if entry["recipe"] == "darts")
     better = [entry["recipe"] for entry in summary if entry["recipe"] in CHANGES and entry[key] > darts]
     return better if len(better) >= 2 else list(CHANGES)
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def table(summary: list[dict]) -> str:
@@ -142,37 +101,19 @@ def main(out, seeds, epochs, patches, recipes):
     cpu = describe_cpu()
     print(f"quality benchmark on {cpu}: {len(chosen)} recipes x {len(seeds)} seeds, {epochs} epochs each")
     data = make_demo(out / "data", patches=patches, patch_size=64, seed=0, slump_share=0.25)
-    steps_per_epoch = steps_of_an_epoch(data, out, epochs)
-    started, rows = time.perf_counter(), []
-    for recipe in chosen:
-        if recipe == "combined":
-            picked = combination(summarise(rows))
-            print(f"combined: {', '.join(picked)}")
-            changes = [c for name in picked for c in CHANGES[name]]
-        else:
-            changes = CHANGES.get(recipe, [])
-        for seed in seeds:
-            rows.append(train_and_test(recipe, changes, seed, data, out, epochs, steps_per_epoch))
-            row = rows[-1]
-            print(f"{recipe} seed {seed}: test IoU {row['test/JaccardIndex']:.4f}, F1 {row['test/F1Score']:.4f} "
-                  f"({row['duration_s']:.0f} s)", flush=True)
-    summary = summarise(rows)
-    write_csv(rows, out / "runs.csv")
-    write_csv(summary, out / "summary.csv")
+    started = time.perf_counter()
+    variants = {recipe: CHANGES.get(recipe) or NAMED.get(recipe, []) for recipe in chosen if recipe != "combined"}
+    result = compare(None, base_overrides(data, out, epochs), Comparison(variants, seeds, claims=False), out)
+    if "combined" in chosen:  # chosen on validation from the runs above, which the comparison keeps
+        picked = combination(summarise(result.rows))
+        print(f"combined: {', '.join(picked)}")
+        variants["combined"] = [c for name in picked for c in CHANGES[name]]
+        result = compare(None, base_overrides(data, out, epochs), Comparison(variants, seeds, claims=False), out)
+    rows, summary = result.rows, summarise(result.rows)
     heading = (f"held-out region {HELD_OUT}; Unet-{ENCODER}, {epochs} epochs, fp32; {len(seeds)} seeds; {cpu}")
     plots.recipes(rows, ["test/JaccardIndex", "test/F1Score"], out / "quality.png", heading)
     print(f"\n{heading}\n{table(summary)}\n\n{len(rows)} runs in {(time.perf_counter() - started) / 60:.1f} min; "
           f"wrote {out / 'runs.csv'}, {out / 'summary.csv'}, {out / 'quality.png'}")
-
-
-def steps_of_an_epoch(data: Path, out: Path, epochs: int) -> int:
-    """Optimizer steps per epoch of the benchmark's training split (one process), for the cosine's warmup."""
-    from smptrain.data.dataset import open_dataset
-    from smptrain.data.splits import make_splits
-
-    cfg = load_config(None, base_overrides(data, out, epochs))
-    splits = make_splits(open_dataset(cfg.data.dir).metadata, cfg.data, cfg.train.seed)
-    return len(splits["train"]) // cfg.train.batch_size
 
 
 if __name__ == "__main__":

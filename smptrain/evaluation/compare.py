@@ -7,7 +7,7 @@ every run below it is compared. For each run: the configuration keys whose value
 best and the last value of `--metric` in `metrics.jsonl` (with the step of the best), the same metric on the test
 split when `smptrain-test` wrote `test/metrics.json`, the number of optimizer steps, and the wall time from the
 run's creation to its last checkpoint. Writes `compare.csv` and `compare.png` (the metric over steps, one line per
-run) to --out.
+run) next to the runs (the one RUN_DIR given, or the folder the RUN_DIRs share), or to --out.
 """
 
 from __future__ import annotations
@@ -146,16 +146,26 @@ def compare(paths, metric: str, out_dir: Path) -> list[dict]:
     return rows
 
 
+def beside(paths) -> Path:
+    """Where the comparison of `paths` goes by default: the one directory given, or the folder they share."""
+    import os
+
+    absolute = [Path(p).absolute() for p in paths]
+    return absolute[0] if len(absolute) == 1 else Path(os.path.commonpath(absolute))
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--metric", default="val/JaccardIndex", show_default=True,
               help="The validation metric to compare (its best and last value, and the same name on test).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=".", show_default=True,
-              help="Directory for compare.csv and compare.png.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Directory for compare.csv and compare.png [default: next to the runs: the one RUN_DIR given, or "
+                   "the folder the RUN_DIRs share].")
 @report_user_errors
 def main(run_dirs, metric, out_dir):
     """Compare runs side by side: config differences, best and last validation metric, test metric, steps, time.
     Each RUN_DIR is a run directory or one holding runs (a CV or a tuning study)."""
+    out_dir = out_dir or beside(run_dirs)
     rows = compare(run_dirs, metric, Path(out_dir))
     click.echo(format_table(rows))
     click.echo(f"wrote {Path(out_dir) / 'compare.csv'} and {Path(out_dir) / 'compare.png'}")

@@ -8,7 +8,8 @@ same rates as the run that never stopped, with no scheduler state to save.
   trained in parts fixes `cosine_epochs`.
 - `constant`: `lr` throughout.
 
-`warmup_steps` multiplies the first steps by a linear ramp, `(step + 1) / warmup_steps`, so step 0 already moves.
+`warmup_steps` (or `warmup_epochs`, that many epochs' steps) multiplies the first steps by a linear ramp,
+`(step + 1) / warmup`, so step 0 already moves.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from __future__ import annotations
 import math
 
 
+def warmup_of(train, steps_per_epoch: int) -> int:
+    """Optimizer steps of the linear warmup: train.warmup_steps, or train.warmup_epochs epochs of them."""
+    return train.warmup_steps or train.warmup_epochs * steps_per_epoch
+
+
 def learning_rate(train, step: int, epoch: int, steps_per_epoch: int) -> float:
     """The rate of optimizer step `step` (counted from 0 over the run) in epoch `epoch` under `train` (TrainConfig)."""
-    warmup = train.warmup_steps
+    warmup = warmup_of(train, steps_per_epoch)
     ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
     if train.schedule == "exponential":
         return train.lr * train.gamma ** epoch * ramp
@@ -34,5 +40,20 @@ def planned(train, steps_per_epoch: int, points: int | None = None) -> tuple[lis
     `points` evenly spaced ones plus the end of the warmup and the last step (a long run has millions)."""
     total = train.max_epochs * steps_per_epoch
     stride = max(1, total // points) if points else 1
-    steps = sorted({*range(0, total, stride), max(min(train.warmup_steps, total) - 1, 0), total - 1})
+    steps = sorted({*range(0, total, stride), max(min(warmup_of(train, steps_per_epoch), total) - 1, 0), total - 1})
     return steps, [learning_rate(train, s, s // steps_per_epoch, steps_per_epoch) for s in steps]
+
+
+def describe(train, steps_per_epoch: int) -> str:
+    """The schedule in one line: steps per epoch and in all, the warmup, and the rate at its key points."""
+    total = train.max_epochs * steps_per_epoch
+    warmup = warmup_of(train, steps_per_epoch)
+    points = {"first step": 0}
+    if warmup:
+        points["end of warmup"] = min(warmup, total) - 1
+    points |= {"middle": total // 2, "last step": total - 1}
+    rates = ", ".join(f"{name} {learning_rate(train, s, s // steps_per_epoch, steps_per_epoch):.3g}"
+                      for name, s in sorted(points.items(), key=lambda item: item[1]))
+    ramp = f", warmup {warmup} steps" if warmup else ""
+    return (f"schedule: {train.schedule}, {steps_per_epoch} optimizer steps per epoch, {total} in {train.max_epochs} "
+            f"epochs{ramp}; learning rate at the {rates}")

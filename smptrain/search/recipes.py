@@ -1,0 +1,266 @@
+"""Recipes compared on your own data: `smptrain-recipes --config FILE --recipes darts,rare-positives`.
+
+    smptrain-recipes --config FILE [--set ...] [--recipes darts,rare-positives] [--seeds 42,21,69] [--name NAME]
+                     [--task K]
+
+Every recipe (`smptrain/recipes.toml`; your file's own keys and `--set` still win over a recipe's, as in any run)
+is trained with every seed on your configuration's split, its best checkpoint chosen on validation only, and that
+checkpoint tested in fp32 on the held-out test split by smptrain-test's own code. So the comparison answers the
+question a researcher has: which recipe gives the better model on data it never saw, on my data.
+
+Outputs in `{log.artifact_dir}/{name}/`: `runs/{recipe}-seed{seed}/` (normal run directories: test, convert and
+resume them on their own), `runs.csv` and `runs.parquet` (one row per run), `summary.csv` (per recipe: mean and
+sample standard deviation over the seeds of test IoU and F1 and of the best validation IoU; the paired difference
+to the first recipe over the seeds both ran, and on how many seeds it was better), `comparison.json` and
+`comparison.png`. As `smptrain-cv`: the same command again continues (finished runs are kept, a run stopped
+midway resumes, a trained but untested run is tested), several workers (or `--task K` of a job array, recipes outer
+and seeds inner) share the plan through claims, and every pass writes the tables from every row on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from smptrain.choices import RECIPES
+from smptrain.cli import config_options, read_options, report_user_errors
+from smptrain.config import Config, plain, read_config, replace
+from smptrain.errors import UserError
+from smptrain.processes import on_main
+from smptrain.search.cv import DEFAULT_SEEDS, ROWS, parse_seeds, read_rows, record, take, write_frame
+from smptrain.search.slots import in_turn
+from smptrain.storage import replacing, write_text
+from smptrain.training.layout import has_checkpoint
+
+METRICS = ("test/JaccardIndex", "test/F1Score", "best/val/JaccardIndex")
+RUNS = "runs"  # {out}/runs/{recipe}-seed{seed}
+DONE = ("tested", "diverged")  # a continued comparison does not run these again
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Recipes x seeds: what each variant changes (--set overrides, by label), and which runs this worker may do."""
+
+    variants: dict[str, list[str]]  # label -> overrides on top of the configuration (a named recipe: train.recipe)
+    seeds: list[int]
+    task: int | None = None  # only this slot of the plan (a job array's task); None = every missing one
+    claims: bool = True
+
+    @property
+    def slots(self) -> list[tuple[str, int]]:
+        return [(label, seed) for label in self.variants for seed in self.seeds]
+
+
+@dataclass
+class Compared:
+    out_dir: Path
+    status: str  # finished | incomplete | interrupted
+    rows: list[dict]
+    summary: list[dict]
+    missing: list[str] = field(default_factory=list)
+
+
+def named(recipes: list[str]) -> dict[str, list[str]]:
+    """The variants of named recipes (each one `train.recipe`, so the recipe's keys fill in what the file leaves)."""
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise UserError(f"--recipes: {unknown[0]!r} is not a recipe; the recipes are {', '.join(RECIPES)}")
+    return {recipe: [f"train.recipe='{recipe}'"] for recipe in dict.fromkeys(recipes)}
+
+
+def compare(config_path: str | None, overrides, plan: Comparison, out_dir: Path, base: dict | None = None,
+            say=print) -> Compared:
+    """Train and test the plan's missing runs under `out_dir` that no other worker holds, then tabulate every run
+    there is; every rank calls it. The configuration is read once per variant: `config_path` (or `base`, a nested
+    dict) with `overrides`, then the variant's own."""
+    if plan.task is not None and not 0 <= plan.task < len(plan.slots):
+        raise UserError(f"--task must be between 0 and {len(plan.slots) - 1} ({len(plan.variants)} recipe(s) x "
+                        f"{len(plan.seeds)} seed(s)), got {plan.task}")
+    configs = {label: read_config(config_path, [*overrides, *changes], base=base).config
+               for label, changes in plan.variants.items()}
+    for cfg in configs.values():
+        if cfg.data.split_method == "none":
+            raise UserError("comparing recipes needs a held-out test split (data.split_method region, sample or "
+                            "random): with none, the test split is every patch, trained on too")
+    chosen = plan.slots if plan.task is None else [plan.slots[plan.task]]
+    status = "finished"
+    for label, seed in chosen:
+        run_name = f"{label}-seed{seed}"
+        rows = on_main(lambda: read_rows(out_dir), out_dir / ROWS)
+        if rows.get(run_name, {}).get("status") in DONE:
+            continue
+        held = take(out_dir, run_name, plan.claims, say)
+        if held is None:
+            continue
+        try:
+            row = run_and_test(configs[label], out_dir, label, seed, "; ".join(plan.variants[label]), say)
+        finally:
+            held.release()
+        on_main(lambda: record(out_dir, row), out_dir / ROWS / f"{run_name}.json")
+        if row["status"] == "interrupted":
+            status = "interrupted"
+            break
+    return on_main(lambda: tabulate(out_dir, plan, status), out_dir)
+
+
+def run_and_test(cfg: Config, out_dir: Path, label: str, seed: int, changes: str, say) -> dict:
+    """One run of the plan: trained (or resumed), then its best checkpoint (chosen on validation) tested in fp32
+    on the test split. Its row for the table."""
+    from smptrain.evaluation.test import assess_checkpoint
+    from smptrain.train import train
+
+    run_name = f"{label}-seed{seed}"
+    run_dir = out_dir / RUNS / run_name
+    run_cfg = replace(cfg, **{"train.seed": seed, "log.artifact_dir": str(out_dir / RUNS), "log.run_name": run_name,
+                              "log.wandb_group": out_dir.name})
+    resume = run_dir if has_checkpoint(run_dir) else None
+    if run_dir.exists() and resume is None:  # started but never saved a checkpoint: nothing worth keeping
+        on_main(lambda: shutil.rmtree(run_dir), run_dir)
+    say(f"recipes {out_dir.name}: {label}, seed {seed}{' (resuming)' if resume else ''}")
+    started = time.perf_counter()
+    result = train(run_cfg, resume)
+    row = {"recipe": label, "seed": seed, "status": result.status, "changes": changes or "(the configuration)",
+           "epochs": result.epochs, "steps": result.steps, "run_name": run_name, "run_dir": str(run_dir)}
+    if result.status in ("finished", "early-stopped"):
+        metrics = assess_checkpoint(run_dir, precision="fp32")
+        row.update({"status": "tested", "test/JaccardIndex": metrics["test/JaccardIndex"],
+                    "test/F1Score": metrics["test/F1Score"],
+                    "best/val/JaccardIndex": result.best.get("val/JaccardIndex")})
+    row["duration_s"] = round(time.perf_counter() - started, 1)
+    return row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per recipe, in the order of `rows`: tested runs, and the mean and sample standard deviation (n - 1) of each
+    metric over them."""
+    summary = []
+    for recipe in dict.fromkeys(row["recipe"] for row in rows):
+        runs = [row for row in rows if row["recipe"] == recipe and all(row.get(m) is not None for m in METRICS)]
+        entry = {"recipe": recipe, "seeds": len(runs), "changes": next(
+            (row.get("changes", "") for row in rows if row["recipe"] == recipe), "")}
+        for metric in METRICS:
+            values = [float(row[metric]) for row in runs]
+            entry[f"{metric} mean"] = statistics.fmean(values) if values else math.nan
+            entry[f"{metric} std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        summary.append(entry)
+    return summary
+
+
+def paired(rows: list[dict], first: str) -> dict[str, dict]:
+    """For each other recipe, its difference to `first` seed by seed (the seeds both tested): mean, sample std,
+    how many seeds, and on how many it was better (test IoU)."""
+    by = {(row["recipe"], row["seed"]): row for row in rows if row.get("test/JaccardIndex") is not None}
+    differences = {}
+    for recipe in dict.fromkeys(row["recipe"] for row in rows):
+        if recipe == first:
+            continue
+        seeds = [seed for (name, seed) in by if name == recipe and (first, seed) in by]
+        entry = {"seeds": len(seeds)}
+        for metric in METRICS:
+            values = [float(by[recipe, s][metric]) - float(by[first, s][metric]) for s in seeds]
+            entry[f"{metric} difference mean"] = statistics.fmean(values) if values else math.nan
+            entry[f"{metric} difference std"] = statistics.stdev(values) if len(values) > 1 else math.nan
+        entry["better on"] = sum(by[recipe, s]["test/JaccardIndex"] > by[first, s]["test/JaccardIndex"] for s in seeds)
+        differences[recipe] = entry
+    return differences
+
+
+def tabulate(out_dir: Path, plan: Comparison, status: str) -> Compared:
+    """Main process, in turn with other workers: the tables, the json and the figure from every row on disk."""
+    import pandas as pd
+
+    from smptrain.evaluation import plots
+    from smptrain.runtime import describe_cpu
+
+    with in_turn(out_dir):
+        found = read_rows(out_dir)
+        names = [f"{label}-seed{seed}" for label, seed in plan.slots]
+        rows = [found[name] for name in names if name in found]
+        missing = [name for name in names if found.get(name, {}).get("status") not in DONE]
+        if status == "finished" and missing:
+            status = "incomplete"
+        summary = summarise(rows)
+        first = next(iter(plan.variants))
+        differences = paired(rows, first)
+        for entry in summary:
+            entry.update({f"vs {first}: {k}": v for k, v in differences.get(entry["recipe"], {}).items()})
+        if rows:
+            write_frame(pd.DataFrame(rows), out_dir / "runs")
+            with replacing(out_dir / "summary.csv") as tmp:
+                pd.DataFrame(summary).to_csv(tmp, index=False)
+        cpu = describe_cpu()
+        write_text(out_dir / "comparison.json", json.dumps(
+            {"status": status, "recipes": plan.variants, "seeds": plan.seeds, "cpu": cpu, "missing": missing,
+             "summary": summary, "runs": len(rows)}, indent=2, default=plain) + "\n")
+        tested = [row for row in rows if row.get("test/JaccardIndex") is not None]
+        if tested:
+            plots.recipes(tested, ["test/JaccardIndex", "test/F1Score"], out_dir / "comparison.png",
+                          f"{out_dir.name}: test split, fp32, best checkpoint chosen on validation; {cpu}")
+    return Compared(out_dir, status, rows, summary, missing)
+
+
+def table(summary: list[dict], first: str) -> str:
+    """The summary as a Markdown table: mean +- sample std per metric, and the paired difference to `first`."""
+    def cell(entry, metric):
+        return f"{entry[f'{metric} mean']:.3f} +- {entry[f'{metric} std']:.3f}"
+
+    lines = ["| recipe | test IoU | test F1 | best val IoU | test IoU vs " + first + " | changes |",
+             "|---|---|---|---|---|---|"]
+    for entry in summary:
+        key = f"vs {first}: test/JaccardIndex difference"
+        versus = (f"{entry[key + ' mean']:+.3f} +- {entry[key + ' std']:.3f} (better on {entry[f'vs {first}: better on']}"
+                  f" of {entry[f'vs {first}: seeds']} seeds)" if key + " mean" in entry else "")
+        lines.append(f"| {entry['recipe']} | {' | '.join(cell(entry, m) for m in METRICS)} | {versus} | "
+                     f"{entry['changes']} |")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--recipes", default=",".join(RECIPES[:2]), show_default=True,
+              help=f"Comma-separated recipes ({', '.join(RECIPES)}); the first is the one the others are compared "
+                   f"with.")
+@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True,
+              help="Comma-separated seeds (train.seed) of every recipe.")
+@click.option("--name", default=None, help="Comparison name, the directory {log.artifact_dir}/NAME; the same name "
+                                           "continues it [default: recipes].")
+@click.option("--task", type=int, default=None,
+              help="Run only the K-th run of the plan (recipes outer, seeds inner), e.g. --task $SLURM_ARRAY_TASK_ID.")
+@config_options
+@report_user_errors
+def main(recipes, seeds, name, task, config_path, overrides, debug):
+    """Compare training recipes on your own data: each trained with each seed, chosen on validation, tested in fp32
+    on the held-out split; a table of mean +- sample std and paired differences, and a figure."""
+    from smptrain.runtime import end_processes
+    from smptrain.training.signals import exit_on_further_signals
+
+    exit_on_further_signals()
+    if config_path is None:
+        raise UserError("--config is required (e.g. --config configs/base.toml)")
+    cfg = read_options(config_path, overrides, debug).config
+    name = name or "recipes"
+    if "/" in name:
+        raise UserError(f"--name must be a plain directory name, got {name!r}")
+    plan = Comparison(named([r.strip() for r in recipes.split(",") if r.strip()]), parse_seeds(seeds), task)
+    result = compare(config_path, overrides, plan, Path(cfg.log.artifact_dir) / name)
+    end_processes()
+    if result.status == "interrupted":
+        print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
+        sys.exit(130)
+    first = next(iter(plan.variants))
+    click.echo(f"\n{table(result.summary, first)}\n")
+    click.echo(f"wrote {result.out_dir / 'summary.csv'}, runs.csv, comparison.json and comparison.png")
+    if result.missing:
+        click.echo(f"missing {len(result.missing)} run(s), being run by other workers or not run yet: "
+                   f"{', '.join(result.missing)}; run the same command again when they are done")
+
+
+if __name__ == "__main__":
+    main()
