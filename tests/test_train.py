@@ -361,8 +361,9 @@ def test_schedules_are_pure_functions_of_the_step():
 
 def test_cosine_with_warmup_resumes_exactly(demo_dir, tmp_path):
     """4 epochs = 2 + resume to 4, bitwise, under a cosine with warmup (its span fixed by train.cosine_epochs)."""
-    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 4, "schedule": "cosine", "cosine_epochs": 4,
-                                                    "warmup_steps": 5, "augment": ["D4"]},
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16},
+                         train={"max_epochs": 4, "schedule": "cosine", "cosine_epochs": 4, "warmup_steps": 5,
+                                "augment": ["D4"]},
                          log={"preview_every_n_val": 0, "log_every_n_steps": 2})
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
@@ -385,8 +386,9 @@ def test_a_frozen_encoder_stays_as_built_and_resumes_exactly(demo_dir, tmp_path)
 
     from smptrain.model import build_model
 
-    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 4, "freeze_encoder_epochs": 2, "grad_accum_steps": 2,
-                                                    "encoder_lr_scale": 0.1, "val_every_n_epochs": 2},
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16},
+                         train={"max_epochs": 4, "freeze_encoder_epochs": 2, "grad_accum_steps": 2,
+                                "encoder_lr_scale": 0.1, "val_every_n_epochs": 2},
                          log={"preview_every_n_val": 0, "log_every_n_steps": 2})
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
@@ -424,8 +426,9 @@ def test_the_moving_average_is_validated_exported_and_resumed_exactly(demo_dir, 
 
     train = {"max_epochs": 4, "val_every_n_epochs": 2, "augment": ["D4"]}
     log = {"preview_every_n_val": 0, "log_every_n_steps": 2}
-    config = tiny_config(tmp_path, demo_dir, train={**train, "ema_decay": 0.9}, log=log)
-    without = tiny_config(tmp_path, demo_dir, name="without.toml", train=train, log=log)
+    data = {"subsample": 16}  # 4 steps an epoch: what is tested is exactness, not learning
+    config = tiny_config(tmp_path, demo_dir, data=data, train={**train, "ema_decay": 0.9}, log=log)
+    without = tiny_config(tmp_path, demo_dir, name="without.toml", data=data, train=train, log=log)
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"], check=True)
     run(["python", "-m", "smptrain.train", "--config", str(without), "--set", "log.run_name=without"], check=True)
     run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=split",
@@ -459,7 +462,7 @@ def test_positive_sampling_with_weighted_bce_trains_and_resumes_exactly(demo_dir
     are one sentence before anything is written."""
     from test_errors import assert_clear_error
 
-    config = tiny_config(tmp_path, demo_dir, data={"positive_fraction": 0.5},
+    config = tiny_config(tmp_path, demo_dir, data={"positive_fraction": 0.5, "subsample": 16},
                          train={"max_epochs": 4, "val_every_n_epochs": 2, "loss": "bce", "pos_weight": 3.0},
                          log={"preview_every_n_val": 0, "log_every_n_steps": 2})
     straight = run(["python", "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=straight"],
