@@ -44,8 +44,8 @@ from smptrain.runtime import end_processes  # noqa: E402
 from smptrain.storage import WriteFailed  # noqa: E402
 from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending  # noqa: E402
 from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm  # noqa: E402
-from smptrain.training.layout import (BEST, CONFIG, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link,  # noqa: E402
-                                      checkpoints_dir)
+from smptrain.training.layout import (BEST, CONFIG, CURVES_PLOT, LAST, PREVIEWS, SCHEDULE_PLOT,  # noqa: E402
+                                      checkpoint_link, checkpoints_dir)
 from smptrain.training.prepare import Run, set_up  # noqa: E402
 from smptrain.training.runs import RESUMABLE, Opening, begin, start_or_continue, tidy  # noqa: E402
 from smptrain.training.schedule import describe as describe_schedule  # noqa: E402
@@ -268,9 +268,12 @@ def validate_and_keep(run: Run, epoch: int) -> None:
         f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
         f" | val/AUROC {metrics['val/AUROC']:.4f}")
     every = cfg.log.preview_every_n_val
-    if accelerator.is_main_process and every and (state.validations == 1 or state.validations % every == 0):
-        try:  # before the checkpoint: a kill between the two makes the resumed run validate, and draw, again
-            write_previews(run, evaluation)
+    if accelerator.is_main_process:  # before the checkpoint: a kill between the two makes the resumed run validate,
+        try:  # and draw, again
+            plots.training_curves(run.recorder.records(), run.run_dir / CURVES_PLOT,
+                                  f"{run.keeper.describe['run_name']}: step {state.step}")
+            if every and (state.validations == 1 or state.validations % every == 0):
+                write_previews(run, evaluation)
         except WriteFailed as error:  # main process only: raised on every rank at the next checkpoint or the end
             run.recorder.failure = run.recorder.failure or error
     state.validation_owed = False

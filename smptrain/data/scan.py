@@ -23,28 +23,32 @@ MISSING_CHUNKS = ("a chunk file missing from a copy of the dataset reads as zero
 def scan_values(info, block: int = 64) -> dict:
     """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], `empty` mismatches, and bands
     that are all zeros in a patch whose labels are not all ignored ({band name: [zarr rows]})."""
+    import sys
+
     from tqdm.auto import tqdm
 
     reader = ZarrReader(info.root, "auto")  # decoding errors become one sentence naming rows and chunk files
     rows = np.sort(info.metadata.index.to_numpy())
-    bad_labels, non_finite, out_of_range, has_positive = [], [], [], {}
-    zero_bands: dict[str, list[int]] = {}
-    for start in tqdm(range(0, len(rows), block), desc="scanning values", leave=False):
-        part = rows[start:start + block]
-        xb, yb = reader.read(part, None)
-        flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
-        bad_labels += part[(flat_y > IGNORE).any(1)].tolist()
-        finite = np.isfinite(flat_x).all(1)
-        non_finite += part[~finite].tolist()
-        with np.errstate(invalid="ignore"):
-            out_of_range += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
-        has_positive.update(zip(part.tolist(), (flat_y == POSITIVE).any(1).tolist()))
-        labelled = (flat_y != IGNORE).any(1)
-        zero = (xb.reshape(len(part), xb.shape[1], -1) == 0).all(2) & labelled[:, None]
-        for row, band in zip(*np.nonzero(zero)):
-            zero_bands.setdefault(info.bands[band], []).append(int(part[row]))
-    return {"bad_labels": bad_labels, "non_finite": non_finite, "out_of_range": out_of_range,
-            "empty_mismatch": mismatches(info, has_positive), "zero_bands": zero_bands,
+    found = {"bad_labels": [], "non_finite": [], "out_of_range": [], "zero_bands": {}}
+    has_positive: dict[int, bool] = {}
+    sys.stdout.flush()  # what was printed before comes before the bar, and the bar is gone before what follows
+    with tqdm(total=len(rows), desc="scanning values", unit="patch", leave=False) as bar:
+        for start in range(0, len(rows), block):
+            part = rows[start:start + block]
+            xb, yb = reader.read(part, None)
+            flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
+            found["bad_labels"] += part[(flat_y > IGNORE).any(1)].tolist()
+            finite = np.isfinite(flat_x).all(1)
+            found["non_finite"] += part[~finite].tolist()
+            with np.errstate(invalid="ignore"):
+                found["out_of_range"] += part[finite & ((flat_x < 0).any(1) | (flat_x > 1).any(1))].tolist()
+            has_positive.update(zip(part.tolist(), (flat_y == POSITIVE).any(1).tolist()))
+            labelled = (flat_y != IGNORE).any(1)
+            zero = (xb.reshape(len(part), xb.shape[1], -1) == 0).all(2) & labelled[:, None]
+            for row, band in zip(*np.nonzero(zero)):
+                found["zero_bands"].setdefault(info.bands[band], []).append(int(part[row]))
+            bar.update(len(part))
+    return {**found, "empty_mismatch": mismatches(info, has_positive),
             "unreferenced_rows": int(info.num_rows - len(rows))}
 
 

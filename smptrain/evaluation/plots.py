@@ -321,3 +321,40 @@ def runs_over_steps(curves: dict[str, list[tuple[int, float]]], metric: str, pat
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def training_curves(records: list[dict], path: Path, heading: str, monitor: str = "val/JaccardIndex") -> Path:
+    """A run's progress from its metrics.jsonl records (`RUN_DIR/curves.png`): the train loss, the validation
+    metrics (the best `monitor` marked) and the learning rate, each against the optimizer step."""
+    plt = _pyplot()
+    fig, (loss_ax, val_ax, lr_ax) = plt.subplots(3, 1, figsize=(7.5, 8.2), sharex=True)
+    train = [r for r in records if "train/loss" in r]
+    val = [r for r in records if monitor in r]
+    if train:
+        loss_ax.plot([r["step"] for r in train], [r["train/loss"] for r in train], lw=1.2, label="train/loss")
+    if val and "val/loss" in val[0]:
+        loss_ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", lw=1.2, ms=3, label="val/loss")
+    loss_ax.set_ylabel("loss")
+    loss_ax.legend(fontsize=8)
+    for key in (monitor, "val/F1Score", "val/Recall", "val/Precision"):
+        points = [(r["step"], r[key]) for r in val if isinstance(r.get(key), (int, float))]
+        if points:
+            val_ax.plot(*zip(*points), "o-", lw=1.2, ms=3, label=key)
+    finite = [(r["step"], r[monitor]) for r in val if isinstance(r[monitor], (int, float)) and np.isfinite(r[monitor])]
+    if finite:
+        step, best = max(finite, key=lambda point: point[1])
+        val_ax.plot([step], [best], "*", ms=14, color="gold", markeredgecolor="black", zorder=5,
+                    label=f"best {monitor} {best:.4f} (step {step})")
+    val_ax.set_ylabel("validation")
+    val_ax.set_ylim(0, 1.02)
+    val_ax.legend(fontsize=8, loc="best")
+    rates = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
+    if rates:
+        lr_ax.plot(*zip(*sorted(rates)), lw=1.2, color="C3")
+    lr_ax.set_ylabel("learning rate")
+    lr_ax.set_xlabel("optimizer step")
+    for ax in (loss_ax, val_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    loss_ax.set_title(heading, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)

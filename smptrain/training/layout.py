@@ -1,6 +1,7 @@
 """The names inside a run directory, and where a run's checkpoints are; imports nothing of smptrain.
 
-    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  schedule.png  previews/  test/{metrics.json, threshold.json}
+    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  schedule.png  curves.png  previews/
+    RUN_DIR/test/{metrics.json, threshold.json}
     RUN_DIR/checkpoints/NAME/{model.safetensors, meta.json, state/}   checkpoints/last -> NAME, checkpoints/best -> NAME
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 CONFIG, SPLITS, IDENTITY, METRICS = "config.toml", "splits.json", "run.json", "metrics.jsonl"
 CHECKPOINTS, PREVIEWS, TEST = "checkpoints", "previews", "test"
 SCHEDULE_PLOT = "schedule.png"  # the planned learning rate (smptrain.training.schedule)
+CURVES_PLOT = "curves.png"  # train loss, validation metrics and learning rate so far, redrawn at each validation
 TEST_METRICS, THRESHOLD = "metrics.json", "threshold.json"  # inside test/, from smptrain-test
 LAST, BEST = "last", "best"  # links in checkpoints/ to the newest and the best checkpoint
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state"  # inside a checkpoint directory

@@ -233,6 +233,17 @@ class Recorder:
         if self.names:
             start_trackers(accelerator, tracked, Path(run_dir), resume_step)
 
+    def records(self) -> list[dict]:
+        """Every record metrics.jsonl holds (main process; a line cut short is skipped)."""
+        records = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+        return records
+
     def _tracker(self, name: str):
         return self.accelerator.get_tracker(name, unwrap=True) if name in self.names else None
 
