@@ -122,9 +122,16 @@ def make_accelerator(precision: str = "no", grad_accum_steps: int = 1, determini
     """The Accelerator of a command. Its trackers start later, once the run directory is known
     (smptrain.training.tracking)."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration
 
     configure_determinism(deterministic)
+    made = AcceleratorState._shared_state.get("_mixed_precision")
+    if made is not None and made != precision:
+        # Accelerate keeps one state per process, made for the first precision asked; one process may do several
+        # commands' work in turn (a recipe comparison tests in fp32 what it trained in bf16), so the state, not the
+        # process group, is made again (the reset Accelerate's own tests use).
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,

@@ -405,3 +405,13 @@ def test_auto_precision_on_this_gpu_matches_its_compute_capability(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     precision, why = choose_precision("auto")
     assert precision == ("bf16" if torch.cuda.get_device_capability(0)[0] >= 8 else "no"), why
+
+
+def test_one_process_may_make_accelerators_of_another_precision_in_turn():
+    """A recipe comparison (or tuning's retrain-and-test) tests in fp32, in the same process, what it trained in
+    bf16: Accelerate's per-process state, made for bf16, must not refuse the fp32 one."""
+    from smptrain.runtime import make_accelerator
+
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
