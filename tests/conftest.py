@@ -63,7 +63,10 @@ import io, json, os, runpy, signal, sys, traceback
 os.environ["MPLBACKEND"] = "Agg"
 sys.modules["wandb"] = None  # timm imports wandb if it can, and wandb makes a temporary folder that its first child
 import numpy, pandas, pyarrow, zarr, torch, segmentation_models_pytorch, timm, accelerate, safetensors, click, tqdm
-import sklearn.model_selection, scipy.ndimage, matplotlib.pyplot
+import sklearn.model_selection, scipy.ndimage, matplotlib.pyplot, tensorstore  # imported, never used: forks stay safe
+figure = matplotlib.pyplot.figure()  # the first figure of a process loads the fonts: once here, not in every child
+figure.gca().plot([0, 1]); figure.gca().set_title("x"); figure.savefig(io.BytesIO(), format="png")
+matplotlib.pyplot.close(figure)
 import smptrain.train, smptrain.evaluation.test, smptrain.export.convert, smptrain.export.predict, smptrain.inspect
 import smptrain.search.cv, smptrain.search.tune, smptrain.evaluation.compare, smptrain.demo
 del sys.modules["wandb"]  # ... to exit would remove for all: each child imports wandb itself when it logs to it

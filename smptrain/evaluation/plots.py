@@ -347,7 +347,7 @@ def training_curves(records: list[dict], path: Path, heading: str, monitor: str 
                     label=f"best {monitor} {best:.4f} (step {step})")
     val_ax.set_ylabel("validation")
     val_ax.set_ylim(0, 1.02)
-    val_ax.legend(fontsize=8, loc="best")
+    val_ax.legend(fontsize=8, loc="lower right")
     rates = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
     if rates:
         lr_ax.plot(*zip(*sorted(rates)), lw=1.2, color="C3")
@@ -356,5 +356,6 @@ def training_curves(records: list[dict], path: Path, heading: str, monitor: str 
     for ax in (loss_ax, val_ax, lr_ax):
         ax.grid(alpha=0.3)
     loss_ax.set_title(heading, fontsize=9)
-    fig.tight_layout()
+    # fixed margins: tight_layout would measure every label at every validation (it doubled the drawing's time)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.96, bottom=0.06, hspace=0.12)
     return _save(fig, path)
