@@ -27,7 +27,8 @@ validation IoU), with the CPU the numbers came from; writes runs.csv (one row pe
 differences to darts), comparison.json, comparison.png and quality.png to --out. Three seeds are few: a difference
 smaller than the spread is no difference. A machine repeats its own numbers exactly, but fp32 convolutions take
 other kernels with AVX-512 than with AVX2, so runs differ between machines: compare recipes within one table (the
-CPU is printed with it), never across.
+CPU is printed with it), never across. The same command again continues where a killed one stopped (finished runs
+are kept, a killed run resumes from its last checkpoint).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 
 import click
+import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -63,6 +65,21 @@ def base_overrides(data: Path, out: Path, epochs: int) -> list[str]:
             "data.fold_method='kfold'", "data.total_folds=5", "data.fold=0", "data.in_memory=true",
             "data.num_workers=0", f"model.encoder='{ENCODER}'", f"train.max_epochs={epochs}",
             "train.mixed_precision='no'", "log.preview_every_n_val=0", "log.log_every_n_steps=50"]
+
+
+def benchmark_data(out: Path, patches: int) -> Path:
+    """The generated dataset, made once: a benchmark run again with the same --out continues (the comparison keeps
+    its finished runs and resumes a killed one), on the same data."""
+    data = out / "data"
+    if (data / "config.toml").exists():
+        stated = tomllib.loads((data / "config.toml").read_text())["darts"]["n_patches"]
+        if stated != patches:
+            raise click.ClickException(f"{data} holds {stated} patches, not --patches {patches}; choose another --out")
+        print(f"continuing in {out} (finished runs are kept)")
+        return data
+    if (out / "runs").exists():
+        raise click.ClickException(f"{out / 'runs'} exists without its data; remove it or choose another --out")
+    return make_demo(data, patches=patches, patch_size=64, seed=0, slump_share=0.25)
 
 
 def combination(summary: list[dict]) -> list[str]:
@@ -96,11 +113,9 @@ def main(out, seeds, epochs, patches, recipes):
     unknown = [r for r in chosen if r not in RECIPES]
     if unknown:
         raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(RECIPES)}", param_hint="--recipes")
-    if (out / "runs").exists():
-        raise click.ClickException(f"{out / 'runs'} exists; remove it or choose another --out")
     cpu = describe_cpu()
     print(f"quality benchmark on {cpu}: {len(chosen)} recipes x {len(seeds)} seeds, {epochs} epochs each")
-    data = make_demo(out / "data", patches=patches, patch_size=64, seed=0, slump_share=0.25)
+    data = benchmark_data(out, patches)
     started = time.perf_counter()
     variants = {recipe: CHANGES.get(recipe) or NAMED.get(recipe, []) for recipe in chosen if recipe != "combined"}
     result = compare(None, base_overrides(data, out, epochs), Comparison(variants, seeds, claims=False), out)

@@ -195,7 +195,9 @@ def tabulate(out_dir: Path, plan: Comparison, status: str) -> Compared:
         if rows:
             write_frame(pd.DataFrame(rows), out_dir / "runs")
             with replacing(out_dir / "summary.csv") as tmp:
-                pd.DataFrame(summary).to_csv(tmp, index=False)
+                table = pd.DataFrame(summary)
+                counts = [c for c in table.columns if c.endswith(("better on", "seeds"))]  # counts, not 3.0
+                table.astype({c: "Int64" for c in counts}).to_csv(tmp, index=False)
         cpu = describe_cpu()
         write_text(out_dir / "comparison.json", json.dumps(
             {"status": status, "recipes": plan.variants, "seeds": plan.seeds, "cpu": cpu, "missing": missing,
