@@ -131,6 +131,32 @@ def test_a_stop_between_the_last_step_and_its_validation_leaves_the_validation_o
         [r["step"] for r in records(straight) if "val/JaccardIndex" in r]
 
 
+# Kills one after another, each rerun killed again, the last run left to finish. Found by a random kill campaign:
+# a stop saved `last` at the step of an owed validation, the run resumed from it was killed after appending that
+# validation's record and before its checkpoint, and the next resume kept the record (it was of `last`'s own step)
+# and wrote it again.
+SEQUENCES = [
+    [("metrics.after_append#2:term", 130), ("metrics.after_append#1", -9)],
+    [("epoch.before_validation:term", 130), ("write.after_rename@metrics.jsonl", -9), ("checkpoint.before_rename", -9)],
+]
+
+
+@pytest.mark.parametrize("kills", SEQUENCES, ids=[" then ".join(k for k, _ in kills) for kills in SEQUENCES])
+def test_kills_one_after_another_then_the_same_command_gives_the_uninterrupted_run(reference, kills):
+    config, straight = reference
+    name = "killed-again"
+    for armed, status in kills:
+        killed = run(command(config, name), SMPTRAIN_FAILPOINT=armed)
+        assert killed.returncode == status, f"{armed}: {killed.stdout[-2000:]}\n{killed.stderr[-3000:]}"
+    again = run(command(config, name))
+    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
+    assert_same_run(straight, straight.parent / name)
+    assert_no_leftovers(straight.parent)
+    import shutil
+
+    shutil.rmtree(straight.parent / name)
+
+
 def test_a_requeued_finished_run_changes_nothing_and_says_so(reference):
     config, straight = reference
     before = {path: ((straight / path).read_bytes() if not (straight / path).is_symlink()

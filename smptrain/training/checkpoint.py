@@ -31,7 +31,7 @@ from smptrain.config import plain
 from smptrain.errors import UserError
 from smptrain.failpoints import failpoint
 from smptrain.storage import WriteFailed, file_mode, replacing, writing
-from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, STATE, WEIGHTS, checkpoints_dir, now
+from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, METRICS, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
 MONITOR = "val/JaccardIndex"
@@ -91,8 +91,12 @@ class CheckpointKeeper:
     def save(self, model, epoch: int, metrics: dict, name: str, pending: Exception | None = None) -> None:
         """Write checkpoint `name` with its metadata, make it `last` (and `best` the top of the top-k), prune."""
         accelerator = self.accelerator
+        records = self.run_dir / METRICS  # whole lines only: an append cut short is cut back at once
         meta = {**self.describe, "epoch": epoch, "step": self.state.step, "metrics": metrics,
                 "train_state": asdict(self.state), "time": now(), "smptrain_version": smptrain.__version__,
+                # what metrics.jsonl held at this checkpoint: a resumed run keeps exactly that (records of the same
+                # step written after it, by a run killed later, are written again)
+                "metrics_bytes": records.stat().st_size if records.exists() else 0,
                 "versions": library_versions(), "parameter_checksums": parameter_checksums(accelerator, model),
                 "weights": "trained" if self.exported is None else "ema",
                 **({} if self.exported is None else {"ema_checksums": parameter_checksums(accelerator, self.exported)})}

@@ -151,7 +151,7 @@ def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder
         if opening.resumed:
             restore(accelerator, opening)
         return Recorder(accelerator, opening.run_dir, tracked_run(to_dict(opening.cfg), opening.run_name, opening.run_id),
-                        resume_step=opening.state.step if opening.resumed else None)
+                        resume_step=opening.state.step if opening.resumed else None, resume_bytes=opening.records)
     except Exception:
         if stop.undo is not None:
             stop.undo()

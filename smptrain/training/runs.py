@@ -86,6 +86,7 @@ class Opening:
     best: dict = field(default_factory=dict)  # metrics of the best and of the last validation so far
     last: dict = field(default_factory=dict)
     world_size: int | None = None  # the processes a resumed run used
+    records: int | None = None  # bytes of metrics.jsonl at `last` (None: a checkpoint older than this record)
 
     @property
     def finished(self) -> bool:
@@ -115,7 +116,7 @@ def begin(cfg: Config, resume: Path | None) -> Opening:
         state.early_stopped = False  # the patience was raised on resume
     best = read_meta(checkpoint_link(resume, BEST)).get("metrics", {}) if has_checkpoint(resume, BEST) else {}
     return Opening(cfg, {}, True, resume, meta["run_name"], meta["run_id"], json.loads((resume / SPLITS).read_text()),
-                   state, best, meta.get("metrics") or {}, meta.get("world_size"))
+                   state, best, meta.get("metrics") or {}, meta.get("world_size"), meta.get("metrics_bytes"))
 
 
 def open_run(accelerator, opening: Opening, splits: dict, info) -> Opening:

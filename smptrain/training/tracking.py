@@ -218,18 +218,25 @@ def _failed(name: str, run: TrackedRun, error: Exception) -> str:
 
 class Recorder:
     """Writes records to metrics.jsonl and the trackers (main process only); does nothing on other ranks.
-    `tracked`: None for no trackers; `resume_step`: drop records past the checkpoint resumed from."""
+    `tracked`: None for no trackers; `resume_step`, `resume_bytes`: drop records past the checkpoint resumed from."""
 
-    def __init__(self, accelerator, run_dir: Path, tracked: TrackedRun | None, resume_step: int | None = None):
+    def __init__(self, accelerator, run_dir: Path, tracked: TrackedRun | None, resume_step: int | None = None,
+                 resume_bytes: int | None = None):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(run_dir) / METRICS
         self.names = set(tracked.trackers) if tracked is not None and self.main else set()
         self.failure = None  # a write that failed here, raised on every rank at the next checkpoint (never alone)
         if self.main and resume_step is not None and self.path.exists():
-            # Drop records past the checkpoint we resume from: they will be produced again.
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= resume_step]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+            # Drop records past the checkpoint we resume from: they will be produced again. The checkpoint says
+            # how much of the file was written when it was saved; by step alone, the records of its own step that a
+            # later, killed run wrote (an owed validation) would stay and be written twice.
+            text = self.path.read_bytes()
+            if resume_bytes is not None and resume_bytes <= len(text):
+                kept = text[:resume_bytes].decode()
+            else:  # a checkpoint older than its record of the file's size
+                kept = "".join(line + "\n" for line in text.decode().splitlines() if _step_of(line) <= resume_step)
+            write_text(self.path, kept)
         if self.names:
             start_trackers(accelerator, tracked, Path(run_dir), resume_step)
 
