@@ -53,7 +53,14 @@ def test_a_small_benchmark_runs_tests_on_the_held_out_region_and_writes_its_file
         splits = json.loads((out / "runs" / f"darts-seed{row['seed']}" / "splits.json").read_text())
         assert tested["test_patches"] == len(splits["test"]) == 24  # Lena Delta, a quarter of the patches
     assert (out / "summary.csv").is_file() and (out / "quality.png").stat().st_size > 0
-    again = run(["python", "tools/quality.py", "--out", str(out), "--recipes", "darts"])
-    assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
+    # the same benchmark again continues: its finished runs are kept, not trained again
+    weights = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.safetensors")}
+    again = run(["python", "tools/quality.py", "--out", str(out), "--seeds", "0,1", "--epochs", "1",
+                 "--patches", "96", "--recipes", "darts"], check=True)
+    assert "continuing in" in again.stdout and "| darts |" in again.stdout
+    assert weights and {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("model.safetensors")} == weights
+    other = run(["python", "tools/quality.py", "--out", str(out), "--recipes", "darts"])  # --patches 256
+    assert other.returncode != 0 and "holds 96 patches, not --patches 256" in other.stderr
+    assert "Traceback" not in other.stderr
     unknown = run(["python", "tools/quality.py", "--out", str(tmp_path / "other"), "--recipes", "swa"])
     assert unknown.returncode != 0 and "'swa' is not one of" in unknown.stderr and "Traceback" not in unknown.stderr
