@@ -153,7 +153,8 @@ def test_two_workers_share_one_study_without_duplicates(demo_dir, tmp_path):
     from smptrain.config import load_config
     from smptrain.search.space import plan, read_space
 
-    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 1}, log={"preview_every_n_val": 0})
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 1},
+                         log={"preview_every_n_val": 0})
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
     args = tune_args(config, space, "pair", "--trials", "4")
@@ -175,8 +176,8 @@ def test_two_workers_share_one_study_without_duplicates(demo_dir, tmp_path):
 
 
 def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(demo_dir, tmp_path):
-    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 4}, log={"preview_every_n_val": 0,
-                                                                           "log_every_n_steps": 1})
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 4},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 1})
     space = tmp_path / "space.toml"
     space.write_text(SPACE)
     args = tune_args(config, space, "killed", "--trials", "2", "--heartbeat", "1")
@@ -246,7 +247,8 @@ def test_two_cv_workers_at_once_run_each_run_once_and_score_as_one(cv_setup):
 
 
 def test_a_killed_cv_workers_run_is_resumed_by_the_next_worker(demo_dir, tmp_path):
-    config = tiny_config(tmp_path, demo_dir, train={"max_epochs": 2}, log={"preview_every_n_val": 0})
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 3},
+                         log={"preview_every_n_val": 0})
     plan = ["--folds", "2", "--seeds", "42"]
     run(["smptrain-cv", "--config", str(config), "--name", "sequential", *plan], check=True)
     worker = subprocess.Popen([str(BIN / "smptrain-cv"), "--config", str(config), "--name", "array", *plan,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set up the environment, lint (ruff, configured in pyproject.toml), then run the whole suite on
-# CPU (268 tests: 9-12 minutes on 2 AVX-512 cores, about 26 minutes on 2 AVX2-only cores; fresh clone, alone).
+# CPU (330 tests: 7:50 on 2 AVX-512 cores, fresh clone, alone, 2026-12-05; AVX2-only cores are slower: 268 tests
+# took about 26 minutes there before commands forked from a pre-imported interpreter).
 # One pytest worker per core (pytest-xdist); a test file stays on one worker, so module fixtures are built once and
 # the multi-process tests (test_distributed.py) never run two launches at once.
 set -euo pipefail
@@ -8,4 +9,4 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 .venv/bin/ruff check smptrain tests tools
 export WANDB_MODE=offline WANDB_SILENT=true
-exec .venv/bin/python -m pytest -q -n auto --dist loadfile "$@"
+exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"  # tests/conftest.py orders the files
