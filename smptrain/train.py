@@ -84,10 +84,14 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
         run = set_up(opening, stop, trust_pickle)
         write_schedule(run)
         if run.state.validation_owed:  # a stop came between the last step of an epoch and its validation
+            run.stop.armed = True  # work worth keeping: a signal during it stops once its checkpoint is written
             if validate(run, run.state.epoch - 1, on_validation):
                 return end(run, "pruned", f"pruned after validation {run.state.validations}")
         while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
             epoch = run.state.epoch
+            # A signal during the validation just done: its checkpoint is `last`, so stop here, not a few steps on.
+            if signalled(run):
+                return stopped_after_validation(run, epoch)
             # One pass over the training split; False when the ranks agreed to stop for a signal.
             if not train_one_epoch(run, epoch):
                 return stop_interrupted(run, epoch)
@@ -319,6 +323,21 @@ def stop_interrupted(run: Run, epoch: int) -> RunResult:
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
                      f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
+
+
+def signalled(run: Run) -> bool:
+    """Whether any rank was signalled (all ranks call it: one small reduction). Between epochs; before the first
+    step of a run no signal is pending (one then ends the process at once)."""
+    raised = torch.tensor([float(run.stop.raised)], device=run.accelerator.device)
+    return run.accelerator.reduce(raised, "sum").item() > 0
+
+
+def stopped_after_validation(run: Run, epoch: int) -> RunResult:
+    """Ctrl-C / SIGTERM during a validation: `last` is that validation's checkpoint, nothing more to write."""
+    run.recorder.finish()
+    return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
+                     f"stopped before epoch {epoch} (step {run.state.step}); {checkpoint_link(run.run_dir, LAST)} "
+                     f"holds the validation before it")
 
 
 def discard_if_nothing_saved(run: Run | None) -> None:

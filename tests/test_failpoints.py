@@ -157,6 +157,30 @@ def test_kills_one_after_another_then_the_same_command_gives_the_uninterrupted_r
     shutil.rmtree(straight.parent / name)
 
 
+@pytest.mark.parametrize("before", [None, "epoch.before_validation:term"], ids=["validating", "owed"])
+def test_a_signal_during_a_validation_stops_right_after_its_checkpoint(reference, before):
+    """SIGTERM while validating (the 4th record of a run is its first validation's; a resumed run that owes one
+    appends it first): the validation is finished and saved, and the run stops there instead of training on to the
+    next logging step, or, for the owed one, instead of ending at once and losing it."""
+    config, straight = reference
+    name = f"during-{before is not None}"
+    if before is not None:
+        assert run(command(config, name), SMPTRAIN_FAILPOINT=before).returncode == 130
+    stopped = run(command(config, name), SMPTRAIN_FAILPOINT=f"metrics.after_append#{1 if before else 4}:term")
+    assert stopped.returncode == 130, f"{stopped.stdout[-2000:]}\n{stopped.stderr[-3000:]}"
+    run_dir = straight.parent / name
+    meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == 4 and meta["train_state"]["validations"] == 1 and not meta["train_state"]["validation_owed"]
+    assert "val_JaccardIndex" in os.readlink(run_dir / "checkpoints" / "last")
+    again = run(command(config, name))
+    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
+    assert_same_run(straight, run_dir)
+    assert_no_leftovers(straight.parent)
+    import shutil
+
+    shutil.rmtree(run_dir)
+
+
 def test_a_requeued_finished_run_changes_nothing_and_says_so(reference):
     config, straight = reference
     before = {path: ((straight / path).read_bytes() if not (straight / path).is_symlink()
