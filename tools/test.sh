@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: set up the environment, lint (ruff, configured in pyproject.toml), then run the whole suite on
-# CPU (330 tests: 7:50-8:17 on 2 AVX-512 cores, alone, 2026-12-05; AVX2-only cores are slower: 268 tests
+# CPU (332 tests: 8-9 minutes on 2 AVX-512 cores, alone, 2026-12-05; AVX2-only cores are slower: 268 tests
 # took about 26 minutes there before commands forked from a pre-imported interpreter).
 # One pytest worker per core (pytest-xdist); a test file stays on one worker, so module fixtures are built once and
 # the multi-process tests (test_distributed.py) never run two launches at once.
