@@ -91,7 +91,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
             epoch = run.state.epoch
             # A signal during the validation just done: its checkpoint is `last`, so stop here, not a few steps on.
             if signalled(run):
-                return stopped_after_validation(run, epoch)
+                return stop_interrupted(run, epoch, saved=True)
             # One pass over the training split; False when the ranks agreed to stop for a signal.
             if not train_one_epoch(run, epoch):
                 return stop_interrupted(run, epoch)
@@ -317,9 +317,11 @@ def already_finished(opening: Opening) -> RunResult:
                      opening.last, state.epoch, state.step, "already finished")
 
 
-def stop_interrupted(run: Run, epoch: int) -> RunResult:
-    """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch if need be) and close the trackers."""
-    run.keeper.save_interrupted(run.model, epoch, run.recorder.failure)
+def stop_interrupted(run: Run, epoch: int, saved: bool = False) -> RunResult:
+    """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch if need be; `saved`: the validation just done
+    wrote it) and close the trackers."""
+    if not saved:
+        run.keeper.save_interrupted(run.model, epoch, run.recorder.failure)
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
                      f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
@@ -330,14 +332,6 @@ def signalled(run: Run) -> bool:
     step of a run no signal is pending (one then ends the process at once)."""
     raised = torch.tensor([float(run.stop.raised)], device=run.accelerator.device)
     return run.accelerator.reduce(raised, "sum").item() > 0
-
-
-def stopped_after_validation(run: Run, epoch: int) -> RunResult:
-    """Ctrl-C / SIGTERM during a validation: `last` is that validation's checkpoint, nothing more to write."""
-    run.recorder.finish()
-    return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
-                     f"stopped before epoch {epoch} (step {run.state.step}); {checkpoint_link(run.run_dir, LAST)} "
-                     f"holds the validation before it")
 
 
 def discard_if_nothing_saved(run: Run | None) -> None:

@@ -71,6 +71,18 @@ def assert_no_leftovers(artifacts: Path) -> None:
     assert not hidden, hidden
 
 
+def finishes_as_the_uninterrupted_run(config: Path, straight: Path, name: str) -> None:
+    """The same command once more, to the end: the run equals the uninterrupted one, and nothing is left over. The
+    run is then removed, so the next case starts from nothing."""
+    import shutil
+
+    again = run(command(config, name))
+    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
+    assert_same_run(straight, straight.parent / name)
+    assert_no_leftovers(straight.parent)
+    shutil.rmtree(straight.parent / name)
+
+
 def preview(reference: Path) -> str:
     return sorted(p.name for p in (reference / "previews").glob("val_step*.png"))[-1]
 
@@ -107,14 +119,7 @@ def test_a_kill_at_a_failpoint_then_the_same_command_gives_the_uninterrupted_run
     name = "killed"
     first = run(command(config, name), SMPTRAIN_FAILPOINT=armed)
     assert first.returncode == status, f"{first.stdout[-2000:]}\n{first.stderr[-3000:]}"
-    again = run(command(config, name))
-    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
-    assert_same_run(straight, straight.parent / name)
-    assert_no_leftovers(straight.parent)
-    # the next case starts from nothing
-    import shutil
-
-    shutil.rmtree(straight.parent / name)
+    finishes_as_the_uninterrupted_run(config, straight, name)
 
 
 def test_a_stop_between_the_last_step_and_its_validation_leaves_the_validation_owed(reference):
@@ -148,13 +153,7 @@ def test_kills_one_after_another_then_the_same_command_gives_the_uninterrupted_r
     for armed, status in kills:
         killed = run(command(config, name), SMPTRAIN_FAILPOINT=armed)
         assert killed.returncode == status, f"{armed}: {killed.stdout[-2000:]}\n{killed.stderr[-3000:]}"
-    again = run(command(config, name))
-    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
-    assert_same_run(straight, straight.parent / name)
-    assert_no_leftovers(straight.parent)
-    import shutil
-
-    shutil.rmtree(straight.parent / name)
+    finishes_as_the_uninterrupted_run(config, straight, name)
 
 
 @pytest.mark.parametrize("before", [None, "epoch.before_validation:term"], ids=["validating", "owed"])
@@ -172,13 +171,7 @@ def test_a_signal_during_a_validation_stops_right_after_its_checkpoint(reference
     meta = json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["step"] == 4 and meta["train_state"]["validations"] == 1 and not meta["train_state"]["validation_owed"]
     assert "val_JaccardIndex" in os.readlink(run_dir / "checkpoints" / "last")
-    again = run(command(config, name))
-    assert again.returncode == 0, f"{again.stdout[-2000:]}\n{again.stderr[-3000:]}"
-    assert_same_run(straight, run_dir)
-    assert_no_leftovers(straight.parent)
-    import shutil
-
-    shutil.rmtree(run_dir)
+    finishes_as_the_uninterrupted_run(config, straight, name)
 
 
 def test_a_requeued_finished_run_changes_nothing_and_says_so(reference):
