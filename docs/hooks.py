@@ -3,7 +3,7 @@
 A page holds a marker where a generated part goes:
 
     <!-- smptrain:configuration -->   every configuration key: its default, its constraint and its comment, read
-                                       from the frozen dataclasses of smptrain/config.py and their source
+                                       from the frozen dataclasses of smptrain/config/schema.py and their source
     <!-- smptrain:errors -->           every sentence smptrain can end a command with (a UserError and its kinds),
                                        read from the source, grouped by what the user was doing
 """
@@ -21,15 +21,19 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "smptrain"
 ERRORS = ("UserError", "CannotBuild", "WriteFailed", "TrainingStopped")
 ACTIVITIES = [  # (module path prefix, what the user was doing), the first match wins
-    ("config.py", "Reading the configuration"), ("darts_config.py", "Reading a DARTS configuration file"),
-    ("recipes.py", "Reading the configuration"), ("cli.py", "Reading the configuration"),
-    ("data/", "Reading the dataset"), ("inspect.py", "Inspecting a dataset"),
-    ("model.py", "Building the model"), ("losses.py", "Building the model"), ("runtime.py", "Starting on the device"),
-    ("processes.py", "Starting on the device"), ("training/", "Training, resuming and stopping"),
-    ("train.py", "Training, resuming and stopping"), ("launch.py", "Training, resuming and stopping"),
-    ("evaluation/", "Testing and comparing"), ("export/", "Converting, exporting and predicting"),
-    ("search/", "Cross-validation, tuning and recipe comparisons"), ("storage.py", "Writing files"),
-    ("demo.py", "Generating demo data"),
+    ("config/darts.py", "Reading a DARTS configuration file"), ("config/", "Reading the configuration"),
+    ("cli.py", "Reading the configuration"), ("data/demo.py", "Generating demo data"),
+    ("commands/demo.py", "Generating demo data"), ("training/inspection.py", "Inspecting a dataset"),
+    ("commands/inspect.py", "Inspecting a dataset"), ("data/", "Reading the dataset"), ("model/", "Building the model"),
+    ("core/runtime.py", "Starting on the device"), ("core/processes.py", "Starting on the device"),
+    ("core/storage.py", "Writing files"), ("training/", "Training, resuming and stopping"),
+    ("train.py", "Training, resuming and stopping"), ("commands/train.py", "Training, resuming and stopping"),
+    ("commands/launch.py", "Training, resuming and stopping"), ("evaluation/", "Testing and comparing"),
+    ("commands/test.py", "Testing and comparing"), ("commands/compare.py", "Testing and comparing"),
+    ("export/", "Converting, exporting and predicting"), ("commands/convert.py", "Converting, exporting and predicting"),
+    ("commands/predict.py", "Converting, exporting and predicting"),
+    ("search/", "Cross-validation, tuning and recipe comparisons"),
+    ("commands/", "Cross-validation, tuning and recipe comparisons"),
 ]
 
 
@@ -45,8 +49,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 def field_comments() -> dict[tuple[str, str], str]:
-    """{(dataclass name, field name): the comment written beside the field in smptrain/config.py}."""
-    source = (PACKAGE / "config.py").read_text()
+    """{(dataclass name, field name): the comment written beside the field in smptrain/config/schema.py}."""
+    source = (PACKAGE / "config" / "schema.py").read_text()
     comments = {}
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:

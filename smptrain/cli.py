@@ -11,9 +11,9 @@ import sys
 import click
 
 from smptrain.config import Loaded, read_config
-from smptrain.errors import UserError
-from smptrain.processes import is_main_process
-from smptrain.storage import REASONS, free_space, human
+from smptrain.core.errors import UserError
+from smptrain.core.processes import is_main_process
+from smptrain.core.storage import REASONS, free_space, human
 
 
 def config_options(command):
@@ -37,6 +37,26 @@ def read_options(config_path, overrides, debug: bool, base: dict | None = None, 
     if line and is_main_process():
         print(line, file=sys.stderr, flush=True)
     return loaded
+
+
+def require_config(config_path, purpose: str = "") -> str:
+    """`--config`'s value, or the one sentence every command says when it is missing."""
+    if config_path is None:
+        raise UserError(f"--config is required{' ' + purpose if purpose else ''} (e.g. --config configs/base.toml)")
+    return config_path
+
+
+def plain_name(name: str, option: str = "--name") -> str:
+    """A name that becomes one directory (of a CV, a comparison, a study), or the sentence that refuses it."""
+    if "/" in name or name in ("", ".", ".."):
+        raise UserError(f"{option} must be a plain directory name, got {name!r}")
+    return name
+
+
+def interrupted(how_to_continue: str) -> None:
+    """End a command whose work a signal stopped: one line saying how to continue, exit status 130."""
+    print(f"\ninterrupted; {how_to_continue}", file=sys.stderr, flush=True)
+    sys.exit(130)
 
 
 def given_or(value, loaded: Loaded, option: str, default=None):

@@ -13,41 +13,36 @@ state. So training 4 epochs equals training 2, stopping, and resuming to 4 (on C
 
 from __future__ import annotations
 
-from smptrain.training.signals import Interrupted, StopSignal, exit_on_further_signals, local_main
+from smptrain.training.signals import Interrupted, StopSignal, exit_on_further_signals
 
 if __name__ == "__main__":  # `python -m smptrain.train`: a signal while torch and the rest load (seconds) ends the
     exit_on_further_signals()  # command as an interrupted run would, 130, instead of "killed by SIGTERM"
 
 import math  # noqa: E402 (the signals first)
-import os  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
-import click  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from smptrain.cli import config_options, read_options, report_user_errors  # noqa: E402
 from smptrain.config import Config  # noqa: E402
+from smptrain.core.failpoints import failpoint  # noqa: E402
+from smptrain.core.processes import is_main_process  # noqa: E402
+from smptrain.core.runtime import end_processes  # noqa: E402
+from smptrain.core.storage import WriteFailed  # noqa: E402
 from smptrain.data.augment import augment, augment_generator  # noqa: E402
-from smptrain.errors import UserError  # noqa: E402
 from smptrain.evaluation import plots  # noqa: E402
 from smptrain.evaluation.breakdown import validation_regions  # noqa: E402
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves  # noqa: E402
-from smptrain.failpoints import failpoint  # noqa: E402
-from smptrain.model import segmentation_logits  # noqa: E402
-from smptrain.processes import is_main_process  # noqa: E402
-from smptrain.runtime import end_processes  # noqa: E402
-from smptrain.storage import WriteFailed  # noqa: E402
+from smptrain.model.network import segmentation_logits  # noqa: E402
 from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending  # noqa: E402
+from smptrain.training.collectives import average_buffers, reduce_window, signalled  # noqa: E402
 from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm  # noqa: E402
-from smptrain.training.layout import (BEST, CONFIG, CURVES_PLOT, LAST, PREVIEWS, SCHEDULE_PLOT,  # noqa: E402
-                                      checkpoint_link, checkpoints_dir)
+from smptrain.training.layout import BEST, CURVES_PLOT, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir  # noqa: E402
 from smptrain.training.prepare import Run, set_up  # noqa: E402
-from smptrain.training.runs import RESUMABLE, Opening, begin, start_or_continue, tidy  # noqa: E402
+from smptrain.training.runs import Opening, begin, requested, tidy  # noqa: E402
 from smptrain.training.schedule import describe as describe_schedule  # noqa: E402
 from smptrain.training.schedule import learning_rate, planned, warmup_of  # noqa: E402
 
@@ -304,7 +299,7 @@ def write_previews(run: Run, evaluation) -> None:
 def already_finished(opening: Opening) -> RunResult:
     """A resumed run with nothing left to do (a requeued job whose run had finished): nothing is written. Another
     dataset than the run's is still refused, as it would be for a run with epochs left."""
-    from smptrain.data.dataset import open_dataset
+    from smptrain.data.darts import open_dataset
 
     opening.require_data(open_dataset(opening.cfg.data.dir, opening.cfg.data.band_normalisation))
     state = opening.state
@@ -325,13 +320,6 @@ def stop_interrupted(run: Run, epoch: int, saved: bool = False) -> RunResult:
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
                      f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
-
-
-def signalled(run: Run) -> bool:
-    """Whether any rank was signalled (all ranks call it: one small reduction). Between epochs; before the first
-    step of a run no signal is pending (one then ends the process at once)."""
-    raised = torch.tensor([float(run.stop.raised)], device=run.accelerator.device)
-    return run.accelerator.reduce(raised, "sum").item() > 0
 
 
 def discard_if_nothing_saved(run: Run | None) -> None:
@@ -363,80 +351,18 @@ def end(run: Run | None, status: str, message: str = "") -> RunResult:
     return RunResult(status, run.run_dir, run.best, run.last, state.epoch, state.step, message)
 
 
-# --- what the phases use ------------------------------------------------------------------------------------------
-
-
-def average_buffers(accelerator, model) -> None:
-    """Average float buffers (BatchNorm running statistics) over ranks, as timm's distribute_bn: each rank updated
-    its own from its own batches, so without this rank 1 would validate a model that is not the one saved."""
-    if accelerator.num_processes == 1:
-        return
-    with torch.no_grad():
-        for buffer in accelerator.unwrap_model(model).buffers():
-            if buffer.is_floating_point():
-                buffer.copy_(accelerator.reduce(buffer.detach().clone(), "mean"))
-
-
-def reduce_window(run: Run, window: Window, epoch: int) -> tuple[float, bool]:
-    """Mean train loss over all ranks' micro-batches since the last record, and whether any rank was signalled.
-    The one place the host waits for the device: it also reads the non-finite guard and stops on it."""
-    device = window.loss_sum.device
-    skipped = run.guard.skipped if run.guard is not None else torch.zeros((), device=device)
-    packed = torch.stack([window.loss_sum.float(), torch.tensor(float(window.count), device=device),
-                          torch.tensor(float(run.stop.raised), device=device), skipped.float()])
-    packed = run.accelerator.reduce(packed, "sum").tolist()
-    if packed[3] > 0:  # every rank has the same count: gradients were averaged before the norm
-        skipped_steps = round(packed[3] / run.accelerator.num_processes)
-        raise diverged(run.state.step - skipped_steps + 1, run.run_dir, epoch, "the gradient norm is not finite;")
-    return packed[0] / max(packed[1], 1), packed[2] > 0
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--resume", type=click.Path(file_okay=False), default=None,
-              help="Continue the run in this directory from its last checkpoint. `auto` (with --config and "
-                   "log.run_name): start the run, or continue it when its directory exists (a requeued job).")
-@click.option("--trust-pickle", is_flag=True,
-              help="Allow model.weights_from to be a DARTS Lightning .ckpt (a pickle, which can run code).")
-@config_options
-@report_user_errors
-def main(resume, trust_pickle, config_path, overrides, debug):
-    """Train an smp binary segmentation model on a DARTS dataset."""
-    exit_on_further_signals()  # outside train()'s own handling: a late signal must not turn exit 130 into 143
-    if resume == "auto":
-        cfg, resume = start_or_continue(read_options(config_path, overrides, debug).config if config_path else None)
-    elif resume is not None:
-        resume = Path(resume)
-        if config_path:
-            raise UserError("--resume takes the run's own config.toml; drop --config (use --set for "
-                            f"{', '.join(sorted(RESUMABLE))})")
-        if not (resume / CONFIG).is_file():
-            raise UserError(f"{resume} is not a run directory (no config.toml)")
-        changed = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
-        if changed:
-            raise UserError(f"--set {changed[0]} cannot change on resume; only {', '.join(sorted(RESUMABLE))} can")
-        cfg = read_options(str(resume / CONFIG), overrides, debug).config
-    else:
-        if config_path is None:
-            raise UserError("--config is required to start a run (e.g. --config configs/base.toml)")
-        cfg = read_options(config_path, overrides, debug).config
-    result = train(cfg, resume, trust_pickle=trust_pickle)
+def train_from_options(config_path: str | None, overrides=(), resume: str | None = None, *, debug: bool = False,
+                       trust_pickle: bool = False) -> RunResult:
+    """What `python -m smptrain.train` does with its options: start the run `config_path` and `overrides` describe,
+    or continue the one `resume` names (`auto`: the run `log.run_name` names, if it exists), then close the process
+    group. Every rank calls it."""
+    cfg, resume_dir = requested(config_path, overrides, resume, debug)
+    result = train(cfg, resume_dir, trust_pickle=trust_pickle)
     end_processes()
-    exit_for(result)
+    return result
 
 
-def exit_for(result: RunResult) -> None:
-    """The CLI's exit status: 0 finished (or stopped early, or pruned), 2 diverged (a sentence), 130 interrupted."""
-    if result.status == "diverged":
-        raise TrainingStopped(result.message)
-    if result.status == "interrupted":
-        if os.environ.get("SMPTRAIN_DEBUG"):
-            print(f"debug: {result}", file=sys.stderr)
-        hint = (f"\ncontinue with: python -m smptrain.train --resume {result.run_dir}"
-                if result.run_dir is not None and checkpoint_link(result.run_dir, LAST).exists() else "")
-        if local_main():
-            print(f"\n{result.message}{hint}", file=sys.stderr, flush=True)
-        sys.exit(130)
+if __name__ == "__main__":  # the command itself is smptrain.commands.train, the one place every command lives
+    from smptrain.commands.train import main
 
-
-if __name__ == "__main__":
     main()

@@ -12,8 +12,8 @@ from smptrain.evaluation import calibration as C
 from smptrain.evaluation import metrics as M
 from smptrain.evaluation.breakdown import by_group, validation_regions
 from smptrain.evaluation.evaluate import Evaluation
-from smptrain.export.predict import predict_in_patches
 from smptrain.evaluation.tta import averaged, symmetries
+from smptrain.export.predict import predict_in_patches
 
 
 def evaluation_of(probs: torch.Tensor, y: torch.Tensor) -> Evaluation:

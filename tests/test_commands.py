@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import segmentation_models_pytorch as smp
 import torch
+from helpers import run, tiny_config
 
-from conftest import run, tiny_config
-from smptrain.training.checkpoint import load_weights
-from smptrain.data.splits import make_splits
 from smptrain.config import load_config
-from smptrain.data.dataset import open_dataset
+from smptrain.data.darts import open_dataset
+from smptrain.data.splits import make_splits
+from smptrain.training.checkpoint import load_weights
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 
@@ -44,7 +44,6 @@ def test_smptrain_test_computes_in_fp32_whatever_the_run_trained_with(demo_dir, 
     without native bf16."""
     import zarr
     from safetensors.torch import load_file
-
     from test_metrics import torchmetrics_values
 
     config = tiny_config(tmp_path, demo_dir, data={"subsample": 8}, train={"mixed_precision": "bf16", "max_epochs": 1},
@@ -67,7 +66,7 @@ def test_smptrain_test_computes_in_fp32_whatever_the_run_trained_with(demo_dir, 
     for name, value in torchmetrics_values(probs, y).items():
         assert report["metrics"][f"test/{name}"] == pytest.approx(value, abs=1e-6), name
 
-    from smptrain.evaluation.test import precision_for_test
+    from smptrain.evaluation.assess import precision_for_test
 
     assert precision_for_test("bf16")[0] == "bf16" and precision_for_test("fp32")[0] == "no"  # --precision
 
@@ -173,7 +172,7 @@ def fake_lightning_checkpoint(path, trained_run, bands):
 
 
 def test_convert_lightning_checkpoints_only_with_trust(trained_run, demo_dir, tmp_path):
-    from smptrain.demo import BANDS, FACTORS, OFFSETS
+    from smptrain.data.demo import BANDS, FACTORS, OFFSETS
 
     source = tmp_path / "darts.ckpt"
     weights = fake_lightning_checkpoint(source, trained_run, {"bands": list(BANDS), "band_factors": list(FACTORS),
@@ -280,14 +279,20 @@ def test_a_threshold_chosen_on_validation_travels_to_the_converted_file_and_pred
 
 def test_every_option_of_every_command_has_help_text():
     import importlib
+    import pkgutil
 
     import click
 
-    for name in ("train", "evaluation.test", "export.convert", "inspect", "export.predict", "demo", "search.cv",
-                 "search.tune", "evaluation.compare"):
-        command = importlib.import_module(f"smptrain.{name}").main
-        missing = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
-        assert not missing, f"smptrain.{name}: {missing}"
+    import smptrain.commands
+
+    checked = 0
+    for module in pkgutil.iter_modules(smptrain.commands.__path__):
+        command = importlib.import_module(f"smptrain.commands.{module.name}").main
+        if isinstance(command, click.Command):  # smptrain-launch takes accelerate's arguments, not options of its own
+            missing = [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help]
+            assert not missing, f"smptrain.commands.{module.name}: {missing}"
+            checked += 1
+    assert checked >= 10
 
 
 def test_every_file_of_a_run_honours_the_umask(trained_run):

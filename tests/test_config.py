@@ -1,10 +1,10 @@
 import tomllib
 
 import pytest
+from helpers import ROOT
 
-from conftest import ROOT
 from smptrain.config import Config, dump_toml, load_config, to_dict
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 
 def test_base_toml_documents_every_key_with_its_default():

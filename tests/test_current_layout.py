@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import CURRENT_BANDS, run, tiny_config, write_current_dataset
 
-from conftest import CURRENT_BANDS, run, tiny_config, write_current_dataset
 from smptrain.data.bands import TABLE, VALID_RANGES
-from smptrain.data.dataset import open_dataset
+from smptrain.data.darts import open_dataset
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 
@@ -105,9 +105,8 @@ def test_a_band_outside_the_table_is_one_sentence_and_can_be_given(tmp_path):
 
 
 def test_warm_start_loads_the_source_weights(trained_run, tmp_path, demo_dir):
-    from smptrain.training.checkpoint import load_weights
-    from smptrain.model import build_model
-    from smptrain.training.checkpoint import warm_start
+    from smptrain.model.network import build_model
+    from smptrain.training.checkpoint import load_weights, warm_start
 
     model = build_model("Unet", "resnet18", 7)
     warm_start(model, str(trained_run))
@@ -126,7 +125,7 @@ def test_warm_start_loads_the_source_weights(trained_run, tmp_path, demo_dir):
 
 def test_subsample_is_deterministic_and_of_the_requested_size(demo_dir):
     from smptrain.config import load_config
-    from smptrain.errors import UserError
+    from smptrain.core.errors import UserError
     from smptrain.data.splits import make_splits
 
     info = open_dataset(demo_dir)
@@ -153,8 +152,8 @@ def test_posterize_keeps_six_bits():
 
 
 def test_a_converted_darts_checkpoint_keeps_its_run_id_and_name(trained_run, tmp_path):
+    from smptrain.data.demo import BANDS, FACTORS, OFFSETS
     from smptrain.training.checkpoint import load_weights
-    from smptrain.demo import BANDS, FACTORS, OFFSETS
 
     weights = load_weights(trained_run / "checkpoints" / "best")
     torch.save({"hyper_parameters": {"config": {"model": {"arch": "Unet", "encoder_name": "resnet18",

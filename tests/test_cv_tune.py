@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import BIN, cli_env, run, tiny_config
 
-from conftest import BIN, cli_env, run, tiny_config
 from smptrain.search.cv import darts_seeds, score_runs
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
@@ -219,8 +219,8 @@ def test_a_bad_space_file_is_one_sentence_before_training(demo_dir, tmp_path, sp
 
 
 def test_n_randoms_gives_darts_seeds_and_bad_seeds_are_sentences():
+    from smptrain.core.errors import UserError
     from smptrain.search.cv import parse_seeds
-    from smptrain.errors import UserError
 
     assert parse_seeds("42,21,69", 4) == darts_seeds(4) and parse_seeds("7,8") == [7, 8]
     for text, n in (("4x", None), ("1,1", None), ("42", 0)):
@@ -287,3 +287,25 @@ def test_the_cv_table_holds_every_row_on_disk_whoever_tabulates_last(tmp_path):
     assert sorted(pd.read_csv(cv_dir / "runs.csv")["run_name"]) == ["cv-f0s21", "cv-f0s42"]
     assert len(pd.read_parquet(cv_dir / "runs.parquet")) == 2
     assert json.loads((cv_dir / "cv.json").read_text())["runs"] == 2
+
+
+def test_tune_is_one_python_call_as_the_command_makes_it(demo_dir, tmp_path):
+    """`smptrain.search.tune.tune`, the library call smptrain-tune makes: a 2-slot grid, each trial one run, every
+    slot run once, the table and best.toml written, and the best row the highest stable score."""
+    from smptrain.config import load_config
+    from smptrain.search.cv import Plan
+    from smptrain.search.tune import tune
+
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 1},
+                         log={"preview_every_n_val": 0})
+    space = tmp_path / "grid.toml"
+    space.write_text('[hyperparameters]\nlearning_rate = [1e-3, 3e-3]\n')
+    said = []
+    result = tune(load_config(config), space, Plan([0], [42]), sampler="grid", single_run=True, say=said.append)
+    assert result.status == "finished" and result.study_dir == tmp_path / "artifacts" / "grid"
+    assert sorted(row["slot"] for row in result.rows) == [0, 1]
+    assert {row["train.lr"] for row in result.rows} == {1e-3, 3e-3}
+    assert all(row["state"] == "COMPLETE" for row in result.rows)
+    assert result.best["score"] == max(row["score"] for row in result.rows)
+    assert (result.study_dir / "best.toml").is_file() and (result.study_dir / "trials.csv").is_file()
+    assert any(line.startswith("trial 0 (slot 0)") for line in said)

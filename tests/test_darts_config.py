@@ -4,8 +4,8 @@ commands named and ignored, unknown keys refused with the closest name; `--set` 
 import pytest
 
 from smptrain.config import load_config, read_config
-from smptrain.darts_config import flatten
-from smptrain.errors import UserError
+from smptrain.config.darts import flatten
+from smptrain.core.errors import UserError
 
 # The shape of DARTS' training quickstart (docs/guides/training/quickstart.md): sub-tables, hyphenated keys, keys
 # of preprocessing, Earth Engine and paths, and a [hyperparameters] table for tuning in the same file.
@@ -176,8 +176,7 @@ def test_a_darts_file_runs_inspect_train_cv_and_tune_as_it_is(demo_dir, tmp_path
     import json
 
     import pandas as pd
-
-    from conftest import run
+    from helpers import run
 
     config = quickstart(tmp_path, demo_dir)
     inspected = run(["smptrain-inspect", "--config", str(config)], cwd=tmp_path)
@@ -214,7 +213,7 @@ def test_a_darts_file_runs_inspect_train_cv_and_tune_as_it_is(demo_dir, tmp_path
 
 @pytest.mark.slow
 def test_a_model_that_cannot_take_the_patches_is_refused_before_anything_is_written(demo_dir, tmp_path):
-    from conftest import run, tiny_config
+    from helpers import run, tiny_config
 
     config = tiny_config(tmp_path, demo_dir)
     for command in (["python", "-m", "smptrain.train"], ["smptrain-cv"]):

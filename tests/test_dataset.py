@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import zarr
 
-from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.core.errors import UserError
 from smptrain.data.batches import EvalBatches, TrainBatches
-from smptrain.errors import UserError
+from smptrain.data.darts import open_dataset
+from smptrain.data.dataset import PatchDataset
 
 
 def test_foreign_dataset_reads_as_stored(foreign_dir):

@@ -7,8 +7,7 @@ import os
 
 import pytest
 import torch
-
-from conftest import check_patience_one, launch_two, run, tiny_config
+from helpers import check_patience_one, launch_two, run, tiny_config
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 
@@ -53,14 +52,15 @@ def test_learning_rate_of_epoch_e_is_lr_gamma_e(ddp_run):
 
 def test_two_process_validation_equals_one_process_evaluation(ddp_run):
     """The metrics the 2-process run logged equal a 1-process evaluation of the same checkpoint, exactly."""
-    from smptrain.training.checkpoint import load_weights, read_meta
-    from smptrain.data.dataset import PatchDataset, open_dataset
+    from smptrain.core.runtime import make_accelerator
     from smptrain.data.batches import EvalBatches
+    from smptrain.data.darts import open_dataset
+    from smptrain.data.dataset import PatchDataset
     from smptrain.data.feed import feed
     from smptrain.evaluation.evaluate import evaluate
-    from smptrain.losses import Loss
-    from smptrain.model import build_model
-    from smptrain.runtime import make_accelerator
+    from smptrain.model.losses import Loss
+    from smptrain.model.network import build_model
+    from smptrain.training.checkpoint import load_weights, read_meta
 
     last = (ddp_run / "checkpoints" / "last").resolve()
     meta = read_meta(last)
@@ -85,7 +85,7 @@ def test_two_process_test_equals_one_process_test(trained_run, tmp_path):
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     extra = ["--tta", "flips", "--threshold", "val-best", "--figures", str(tmp_path / "figures")]
     run(["smptrain-test", str(trained_run), "--json", str(one), *extra], check=True, OMP_NUM_THREADS="1")
-    result = launch_two(["-m", "smptrain.evaluation.test", str(trained_run), "--json", str(two), *extra])
+    result = launch_two(["-m", "smptrain.commands.test", str(trained_run), "--json", str(two), *extra])
     assert result.returncode == 0, result.stderr[-4000:]
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert a["test_patches"] == b["test_patches"] and a["metrics"] == b["metrics"]
@@ -139,7 +139,7 @@ def launched(config, name: str, processes: int):
     """`smptrain-launch` in a process group of its own, as a shell runs a foreground job."""
     import subprocess
 
-    from conftest import BIN, cli_env
+    from helpers import BIN, cli_env
 
     multi = ["--multi_gpu"] if processes > 1 else []
     return subprocess.Popen([str(BIN / "smptrain-launch"), *multi, "--num_processes", str(processes), "--num_machines",
@@ -190,7 +190,7 @@ def test_a_cv_table_the_main_process_cannot_write_stops_both_ranks_in_one_senten
     row = tmp_path / "artifacts" / "stuck" / "rows" / "stuck-f0s42.json"
     (row / "in-the-way").mkdir(parents=True)  # a directory where the finished run's row is to be renamed
     result = run(["smptrain-launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-                  "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "-m", "smptrain.search.cv",
+                  "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1", "-m", "smptrain.commands.cv",
                   "--config", str(config), "--name", "stuck", "--folds", "2", "--seeds", "42"], timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert f"cannot write {row}" in result.stderr

@@ -9,8 +9,7 @@ import re
 import tomllib
 
 import pytest
-
-from conftest import ROOT, run
+from helpers import ROOT, run
 
 pytest.importorskip("mkdocs")
 pytest.importorskip("mkdocs_click")
@@ -50,7 +49,7 @@ def test_the_error_catalogue_and_the_api_are_generated(site):
     errors = text_of(site / "troubleshooting" / "index.html")
     assert "must be one of" in errors and "Reading the configuration" in errors and "Writing files" in errors
     api = (site / "reference" / "api" / "index.html").read_text()
-    for name in ("smptrain.train.train", "smptrain.evaluation.test.assess_checkpoint", "smptrain.export.convert.convert",
+    for name in ("smptrain.train.train", "smptrain.evaluation.assess.assess_checkpoint", "smptrain.export.convert.convert",
                  "smptrain.search.cv.cross_validate", "smptrain.export.predict.predict_in_patches"):
         assert f'id="{name}"' in api, name
 

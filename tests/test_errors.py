@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-
-from conftest import run, tiny_config as _tiny_config, write_foreign_dataset
+from helpers import run, write_foreign_dataset
+from helpers import tiny_config as _tiny_config
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 

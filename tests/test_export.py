@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import run, tiny_config, write_current_dataset
 
-from conftest import run, tiny_config, write_current_dataset
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +62,7 @@ ARCHITECTURES = [  # (arch, encoder, a patch size it takes)
 @pytest.mark.parametrize("arch, encoder, patch", ARCHITECTURES, ids=[f"{a}-{p}" for a, _, p in ARCHITECTURES])
 def test_every_architecture_is_exported_and_checked_or_refused_in_one_sentence(tmp_path, arch, encoder, patch):
     from smptrain.export.onnx import TOLERANCE, export_onnx
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": arch, "encoder_name": encoder, "in_channels": 3, "classes": 1}
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def test_every_architecture_is_exported_and_checked_or_refused_in_one_sentence(t
 
 def test_a_dynamic_export_of_pyramid_pooling_is_refused_before_exporting(tmp_path):
     from smptrain.export.onnx import export_onnx
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": "UPerNet", "encoder_name": "resnet18", "in_channels": 3, "classes": 1}
     network = described_model(model, None, "test")
@@ -165,7 +165,7 @@ def test_the_onnx_file_loads_and_predicts_in_deepness_as_the_model_does(trained_
 
 def converted_file(tmp_path: Path, arch: str, encoder: str) -> Path:
     from smptrain.export.convert import build_converted
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": arch, "encoder_name": encoder, "in_channels": 3, "classes": 1}
     bands = {"bands": ["red", "green", "blue"], "band_factors": [1 / 3000] * 3, "band_offsets": [0.0] * 3}
@@ -190,7 +190,7 @@ def test_predict_refuses_a_patch_size_the_model_cannot_take_in_one_sentence(tmp_
 def test_predict_with_an_onnx_file_refuses_a_patch_size_it_would_shrink(tmp_path):
     """A dynamic ONNX Segformer given 65 px patches returned 64 x 64 probabilities without a word."""
     from smptrain.export.onnx import export_onnx
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": "Segformer", "encoder_name": "mit_b0", "in_channels": 3, "classes": 1}
     bands = {"bands": ["red", "green", "blue"], "band_factors": [1 / 3000] * 3, "band_offsets": [0.0] * 3}
@@ -223,3 +223,24 @@ def test_a_failed_export_prints_one_whole_sentence_and_nothing_else(trained_run,
     assert long.args[0].startswith(text[:-4])
     words = text[:-4].split()
     assert all(word in long.args[0].split() for word in words[:-1])
+
+
+def test_predict_file_is_the_command_as_one_python_call(tmp_path):
+    """`smptrain.export.predict.predict_file`: what smptrain-predict computes, as a function: the probabilities of
+    `predict_in_patches` on the normalised tile, or the mask above the threshold, written whole to `out`."""
+    from smptrain.export.predict import load_converted, normalise, predict_file, predict_in_patches
+
+    converted = converted_file(tmp_path, "Unet", "resnet18")
+    raw = np.random.default_rng(0).uniform(0, 3000, (3, 80, 100)).astype(np.float32)
+    np.save(tmp_path / "tile.npy", raw)
+    done = predict_file(converted, tmp_path / "tile.npy", tmp_path / "probs", patch_size=64, overlap=8)
+    model, config = load_converted(converted)
+    expected = predict_in_patches(model, normalise(raw, config["bands"])[None], 64, 8)[0].numpy()
+    assert done.path == tmp_path / "probs" and done.shape == (80, 100) and not done.binarized
+    np.testing.assert_array_equal(np.load(tmp_path / "probs"), expected)  # no ".npy" added to the name given
+    mask = predict_file(converted, tmp_path / "tile.npy", tmp_path / "mask.npy", patch_size=64, overlap=8,
+                        binarize=True, threshold=0.4)
+    assert mask.threshold == 0.4 and np.load(tmp_path / "mask.npy").dtype == np.uint8
+    np.testing.assert_array_equal(np.load(tmp_path / "mask.npy"), (expected > 0.4).astype(np.uint8))
+    assert mask.positive_share == pytest.approx(float((expected > 0.4).mean()))
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -1,4 +1,4 @@
-"""A kill at any moment: the real training command is killed at each named failpoint (`smptrain.failpoints`), the
+"""A kill at any moment: the real training command is killed at each named failpoint (`smptrain.core.failpoints`), the
 same `--resume auto` command is run again, and what it leaves is compared with an uninterrupted run's: every weight
 file bitwise, `last` and `best`, metrics.jsonl record by record (timings aside), the run directory's files, and no
 temporaries left anywhere. And a requeue of a finished run changes nothing."""
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run, tiny_config
 from safetensors.torch import load_file
 
-from conftest import run, tiny_config
-from smptrain.failpoints import POINTS
+from smptrain.core.failpoints import POINTS
 
 pytestmark = pytest.mark.slow  # end to end: real processes killed and run again
 
@@ -197,7 +197,7 @@ def test_a_signal_at_any_moment_of_start_up_ends_with_130_and_leaves_nothing(dem
     import sys
     import time
 
-    from conftest import ROOT, cli_env
+    from helpers import ROOT, cli_env
 
     config = tiny_config(tmp_path, demo_dir, data={"subsample": 16, "in_memory": False}, train={"max_epochs": 1})
     for delay in (0.3, 1.2, 2.5, 3.5, 4.5):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from smptrain.losses import LOSSES, Loss, LossParams
+from smptrain.model.losses import LOSSES, Loss, LossParams
 
 # Two 3x4 samples: 0 background, 1 positive, 2 ignored (the second sample has a fully ignored row).
 Y = torch.tensor([[[0, 1, 1, 2], [0, 0, 1, 2], [0, 0, 0, 0]],
@@ -99,7 +99,7 @@ def test_per_sample_values_are_each_samples_own_loss(name):
 
 def test_loss_config_round_trips_and_bad_losses_are_sentences():
     from smptrain.config import dump_toml, load_config
-    from smptrain.errors import UserError
+    from smptrain.core.errors import UserError
 
     cfg = load_config(None, ["train.loss={focal = 1.0, dice = 0.5}", "train.tversky_beta=0.8"])
     assert cfg.train.loss == {"focal": 1.0, "dice": 0.5} and "loss = {focal = 1.0, dice = 0.5}" in dump_toml(cfg)

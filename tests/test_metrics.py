@@ -1,9 +1,18 @@
 import numpy as np
 import pytest
 import torch
-from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryAveragePrecision, BinaryCohenKappa,
-                                         BinaryF1Score, BinaryHammingDistance, BinaryJaccardIndex, BinaryPrecision,
-                                         BinaryRecall, BinarySpecificity)
+from torchmetrics.classification import (
+    BinaryAccuracy,
+    BinaryAUROC,
+    BinaryAveragePrecision,
+    BinaryCohenKappa,
+    BinaryF1Score,
+    BinaryHammingDistance,
+    BinaryJaccardIndex,
+    BinaryPrecision,
+    BinaryRecall,
+    BinarySpecificity,
+)
 
 from smptrain.evaluation import metrics as M
 

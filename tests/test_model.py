@@ -2,11 +2,10 @@ import pytest
 import torch
 from segmentation_models_pytorch.losses import FocalLoss
 
-from smptrain.data.augment import augment, augment_generator
-from smptrain.data.augment import AUGMENTATIONS
-from smptrain.losses import focal_loss
-from smptrain.model import build_model, check_patch_size
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
+from smptrain.data.augment import AUGMENTATIONS, augment, augment_generator
+from smptrain.model.losses import focal_loss
+from smptrain.model.network import build_model, check_patch_size
 
 
 @pytest.mark.parametrize("alpha", [None, 0.25])
@@ -44,9 +43,8 @@ def test_model_returns_logits_and_checks_patch_size():
 
 
 def test_local_encoder_weights_are_loaded_and_adapted(tmp_path):
-    from safetensors.torch import save_file
-
     import segmentation_models_pytorch as smp
+    from safetensors.torch import save_file
 
     encoder = smp.encoders.get_encoder("resnet18", in_channels=3, weights=None)
     save_file(encoder.state_dict(), str(tmp_path / "resnet18.safetensors"))

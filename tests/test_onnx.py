@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import run
 
-from conftest import run
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def test_the_onnx_file_computes_what_the_darts_segmenter_computes(tmp_path, arch
     import onnxruntime
 
     from smptrain.export.onnx import export_onnx
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": arch, "encoder_name": encoder, "in_channels": count, "classes": 1}
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def test_convert_to_onnx_and_predict_through_onnxruntime_as_through_pytorch(trai
 
 def test_an_architecture_that_cannot_be_exported_is_one_sentence(tmp_path):
     from smptrain.export.onnx import export_onnx
-    from smptrain.model import described_model
+    from smptrain.model.network import described_model
 
     model = {"arch": "PSPNet", "encoder_name": "resnet18", "in_channels": 3, "classes": 1}
     network = described_model(model, None, "test")

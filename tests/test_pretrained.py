@@ -7,8 +7,7 @@ from __future__ import annotations
 import json
 
 import torch
-
-from conftest import run, tiny_config
+from helpers import run, tiny_config
 
 ENCODER = "resnet18"
 
@@ -39,7 +38,7 @@ def test_named_weights_load_from_the_cache_offline_and_the_first_layer_is_adapte
 
     hf_home, state = hub_cache(tmp_path / "hf")
     out = tmp_path / "encoder.safetensors"
-    script = ("import sys\nfrom safetensors.torch import save_file\nfrom smptrain.model import build_model\n"
+    script = ("import sys\nfrom safetensors.torch import save_file\nfrom smptrain.model.network import build_model\n"
               "model = build_model('Unet', 'resnet18', 7, 'imagenet')\n"
               "save_file({k: v.contiguous() for k, v in model.encoder.state_dict().items()}, sys.argv[1])\n")
     run(["python", "-c", script, str(out)], check=True, **offline(hf_home))

@@ -8,8 +8,7 @@ import json
 import math
 
 import pytest
-
-from conftest import ROOT, run
+from helpers import ROOT, run
 
 
 def quality():

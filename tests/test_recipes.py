@@ -1,4 +1,4 @@
-"""Recipes by name (smptrain/recipes.toml), warmup in epochs, the schedule said at the start, and recipes compared on
+"""Recipes by name (smptrain/config/recipes.toml), warmup in epochs, the schedule said at the start, and recipes compared on
 a dataset with `smptrain-recipes`: trained, chosen on validation, tested, tabulated; a killed comparison continues."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import tomllib
 
 import pandas as pd
 import pytest
+from helpers import run, tiny_config
 
-from conftest import run, tiny_config
-from smptrain.choices import RECIPES
 from smptrain.config import Config, read_config, to_dict
-from smptrain.errors import UserError
+from smptrain.core.choices import RECIPES
+from smptrain.core.errors import UserError
 
 
 def test_every_recipe_is_a_table_of_valid_keys_and_darts_changes_nothing():
-    from smptrain.recipes import RECIPES_FILE
+    from smptrain.config.recipes import RECIPES_FILE
 
     tables = tomllib.loads(RECIPES_FILE.read_text())
     assert set(tables) == set(RECIPES) and tables["darts"] == {}
@@ -73,7 +73,7 @@ def test_inspect_and_training_say_the_recipe_and_the_schedule(demo_dir, tmp_path
     config = tiny_config(tmp_path, demo_dir, train={"recipe": "rare-positives", "max_epochs": 1},
                          log={"run_name": "said", "preview_every_n_val": 0})
     inspected = run(["smptrain-inspect", "--config", str(config)], check=True)
-    assert "recipe rare-positives (smptrain/recipes.toml) set: train.loss, train.schedule, train.warmup_epochs, " \
+    assert "recipe rare-positives (smptrain/config/recipes.toml) set: train.loss, train.schedule, train.warmup_epochs, " \
            "data.positive_fraction" in inspected.stdout
     assert "optimizer steps per epoch" in inspected.stdout and "warmup" in inspected.stdout
     trained = run(["python", "-m", "smptrain.train", "--config", str(config)], check=True)

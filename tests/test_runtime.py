@@ -7,10 +7,11 @@ import os
 import pytest
 import torch
 
-from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.core.runtime import choose_precision, cpu_has_native_bf16
 from smptrain.data.batches import EvalBatches, TrainBatches, make_loader
+from smptrain.data.darts import open_dataset
+from smptrain.data.dataset import PatchDataset
 from smptrain.data.feed import DeviceFeed, PrefetchFeed, feed
-from smptrain.runtime import choose_precision, cpu_has_native_bf16
 from smptrain.training.divergence import NonFiniteGuard
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -136,7 +137,8 @@ def test_workers_forked_after_the_main_process_used_tensorstore_still_read(forei
 
     script = f"""
 import numpy as np, torch
-from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.darts import open_dataset
+from smptrain.data.dataset import PatchDataset
 from smptrain.data.batches import TrainBatches
 info = open_dataset({str(foreign_dir)!r})
 rows = sorted(int(r) for r in info.metadata.index)
@@ -199,8 +201,8 @@ def test_accelerates_unindexed_cuda_device_is_the_device_the_patches_report(monk
     """One GPU: Accelerate's device is `cuda`, the patches' is `cuda:0`; the device-resident feed must be chosen."""
     from types import SimpleNamespace
 
+    from smptrain.core.runtime import indexed, same_device
     from smptrain.data.feed import resident_on
-    from smptrain.runtime import indexed, same_device
 
     assert torch.device("cuda:0") != torch.device("cuda")  # why a plain comparison chose the wrong feed
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # Accelerate has set the rank's GPU (0)
@@ -250,7 +252,7 @@ def test_determinism_is_set_for_every_run_before_any_cuda_work(monkeypatch):
     """Cross-validation and tuning run several trainings in one process: a non-deterministic run first must still
     leave cuBLAS's workspace setting in place for a deterministic one, and a deterministic one must not leave a fast
     one deterministic."""
-    from smptrain.runtime import configure_determinism
+    from smptrain.core.runtime import configure_determinism
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
@@ -268,8 +270,7 @@ def test_determinism_is_set_for_every_run_before_any_cuda_work(monkeypatch):
 
 
 def test_architectures_without_deterministic_cuda_kernels_are_named_once():
-    from smptrain.model import nondeterministic_on_cuda
-    from smptrain.model import determinism_note
+    from smptrain.model.network import determinism_note, nondeterministic_on_cuda
 
     for arch in ("Unet", "UnetPlusPlus", "MAnet", "Linknet"):  # nearest upsampling, transposed convolutions
         assert nondeterministic_on_cuda(arch, "resnet18", 7, 64) == [], arch
@@ -363,7 +364,8 @@ def test_a_feed_on_the_second_gpu_creates_no_context_on_the_first(demo_dir):
 
     script = f"""
 import torch
-from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.darts import open_dataset
+from smptrain.data.dataset import PatchDataset
 from smptrain.data.batches import EvalBatches
 from smptrain.data.feed import feed
 from smptrain.evaluation import metrics as M
@@ -410,7 +412,7 @@ def test_auto_precision_on_this_gpu_matches_its_compute_capability(monkeypatch):
 def test_one_process_may_make_accelerators_of_another_precision_in_turn():
     """A recipe comparison (or tuning's retrain-and-test) tests in fp32, in the same process, what it trained in
     bf16: Accelerate's per-process state, made for bf16, must not refuse the fp32 one."""
-    from smptrain.runtime import make_accelerator
+    from smptrain.core.runtime import make_accelerator
 
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"

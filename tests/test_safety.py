@@ -8,8 +8,7 @@ import shutil
 
 import pytest
 import torch
-
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 
@@ -74,7 +73,7 @@ def test_test_and_resume_never_unpickle(evil, trained_run, tmp_path):
 
 
 def test_encoder_weights_are_read_weights_only(evil, tmp_path, demo_dir):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     marker, write = evil
     config = tiny_config(tmp_path, demo_dir, model={"encoder_weights": str(write(tmp_path / "encoder.pth"))})

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from smptrain.config import load_config
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 from smptrain.data.splits import make_splits, split_fold, split_test
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import run, tiny_config
 
-from conftest import run, tiny_config
-from smptrain.storage import WriteFailed, reason_of, write_text, writing
+from smptrain.core.storage import WriteFailed, reason_of, write_text, writing
 
 
 def test_refusals_of_the_filesystem_are_read_from_errors_and_messages(tmp_path):

@@ -69,7 +69,7 @@ def test_tensorboard_and_mlflow_hold_exactly_the_metrics_of_the_run(trained_run)
 
 
 def test_a_tracker_that_cannot_start_is_one_sentence_and_leaves_no_run(demo_dir, tmp_path):
-    from conftest import run, tiny_config
+    from helpers import run, tiny_config
     from test_errors import assert_clear_error
 
     config = tiny_config(tmp_path, demo_dir, log={"trackers": ["tensorboard", "mlflow"], "run_name": "nowhere"})

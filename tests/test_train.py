@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import check_patience_one, cli_env, run, tiny_config
 from safetensors.torch import load_file
 
-from conftest import check_patience_one, cli_env, run, tiny_config
-from smptrain.data.dataset import open_dataset
+from smptrain.data.darts import open_dataset
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 
@@ -76,7 +76,7 @@ def test_run_directory_holds_everything(trained_run):
 
 def test_demo_config_learns(tmp_path):
     """configs/demo.toml on the demo data beats the all-background baseline (IoU 0) by far, in half its epochs."""
-    from smptrain.demo import make_demo
+    from smptrain.data.demo import make_demo
 
     data = make_demo(tmp_path / "data")
     run(["python", "-m", "smptrain.train", "--config", "configs/demo.toml", "--set", f"data.dir='{data}'",
@@ -173,9 +173,9 @@ def assert_trackers_continued(run_dir: Path):
     (purge_step), as metrics.jsonl does; MLflow cannot drop metrics, so steps redone after a kill between checkpoints
     appear twice there, with the same values (resume is exact), timings aside."""
     import numpy as np
+    from test_trackers import jsonl_series, mlflow_run, mlflow_series, tensorboard_series
 
     from smptrain.training.tracking import mlflow_key
-    from test_trackers import jsonl_series, mlflow_run, mlflow_series, tensorboard_series
 
     expected = jsonl_series(run_dir)
     board = tensorboard_series(run_dir)
@@ -227,8 +227,8 @@ def test_learning_rate_follows_gamma_per_epoch(trained_run):
 
 
 def test_torch_compile_wrapper_keys_are_cleaned():
+    from smptrain.model.network import build_model
     from smptrain.training.checkpoint import clean_state_dict
-    from smptrain.model import build_model
 
     model = build_model("Unet", "resnet18", 3)
     compiled = torch.compile(model)  # lazy: nothing is compiled until a forward pass
@@ -384,7 +384,7 @@ def test_a_frozen_encoder_stays_as_built_and_resumes_exactly(demo_dir, tmp_path)
     2 + resume to 4, bitwise."""
     from accelerate.utils import set_seed
 
-    from smptrain.model import build_model
+    from smptrain.model.network import build_model
 
     config = tiny_config(tmp_path, demo_dir, data={"subsample": 16},
                          train={"max_epochs": 4, "freeze_encoder_epochs": 2, "grad_accum_steps": 2,
@@ -409,7 +409,7 @@ def test_a_frozen_encoder_stays_as_built_and_resumes_exactly(demo_dir, tmp_path)
 def test_the_launcher_reports_a_training_it_stopped_as_interrupted():
     """smptrain-launch's status: a training process ended by the signal the launcher passed on is an interrupted run
     (130); any other signal or failure keeps its own status."""
-    from smptrain.launch import exit_status
+    from smptrain.training.launcher import exit_status
 
     assert exit_status(subprocess.CalledProcessError(-signal.SIGTERM, "train"), {signal.SIGTERM}) == 130
     assert exit_status(subprocess.CalledProcessError(128 + signal.SIGTERM, "train"), {signal.SIGTERM}) == 130

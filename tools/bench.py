@@ -34,14 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from smptrain.config import load_config  # noqa: E402
-from smptrain.data.dataset import PatchDataset, open_dataset  # noqa: E402
+from smptrain.core.runtime import choose_precision, describe_cpu, make_accelerator  # noqa: E402
 from smptrain.data.batches import EvalBatches, TrainBatches  # noqa: E402
-from smptrain.demo import make_demo  # noqa: E402
-from smptrain.evaluation.evaluate import evaluate  # noqa: E402
+from smptrain.data.darts import open_dataset  # noqa: E402
+from smptrain.data.dataset import PatchDataset  # noqa: E402
+from smptrain.data.demo import make_demo  # noqa: E402
 from smptrain.data.feed import feed, place_in_memory  # noqa: E402
-from smptrain.losses import Loss, focal_loss  # noqa: E402
-from smptrain.model import build_model  # noqa: E402
-from smptrain.runtime import choose_precision, describe_cpu, make_accelerator  # noqa: E402
+from smptrain.evaluation.evaluate import evaluate  # noqa: E402
+from smptrain.model.losses import Loss, focal_loss  # noqa: E402
+from smptrain.model.network import build_model  # noqa: E402
 
 
 def sync(device):

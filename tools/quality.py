@@ -3,7 +3,7 @@
     .venv/bin/python tools/quality.py [--out artifacts/quality] [--seeds 0,1,2] [--epochs 8] [--patches 256]
                                       [--recipes darts,focal+dice,cosine,ema,positives,combined]
 
-A generated dataset in the DARTS layout (smptrain.demo: 64 px patches, slumps drawn in a quarter of them, so
+A generated dataset in the DARTS layout (smptrain.data.demo: 64 px patches, slumps drawn in a quarter of them, so
 positives are rare) is split by region: Lena Delta, whose band statistics lie farthest from the other regions', is
 the test split, so the test measures a domain shift; the other three regions train and validate (DARTS' 5 folds,
 fold 0). Every recipe trains a Unet with timm's ResNet-10-T encoder (`tu-resnet10t`, resnet-class at half
@@ -35,16 +35,16 @@ from __future__ import annotations
 
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import click
-import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smptrain.demo import make_demo  # noqa: E402
+from smptrain.core.runtime import describe_cpu  # noqa: E402
+from smptrain.data.demo import make_demo  # noqa: E402
 from smptrain.evaluation import plots  # noqa: E402
-from smptrain.runtime import describe_cpu  # noqa: E402
 from smptrain.search.recipes import METRICS, Comparison, compare, summarise  # noqa: E402
 
 HELD_OUT = "Lena Delta"
@@ -55,7 +55,7 @@ CHANGES = {  # recipe -> its overrides of DARTS' defaults
     "ema": ["train.ema_decay=0.99", "train.ema_warmup=true"],
     "positives": ["data.positive_fraction=0.33"],
 }
-NAMED = {"rare-positives": ["train.recipe='rare-positives'"]}  # smptrain's named recipe (smptrain/recipes.toml)
+NAMED = {"rare-positives": ["train.recipe='rare-positives'"]}  # smptrain's named recipe (smptrain/config/recipes.toml)
 RECIPES = ("darts", *CHANGES, *NAMED, "combined")
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from smptrain.choices import AUGMENTATIONS
+from smptrain.core.choices import AUGMENTATIONS
 
 
 def augment_generator(device: torch.device, seed: int, epoch: int, step: int, rank: int) -> torch.Generator:
@@ -116,4 +116,4 @@ _TRANSFORMS = {  # the names train.augment accepts (AUGMENTATIONS, below)
     "MultiplicativeNoise": _multiplicative_noise,
     "Posterize": _posterize,
 }
-assert tuple(_TRANSFORMS) == AUGMENTATIONS, "smptrain.choices.AUGMENTATIONS lists what is implemented here"
+assert tuple(_TRANSFORMS) == AUGMENTATIONS, "smptrain.core.choices.AUGMENTATIONS lists what is implemented here"

@@ -14,7 +14,7 @@ Two dataset generations exist (darts-contract §2.3, §2.4):
 
 from __future__ import annotations
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 # DARTS' band table (darts-utils bands.py at 4af7791): valid range of the decoded value of each band.
 VALID_RANGES = {

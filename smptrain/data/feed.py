@@ -20,9 +20,9 @@ import threading
 
 import torch
 
-from smptrain.data.dataset import PatchDataset
+from smptrain.core.runtime import indexed, same_device
 from smptrain.data.batches import EvalBatches, make_loader
-from smptrain.runtime import indexed, same_device
+from smptrain.data.dataset import PatchDataset
 
 MEMORY_SHARE = 0.5  # data.memory_device = auto: patches go to the GPU if they take at most this share of the room for them
 

@@ -12,24 +12,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from smptrain.data.dataset import ZarrReader, _few
-from smptrain.data.labels import IGNORE, POSITIVE
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
+from smptrain.core.labels import IGNORE, POSITIVE
+from smptrain.data.darts import ARRAYS, METADATA
+from smptrain.data.dataset import listed, open_reader
 
 MISSING_CHUNKS = ("a chunk file missing from a copy of the dataset reads as zeros (zarr writes no chunk that holds "
-                  "only the fill value), so check that data.zarr was copied whole")
+                  f"only the fill value), so check that {ARRAYS} was copied whole")
 
 
 def scan_values(info, block: int = 64) -> dict:
-    """Count patches with bad labels, non-finite inputs or inputs outside [0, 1], `empty` mismatches, and bands
-    that are all zeros in a patch whose labels are not all ignored ({band name: [zarr rows]})."""
+    """Count patches with bad labels (and the values found there, `bad_values`), non-finite inputs or inputs
+    outside [0, 1], `empty` mismatches, and bands that are all zeros in a patch whose labels are not all ignored
+    ({band name: [zarr rows]})."""
     import sys
 
     from tqdm.auto import tqdm
 
-    reader = ZarrReader(info.root, "auto")  # decoding errors become one sentence naming rows and chunk files
+    reader = open_reader(info)
     rows = np.sort(info.metadata.index.to_numpy())
     found = {"bad_labels": [], "non_finite": [], "out_of_range": [], "zero_bands": {}}
+    bad_values: set[int] = set()
     has_positive: dict[int, bool] = {}
     sys.stdout.flush()  # what was printed before comes before the bar, and the bar is gone before what follows
     with tqdm(total=len(rows), desc="scanning values", unit="patch", leave=False) as bar:
@@ -38,6 +41,7 @@ def scan_values(info, block: int = 64) -> dict:
             xb, yb = reader.read(part, None)
             flat_x, flat_y = xb.reshape(len(part), -1), yb.reshape(len(part), -1)
             found["bad_labels"] += part[(flat_y > IGNORE).any(1)].tolist()
+            bad_values.update(np.unique(flat_y[flat_y > IGNORE]).tolist())
             finite = np.isfinite(flat_x).all(1)
             found["non_finite"] += part[~finite].tolist()
             with np.errstate(invalid="ignore"):
@@ -48,7 +52,7 @@ def scan_values(info, block: int = 64) -> dict:
             for row, band in zip(*np.nonzero(zero)):
                 found["zero_bands"].setdefault(info.bands[band], []).append(int(part[row]))
             bar.update(len(part))
-    return {**found, "empty_mismatch": mismatches(info, has_positive),
+    return {**found, "bad_values": sorted(bad_values), "empty_mismatch": mismatches(info, has_positive),
             "unreferenced_rows": int(info.num_rows - len(rows))}
 
 
@@ -65,10 +69,10 @@ def mismatch_sentence(found: dict[str, list[int]], source) -> str | None:
     """One sentence naming the rows whose labels contradict the metadata, or None."""
     parts = []
     if found["positive"]:
-        parts.append(f"zarr row(s) {_few(found['positive'])} are positive in metadata.parquet but their labels hold no "
+        parts.append(f"zarr row(s) {listed(found['positive'])} are positive in {METADATA} but their labels hold no "
                      f"positive pixel")
     if found["empty"]:
-        parts.append(f"zarr row(s) {_few(found['empty'])} are empty in metadata.parquet but their labels hold positive "
+        parts.append(f"zarr row(s) {listed(found['empty'])} are empty in {METADATA} but their labels hold positive "
                      f"pixels")
     if not parts:
         return None
@@ -78,7 +82,7 @@ def mismatch_sentence(found: dict[str, list[int]], source) -> str | None:
 def check_labels(info, rows, accept: bool, block: int = 256) -> dict[str, list[int]]:
     """The start of training: the labels of `rows` against their `empty` flags (labels only are read). A
     contradiction is a UserError unless `accept` (data.accept_empty_mismatch); returns what was found."""
-    reader = ZarrReader(info.root, "auto")
+    reader = open_reader(info)
     rows = np.sort(np.asarray(rows, dtype=np.int64))
     has_positive = {}
     for start in range(0, len(rows), block):
@@ -86,7 +90,7 @@ def check_labels(info, rows, accept: bool, block: int = 256) -> dict[str, list[i
         has_positive.update(zip(part.tolist(), (reader.read_labels(part) == POSITIVE).reshape(len(part), -1).any(1)
                                 .tolist()))
     found = mismatches(info, has_positive)
-    text = mismatch_sentence(found, info.root / "data.zarr")
+    text = mismatch_sentence(found, info.root / ARRAYS)
     if text and not accept:
         raise UserError(f"{text}; set data.accept_empty_mismatch = true to train on them as they are")
     return found

@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 RANDOM_SPLIT_SEED = 42  # the user's guide: "the seed is always 42"
 FOLD_SEED = 42  # DARTS' random_state for the shuffled fold generators
@@ -64,8 +64,7 @@ def split_fold(metadata: pd.DataFrame, method: str, total_folds: int, fold: int,
     """Split the train+val part (`metadata`, stored order) into (train labels, val labels) by the fold method."""
     if method == "none":
         return metadata.index, metadata.index
-    from sklearn.model_selection import (GroupShuffleSplit, KFold, StratifiedGroupKFold, StratifiedKFold,
-                                         StratifiedShuffleSplit)
+    from sklearn.model_selection import GroupShuffleSplit, KFold, StratifiedGroupKFold, StratifiedKFold, StratifiedShuffleSplit
 
     if not 0 <= fold < total_folds:
         raise UserError(f"data.fold must be between 0 and data.total_folds - 1 = {total_folds - 1}, got {fold}")

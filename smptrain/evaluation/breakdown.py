@@ -50,7 +50,7 @@ def validation_regions(evaluation, regions, prefix: str = "val") -> dict[str, fl
 
 
 def write_csv(rows: list[dict], path: Path, group_name: str) -> Path:
-    from smptrain.storage import write_text
+    from smptrain.core.storage import write_text
 
     buffer = io.StringIO()
     writer = csv.writer(buffer)

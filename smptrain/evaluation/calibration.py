@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from smptrain.core.labels import BACKGROUND, POSITIVE
 from smptrain.evaluation import metrics as M
-from smptrain.data.labels import BACKGROUND, POSITIVE
 
 FINE_BINS = 1000
 CALIBRATION_BINS = 10
@@ -36,7 +36,7 @@ def parse_threshold(value) -> float | str:
     except (TypeError, ValueError):
         number = float("nan")
     if not 0 < number < 1:
-        from smptrain.errors import UserError
+        from smptrain.core.errors import UserError
 
         raise UserError(f"--threshold must be val-best or a number between 0 and 1 (exclusive), got {value!r}")
     return number

@@ -13,8 +13,8 @@ run) next to the runs (the one RUN_DIR given, or the folder the RUN_DIRs share),
 from __future__ import annotations
 
 import csv
-import io
 import datetime
+import io
 import json
 import math
 import tomllib
@@ -23,8 +23,7 @@ from pathlib import Path
 import click
 
 from smptrain.config import dotted_keys
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
+from smptrain.core.errors import UserError
 from smptrain.training.layout import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
 
 LOWER_IS_BETTER = ("loss", "HammingDistance", "ExpectedCalibrationError")
@@ -131,7 +130,7 @@ def format_table(rows: list[dict]) -> str:
 def compare(paths, metric: str, out_dir: Path) -> list[dict]:
     runs = [read_run(run_dir, metric) for run_dir in find_runs(paths)]
     rows = table_rows(runs, metric)
-    from smptrain.storage import write_text
+    from smptrain.core.storage import write_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
@@ -152,24 +151,3 @@ def beside(paths) -> Path:
 
     absolute = [Path(p).absolute() for p in paths]
     return absolute[0] if len(absolute) == 1 else Path(os.path.commonpath(absolute))
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
-@click.option("--metric", default="val/JaccardIndex", show_default=True,
-              help="The validation metric to compare (its best and last value, and the same name on test).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Directory for compare.csv and compare.png [default: next to the runs: the one RUN_DIR given, or "
-                   "the folder the RUN_DIRs share].")
-@report_user_errors
-def main(run_dirs, metric, out_dir):
-    """Compare runs side by side: config differences, best and last validation metric, test metric, steps, time.
-    Each RUN_DIR is a run directory or one holding runs (a CV or a tuning study)."""
-    out_dir = out_dir or beside(run_dirs)
-    rows = compare(run_dirs, metric, Path(out_dir))
-    click.echo(format_table(rows))
-    click.echo(f"wrote {Path(out_dir) / 'compare.csv'} and {Path(out_dir) / 'compare.png'}")
-
-
-if __name__ == "__main__":
-    main()

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from smptrain.core.runtime import to_device
+from smptrain.data.dataset import PatchDataset
 from smptrain.evaluation import calibration as C
 from smptrain.evaluation import metrics as M
 from smptrain.evaluation import tta as TTA
-from smptrain.data.dataset import PatchDataset
-from smptrain.losses import Loss
-from smptrain.model import probabilities, segmentation_logits
-from smptrain.runtime import to_device
+from smptrain.model.losses import Loss
+from smptrain.model.network import probabilities, segmentation_logits
 
 
 @dataclass

@@ -19,7 +19,7 @@ import math
 import numpy as np
 import torch
 
-from smptrain.data.labels import BACKGROUND, IGNORE, POSITIVE
+from smptrain.core.labels import BACKGROUND, IGNORE, POSITIVE
 
 NUM_THRESHOLDS = 20
 THRESHOLDS = torch.linspace(0, 1, NUM_THRESHOLDS)  # float32, exactly torchmetrics' thresholds=20

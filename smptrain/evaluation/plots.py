@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smptrain.data.labels import IGNORE, POSITIVE
+from smptrain.core.labels import IGNORE, POSITIVE
 
 
 def _pyplot():
@@ -135,7 +135,7 @@ def learning_rate(steps: list[int], rates: list[float], steps_per_epoch: int, pa
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    from smptrain.storage import replacing
+    from smptrain.core.storage import replacing
 
     path = Path(path)
     try:

@@ -13,13 +13,13 @@ from typing import Callable
 
 import torch
 
-from smptrain.choices import TTA_CHOICES
+from smptrain.core.choices import TTA_CHOICES
 
 
 def symmetries(kind: str) -> list[tuple[bool, bool, bool]]:
     """(transpose, flip rows, flip columns) for each element; the identity first."""
     if kind not in TTA_CHOICES:
-        from smptrain.errors import UserError
+        from smptrain.core.errors import UserError
 
         raise UserError(f"--tta must be one of {', '.join(TTA_CHOICES)}, got {kind!r}")
     if kind == "none":

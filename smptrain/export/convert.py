@@ -22,24 +22,22 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from pathlib import Path
 
 import click
 import torch
 
 import smptrain
-from smptrain.training.checkpoint import clean_state_dict, load_weights, read_lightning, read_meta, resolve
 from smptrain.config import plain
-from smptrain.data.labels import OUTPUT_CLASSES
-from smptrain.storage import replacing
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
+from smptrain.core.errors import UserError
+from smptrain.core.labels import OUTPUT_CLASSES
+from smptrain.core.storage import replacing
 from smptrain.evaluation.calibration import parse_threshold
 from smptrain.export.onnx import first_sentence
 from smptrain.export.predict import load_converted
-from smptrain.model import described_model
-from smptrain.training.layout import BEST, LAST, TEST, THRESHOLD, run_of
+from smptrain.model.network import described_model
+from smptrain.training.checkpoint import clean_state_dict, load_weights, read_lightning, read_meta, resolve
+from smptrain.training.layout import BEST, TEST, THRESHOLD, run_of
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 LIGHTNING_SIZES = (256, 224, 512, 384, 1024, 64)  # DARTS' usual patch sizes, tried for a checkpoint that does not say
@@ -90,7 +88,7 @@ def from_lightning(path: Path, bands_from: Path | None) -> tuple[dict, dict, dic
         if bands_from is None:
             raise UserError(f"{path} stores band names {names} without factors and offsets; pass --bands-from with the "
                             f"training dataset directory whose config.toml holds them")
-        from smptrain.data.dataset import open_dataset
+        from smptrain.data.darts import open_dataset
 
         info = open_dataset(bands_from)
         idx = info.indices_of(names, f"{path} was trained on")
@@ -203,7 +201,7 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
 
     input_bands = list(bands["bands"])
     if dataset and Path(dataset, "config.toml").is_file():
-        from smptrain.data.dataset import open_dataset
+        from smptrain.data.darts import open_dataset
 
         try:
             input_bands = list(open_dataset(dataset).bands)
@@ -221,45 +219,3 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
         click.echo("resolution: not recorded; give it with --resolution CM_PER_PIXEL (Deepness resamples the map to "
                    "it, e.g. 300 for PlanetScope's 3 m) or set it in the plugin")
     return target
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path())
-@click.option("--out-dir", required=True, type=click.Path(file_okay=False), help="Where to write NAME_DATE.ckpt.")
-@click.option("--name", required=True, help="Model name, written into config.name and the file name.")
-@click.option("--framework", default="smp", show_default=True, help="Written into config.model_framework.")
-@click.option("--which", type=click.Choice([BEST, LAST]), default=BEST, show_default=True,
-              help="Which checkpoint of a run directory.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing file of the same name and date.")
-@click.option("--trust-pickle", is_flag=True, help="Allow reading a Lightning .ckpt (a pickle that can run code).")
-@click.option("--bands-from", type=click.Path(file_okay=False), default=None,
-              help="Dataset directory whose config.toml gives band factors/offsets missing from a Lightning checkpoint.")
-@click.option("--threshold", default="0.5", show_default=True,
-              help="Stored as config.smptrain.threshold (what smptrain-predict --binarize uses): a number, or val-best "
-                   "for the one `smptrain-test --threshold val-best` chose on the validation split.")
-@click.option("--format", "file_format", type=click.Choice(["darts", "onnx", "onnx-dynamic"]), default="darts",
-              show_default=True,
-              help="darts: the file the DARTS pipeline loads; onnx: raw bands in, probabilities out, with the band "
-                   "normalisation inside, at the run's patch size (what QGIS Deepness loads; needs the onnx extra); "
-                   "onnx-dynamic: the same for any height and width, for onnxruntime.")
-@click.option("--resolution", type=float, default=None,
-              help="ONNX: the imagery's resolution in cm per pixel, recorded for Deepness (e.g. 300 for 3 m).")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
-@report_user_errors
-def main(checkpoint, out_dir, name, framework, which, overwrite, trust_pickle, bands_from, threshold, file_format,
-         resolution, debug):
-    """Convert CHECKPOINT (run dir, checkpoint dir or DARTS .ckpt) into the DARTS inference format."""
-    if debug:
-        os.environ["SMPTRAIN_DEBUG"] = "1"
-    source = Path(checkpoint)
-    if not source.exists():
-        raise UserError(f"checkpoint {source} does not exist")
-    target = convert(source, Path(out_dir), name, which=which, threshold=threshold, file_format=file_format,
-                     framework=framework, overwrite=overwrite, trust_pickle=trust_pickle,
-                     bands_from=Path(bands_from) if bands_from else None, resolution=resolution)
-    click.echo(f"wrote {target}" if file_format != "darts" else
-               f"wrote {target} (self-check passed: logits match within {SELF_CHECK_TOLERANCE})")
-
-
-if __name__ == "__main__":
-    main()

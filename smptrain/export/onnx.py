@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smptrain.errors import UserError
-from smptrain.model import described_model
-from smptrain.storage import replacing
+from smptrain.core.errors import UserError
+from smptrain.core.storage import replacing
+from smptrain.model.network import described_model
 
 OPSET = 17  # onnxruntime 1.16 and later run it; the TorchScript exporter's most tested opset
 TOLERANCE = 1e-4

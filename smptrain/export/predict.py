@@ -16,16 +16,16 @@ TILE.npy holds raw band values (C, H, W) in the file's band order; OUT.npy gets 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import torch
 
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
-from smptrain.evaluation.tta import TTA_CHOICES, averaged
-from smptrain.model import described_model
+from smptrain.core.errors import UserError
+from smptrain.core.storage import replacing
+from smptrain.evaluation.tta import averaged
+from smptrain.model.network import described_model
 
 
 def load_converted(path: str | Path, device: str | torch.device = "cpu"):
@@ -119,7 +119,8 @@ class OnnxSegmenter:
         return torch.from_numpy(self.session.run(None, {"raw": batch.detach().cpu().numpy().astype(np.float32)})[0])
 
 
-def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, reflection: int, tile: str) -> int:
+def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, reflection: int, tile: str,
+                      say=print) -> int:
     """The patch size for a tile: as requested, else the training one (or DARTS' 1024) capped to the tile. The padded
     tile (1 + reflection pixels on each side) must be larger than the patch, which must be larger than the overlap."""
     fits = min(shape) + 2 * (1 + reflection) - 1  # the largest patch the padded tile takes
@@ -134,41 +135,36 @@ def choose_patch_size(requested: int | None, config: dict, shape, overlap: int, 
         raise UserError(f"{tile} ({shape[0]}x{shape[1]} pixels) is too small for patches larger than --overlap "
                         f"{overlap}; lower --overlap or give --patch-size")
     if chosen != preferred:
-        click.echo(f"patch size {chosen} (the tile is smaller than {preferred}; set --patch-size to choose)")
+        say(f"patch size {chosen} (the tile is smaller than {preferred}; set --patch-size to choose)")
     return chosen
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.argument("tile", type=click.Path(dir_okay=False))
-@click.argument("out", type=click.Path(dir_okay=False))
-@click.option("--patch-size", type=int, default=None,
-              help="Side of the square patches the tile is cut into (default: the training patch size stored in the "
-                   "converted file, else DARTS' 1024, capped to what fits the tile).")
-@click.option("--overlap", default=16, show_default=True, help="Pixels shared by neighbouring patches, blended linearly.")
-@click.option("--batch-size", default=8, show_default=True, help="Patches per forward pass.")
-@click.option("--reflection", default=0, show_default=True,
-              help="Extra reflect-padding around the tile, in pixels (DARTS' reflection).")
-@click.option("--tta", type=click.Choice(TTA_CHOICES), default=None,
-              help="Test-time augmentation per patch: flips (4) or d4 (8 symmetries) [default: none, as the DARTS "
-                   "pipeline; with --stored, the file's].")
-@click.option("--binarize", is_flag=True,
-              help="Write a uint8 mask (prob > threshold) instead of probabilities.")
-@click.option("--threshold", type=float, default=None,
-              help="Threshold for --binarize [default: 0.5, as the DARTS pipeline; with --stored, the file's].")
-@click.option("--onnx", "is_onnx", is_flag=True,
-              help="CHECKPOINT is an ONNX file of smptrain-convert --format onnx, run in onnxruntime (the tile holds "
-                   "the file's input bands, raw).")
-@click.option("--stored", is_flag=True,
-              help="Apply the TTA and threshold that smptrain-convert stored in the file (config.smptrain, chosen by "
-                   "smptrain-test --threshold val-best); the DARTS pipeline ignores them.")
-@report_user_errors
-def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta, binarize, threshold, is_onnx,
-         stored):
-    """Predict probabilities (or with --binarize a mask) for a raw tile (.npy, C x H x W) with a converted checkpoint
-    (or, with --onnx, an exported ONNX file). By default it computes what the DARTS pipeline computes from the file."""
-    device = "cuda" if torch.cuda.is_available() and not is_onnx else "cpu"
-    model, config = onnx_model(checkpoint) if is_onnx else load_converted(checkpoint, device)
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """What `predict_file` wrote: the file, its shape, and how it was computed."""
+
+    path: Path
+    shape: tuple[int, ...]
+    binarized: bool
+    threshold: float
+    tta: str
+    patch_size: int
+    positive_share: float  # of the pixels above the threshold
+
+
+def predict_file(model_path: str | Path, tile: str | Path, out: str | Path, *, onnx: bool = False,
+                 patch_size: int | None = None, overlap: int = 16, batch_size: int = 8, reflection: int = 0,
+                 tta: str | None = None, binarize: bool = False, threshold: float | None = None, stored: bool = False,
+                 say=print) -> Predicted:
+    """Predict a raw tile (`tile`: a .npy array, C x H x W, in the file's band order) with a converted file (or,
+    `onnx`, an exported ONNX file) and write `out` (.npy): probabilities (H, W), or with `binarize` a uint8 mask
+    above `threshold`. By default what the DARTS pipeline computes from the file: no TTA, threshold 0.5; `stored`
+    takes the TTA and threshold smptrain-convert stored in it. The patch size defaults to the training one, capped
+    to the tile."""
+    device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
+    model, config = onnx_model(model_path) if onnx else load_converted(model_path, device)
     extra = (config.get("smptrain") or {}) if stored else {}
     tta = tta or extra.get("tta") or "none"
     threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
@@ -179,20 +175,19 @@ def main(checkpoint, tile, out, patch_size, overlap, batch_size, reflection, tta
     except (OSError, ValueError) as error:
         raise UserError(f"{tile} is not a readable .npy array: {error}") from None
     if config.get("fixed_size") and patch_size is not None and patch_size != config["fixed_size"]:
-        raise UserError(f"{checkpoint} takes {config['fixed_size']} x {config['fixed_size']} patches only (exported "
+        raise UserError(f"{model_path} takes {config['fixed_size']} x {config['fixed_size']} patches only (exported "
                         f"with --format onnx); drop --patch-size, or export with --format onnx-dynamic")
     patch_size = choose_patch_size(patch_size or config.get("fixed_size"), config, raw.shape[-2:], overlap, reflection,
-                                   str(tile))
-    tiles = inputs_of(raw, config, is_onnx).reshape(1, *raw.shape[-3:])
-    check_patches(model, config, tiles.shape[1], patch_size, str(checkpoint))
+                                   str(tile), say)
+    tiles = inputs_of(raw, config, onnx).reshape(1, *raw.shape[-3:])
+    check_patches(model, config, tiles.shape[1], patch_size, str(model_path))
     probs = predict_in_patches(model, tiles, patch_size, overlap, batch_size, reflection, device, tta)[0].cpu()
-    share = f"{float((probs > threshold).float().mean()):.2%} above {threshold:g}"
-    if binarize:
-        np.save(out, (probs > threshold).numpy().astype(np.uint8))
-        click.echo(f"wrote {out}: mask {tuple(probs.shape)} (prob > {threshold:g}, TTA {tta}), {share}")
-    else:
-        np.save(out, probs.numpy())
-        click.echo(f"wrote {out}: probabilities {tuple(probs.shape)} (TTA {tta}), {share}")
+    values = (probs > threshold).numpy().astype(np.uint8) if binarize else probs.numpy()
+    with replacing(Path(out)) as tmp:
+        with open(tmp, "wb") as handle:  # np.save on a path would add .npy to the temporary's name
+            np.save(handle, values)
+    return Predicted(Path(out), tuple(values.shape), binarize, threshold, tta, patch_size,
+                     float((probs > threshold).float().mean()))
 
 
 def onnx_model(path):
@@ -211,8 +206,8 @@ def onnx_model(path):
 def check_patches(model, config: dict, channels: int, patch_size: int, source: str) -> None:
     """What training checks of a patch size, before a tile is cut: one zero patch through the model must come back
     as logits of the same size (Segformer turns 65 px into 64, a DeepLabV3Plus cannot take 100); one sentence."""
-    from smptrain.errors import CannotBuild
-    from smptrain.model import check_forward, check_patch_size
+    from smptrain.core.errors import CannotBuild
+    from smptrain.model.network import check_forward, check_patch_size
 
     description = config.get("model") or {}
     if isinstance(model, OnnxSegmenter):

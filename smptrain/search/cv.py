@@ -20,23 +20,20 @@ import json
 import math
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import numpy as np
 
-from smptrain.training.layout import has_checkpoint
-from smptrain.cli import config_options, given_or, read_options
+from smptrain.cli import given_or
 from smptrain.config import Config, plain, replace, to_dict
-from smptrain.storage import replacing, write_text
-from smptrain.processes import on_main
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
-from smptrain.search.scoring import DEFAULT_SCORING, STRATEGIES, Scoring, score_runs
+from smptrain.core.errors import UserError
+from smptrain.core.processes import on_main
+from smptrain.core.storage import replacing, write_text
+from smptrain.search.scoring import DEFAULT_SCORING, Scoring, score_runs
 from smptrain.search.slots import CLAIMS, claim, in_turn
+from smptrain.training.layout import has_checkpoint
 
 DEFAULT_SEEDS = (42, 21, 69)  # DARTS' first three; more come from random.Random(42)
 DONE = ("finished", "early-stopped", "diverged", "pruned")  # statuses a continued CV does not run again
@@ -328,69 +325,6 @@ def parse_seeds(text: str, n_randoms: int | None = None) -> list[int]:
     return seeds
 
 
-def print_result(result: CVResult, scoring: Scoring) -> None:
-    click.echo(f"cross-validation {result.cv_dir.name}: {len(result.rows)} run(s), {result.status}")
-    for row in result.rows:
-        metrics = "  ".join(f"{n}={_fmt(row.get(n))}" for n, _ in scoring.metrics)
-        click.echo(f"  fold {row['fold']} seed {row['seed']:<5} {row['status']:<13} {metrics}")
-    for key, stats in result.summary.items():
-        if not key.startswith("val/") or stats["mean"] is None:
-            continue
-        click.echo(f"  {key:<22} mean {stats['mean']:.4f}  std {_fmt(stats['std'])}")
-    click.echo(f"score ({scoring.strategy}): {result.score:.4f}{' (unstable runs)' if result.is_unstable else ''}\n"
-               f"wrote {result.cv_dir / 'runs.csv'}, runs.parquet, cv.json and cv_metrics.png")
-    if result.missing:
-        done = len(result.rows) - sum(row["run_name"] in result.missing for row in result.rows)
-        click.echo(f"missing {len(result.missing)} run(s), being run by other workers or not run yet: "
-                   f"{', '.join(result.missing)}; the score covers the {done} finished run(s); run smptrain-cv again "
-                   f"(same --name) when they are done to score them all")
-
-
-def _fmt(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--folds", type=int, default=None, help="Run folds 0..N-1 (default: DARTS' n-folds, else all data.total_folds).")
-@click.option("--seeds", default=None, help="Comma-separated seeds (train.seed) per fold [default: 42,21,69].")
-@click.option("--n-randoms", type=int, default=None,
-              help="DARTS' --n-randoms instead of --seeds: 42, 21, 69, then random.Random(42).sample(range(9999), N - 3).")
-@click.option("--name", default=None, help="CV name, the directory {log.artifact_dir}/NAME; the same name continues it.")
-@click.option("--scoring", default=None, help="Comma-separated metrics, each optionally :higher or :lower "
-                                              f"[default: {','.join(DEFAULT_SCORING)}].")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
-              help="How several scoring metrics combine per run [default: harmonic].")
-@click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
-              help="Score each run's last validation (DARTS) or its best one.")
-@click.option("--task", type=int, default=None,
-              help="Run only the K-th run of the plan (seeds outer, folds inner), e.g. --task $SLURM_ARRAY_TASK_ID; "
-                   "without it, every run no other worker holds.")
-@config_options
-@report_user_errors
-def main(folds, seeds, n_randoms, name, scoring, strategy, score_on, task, config_path, overrides, debug):
-    """Cross-validate a configuration: every fold x seed, scored as DARTS scores them. A DARTS [darts] table gives
-    n-folds, n-randoms, scoring-metric, multi-score-strategy and cv-name where the command line does not."""
-    from smptrain.runtime import end_processes
-    from smptrain.training.signals import exit_on_further_signals
-    from smptrain.training.tracking import new_run_name
-
-    exit_on_further_signals()  # between runs and after a stopped one: a late signal must not turn 130 into 143
-
-    if config_path is None:
-        raise UserError("--config is required (e.g. --config configs/base.toml)")
-    loaded = read_options(config_path, overrides, debug)
-    cfg, plan = loaded.config, cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task)
-    name = given_or(name, loaded, "cv_name") or new_run_name(Path(cfg.log.artifact_dir))
-    if "/" in name:
-        raise UserError(f"--name must be a plain directory name, got {name!r}")
-    result = cross_validate(cfg, Path(cfg.log.artifact_dir) / name, plan)
-    end_processes()
-    if result.status == "interrupted":
-        print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
-        sys.exit(130)
-    print_result(result, plan.scoring)
-
-
 def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task: int | None = None) -> Plan:
     """Folds, seeds and scoring from the command line, else the `[darts]` table, else DARTS' defaults. Seeds given
     on the command line win over the table's n-randoms."""
@@ -400,7 +334,3 @@ def cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on, task: 
                 parse_seeds(seeds or ",".join(map(str, DEFAULT_SEEDS)), n_randoms),
                 Scoring.parse(given_or(scoring, loaded, "scoring", ",".join(DEFAULT_SCORING)),
                               given_or(strategy, loaded, "strategy", "harmonic"), score_on), task)
-
-
-if __name__ == "__main__":
-    main()

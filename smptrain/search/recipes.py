@@ -3,7 +3,7 @@
     smptrain-recipes --config FILE [--set ...] [--recipes darts,rare-positives] [--seeds 42,21,69] [--name NAME]
                      [--task K]
 
-Every recipe (`smptrain/recipes.toml`; your file's own keys and `--set` still win over a recipe's, as in any run)
+Every recipe (`smptrain/config/recipes.toml`; your file's own keys and `--set` still win over a recipe's, as in any run)
 is trained with every seed on your configuration's split, its best checkpoint chosen on validation only, and that
 checkpoint tested in fp32 on the held-out test split by smptrain-test's own code. So the comparison answers the
 question a researcher has: which recipe gives the better model on data it never saw, on my data.
@@ -23,21 +23,17 @@ import json
 import math
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
-from smptrain.choices import RECIPES
-from smptrain.cli import config_options, read_options, report_user_errors
 from smptrain.config import Config, plain, read_config, replace
-from smptrain.errors import UserError
-from smptrain.processes import on_main
-from smptrain.search.cv import DEFAULT_SEEDS, ROWS, parse_seeds, read_rows, record, take, write_frame
+from smptrain.core.choices import RECIPES
+from smptrain.core.errors import UserError
+from smptrain.core.processes import on_main
+from smptrain.core.storage import replacing, write_text
+from smptrain.search.cv import ROWS, read_rows, record, take, write_frame
 from smptrain.search.slots import in_turn
-from smptrain.storage import replacing, write_text
 from smptrain.training.layout import has_checkpoint
 
 METRICS = ("test/JaccardIndex", "test/F1Score", "best/val/JaccardIndex")
@@ -114,7 +110,7 @@ def compare(config_path: str | None, overrides, plan: Comparison, out_dir: Path,
 def run_and_test(cfg: Config, out_dir: Path, label: str, seed: int, changes: str, say) -> dict:
     """One run of the plan: trained (or resumed), then its best checkpoint (chosen on validation) tested in fp32
     on the test split. Its row for the table."""
-    from smptrain.evaluation.test import assess_checkpoint
+    from smptrain.evaluation.assess import assess_checkpoint
     from smptrain.train import train
 
     run_name = f"{label}-seed{seed}"
@@ -177,8 +173,8 @@ def tabulate(out_dir: Path, plan: Comparison, status: str) -> Compared:
     """Main process, in turn with other workers: the tables, the json and the figure from every row on disk."""
     import pandas as pd
 
+    from smptrain.core.runtime import describe_cpu
     from smptrain.evaluation import plots
-    from smptrain.runtime import describe_cpu
 
     with in_turn(out_dir):
         found = read_rows(out_dir)
@@ -223,46 +219,3 @@ def table(summary: list[dict], first: str) -> str:
         lines.append(f"| {entry['recipe']} | {' | '.join(cell(entry, m) for m in METRICS)} | {versus} | "
                      f"{entry['changes']} |")
     return "\n".join(lines)
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--recipes", default=",".join(RECIPES[:2]), show_default=True,
-              help=f"Comma-separated recipes ({', '.join(RECIPES)}); the first is the one the others are compared "
-                   f"with.")
-@click.option("--seeds", default=",".join(map(str, DEFAULT_SEEDS)), show_default=True,
-              help="Comma-separated seeds (train.seed) of every recipe.")
-@click.option("--name", default=None, help="Comparison name, the directory {log.artifact_dir}/NAME; the same name "
-                                           "continues it [default: recipes].")
-@click.option("--task", type=int, default=None,
-              help="Run only the K-th run of the plan (recipes outer, seeds inner), e.g. --task $SLURM_ARRAY_TASK_ID.")
-@config_options
-@report_user_errors
-def main(recipes, seeds, name, task, config_path, overrides, debug):
-    """Compare training recipes on your own data: each trained with each seed, chosen on validation, tested in fp32
-    on the held-out split; a table of mean +- sample std and paired differences, and a figure."""
-    from smptrain.runtime import end_processes
-    from smptrain.training.signals import exit_on_further_signals
-
-    exit_on_further_signals()
-    if config_path is None:
-        raise UserError("--config is required (e.g. --config configs/base.toml)")
-    cfg = read_options(config_path, overrides, debug).config
-    name = name or "recipes"
-    if "/" in name:
-        raise UserError(f"--name must be a plain directory name, got {name!r}")
-    plan = Comparison(named([r.strip() for r in recipes.split(",") if r.strip()]), parse_seeds(seeds), task)
-    result = compare(config_path, overrides, plan, Path(cfg.log.artifact_dir) / name)
-    end_processes()
-    if result.status == "interrupted":
-        print(f"\ninterrupted; continue with the same command and --name {name}", file=sys.stderr)
-        sys.exit(130)
-    first = next(iter(plan.variants))
-    click.echo(f"\n{table(result.summary, first)}\n")
-    click.echo(f"wrote {result.out_dir / 'summary.csv'}, runs.csv, comparison.json and comparison.png")
-    if result.missing:
-        click.echo(f"missing {len(result.missing)} run(s), being run by other workers or not run yet: "
-                   f"{', '.join(result.missing)}; run the same command again when they are done")
-
-
-if __name__ == "__main__":
-    main()

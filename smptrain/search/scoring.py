@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 DEFAULT_SCORING = ("val/JaccardIndex", "val/Recall")
 STRATEGIES = ("harmonic", "arithmetic", "geometric", "min")

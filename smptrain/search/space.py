@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from smptrain.config import Config, from_dict, plain, to_dict
-from smptrain.darts_config import DARTS_KEYS
-from smptrain.errors import UserError
+from smptrain.config.darts import DARTS_KEYS
+from smptrain.core.errors import UserError
 
 SAMPLERS = ("random", "grid", "tpe")
 DISTRIBUTIONS = ("uniform", "loguniform", "reversed_loguniform", "intuniform", "choice", "constant")

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 from smptrain.search.slots import gone_from_this_host
 
 

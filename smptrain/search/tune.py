@@ -28,23 +28,18 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
-from smptrain.cli import config_options, given_or, read_options
 from smptrain.config import Config, dump_toml, replace
-from smptrain.search.cv import DEFAULT_SCORING, STRATEGIES, Plan, cross_validate, cv_plan, write_frame
-from smptrain.storage import write_text
-from smptrain.errors import CannotBuild, UserError
-from smptrain.cli import report_user_errors
+from smptrain.core.errors import CannotBuild, UserError
+from smptrain.core.storage import write_text
+from smptrain.search.cv import Plan, cross_validate, write_frame
 from smptrain.search.slots import me
+from smptrain.search.space import SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space, to_optuna, values_of
 from smptrain.search.study import Heartbeat, fresh_slots, open_study, recover_dead_trials
-from smptrain.search.space import (SAMPLERS, Param, apply_values, optuna_distributions, plan, plan_sampler, read_space,
-                                   to_optuna, values_of)
+
 
 @dataclass(frozen=True)
 class Search:
@@ -169,6 +164,48 @@ def run_trial(search: Search, trial, say) -> str:
     return result.status
 
 
+@dataclass(frozen=True)
+class Tuned:
+    """How a worker's share of a study ended, and the study as it stands (every worker's trials)."""
+
+    study_dir: Path
+    status: str  # finished | interrupted
+    rows: list[dict]  # trials.csv's rows
+    best: dict | None  # the best stable trial's row (DARTS: the highest stable score above 0), or None yet
+    retrained: Path | None = None  # the best configuration retrained on train + val and tested (retrain_and_test)
+
+
+def tune(cfg: Config, space: str | Path, cv: Plan, *, trials: int | None = None, sampler: str = "random",
+         study: str | None = None, storage: str | None = None, single_run: bool = False, prune: bool = False,
+         heartbeat: float = 60.0, retrain_and_test: bool = False, say=print) -> Tuned:
+    """Search `space` (a DARTS hpconfig file) around `cfg` on Optuna: this worker takes slots of the study until
+    every one of `trials` is taken (grid: the whole grid; random and TPE: 100 unless given), each trial a
+    cross-validation by `cv` (or, `single_run`, one run at cfg's fold and seed) scored as DARTS scores it. The study
+    is `{log.artifact_dir}/{study}` (default: the space file's name), shared through `storage` (default: a journal
+    file there) with any other worker started the same way. One process per worker; writes trials.csv,
+    trials.parquet, best.toml and the figures, and with `retrain_and_test` retrains and tests the best
+    configuration."""
+    if trials is not None and trials < 1:
+        raise UserError(f"--trials (DARTS' n-trials) must be at least 1, got {trials}")
+    if sampler not in SAMPLERS:
+        raise UserError(f"the sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    space = Path(space)
+    params = read_space(space, cfg)  # every entry is checked before any training starts
+    if sampler != "grid" and trials is None:
+        trials = 100  # DARTS' default
+    planned = plan(params, sampler, trials) if sampler != "tpe" else None  # a grid of non-lists fails here
+    name = study or space.stem
+    study_dir = Path(cfg.log.artifact_dir) / name
+    each = Plan([cfg.data.fold] if single_run else cv.folds, [cfg.train.seed] if single_run else cv.seeds,
+                cv.scoring, claims=False)
+    search = Search(cfg, params, planned, len(planned) if planned is not None else trials, each, prune, heartbeat,
+                    study_dir, open_study(name, storage, study_dir), optuna_distributions(params))
+    status = work(search, say)
+    best = write_results(cfg, params, search.study, study_dir)
+    retrained = retrain_best(study_dir, say) if status == "finished" and best is not None and retrain_and_test else None
+    return Tuned(study_dir, status, trials_table(search.study), best, retrained)
+
+
 # --- results -----------------------------------------------------------------------------------------------------
 
 
@@ -214,8 +251,8 @@ def write_results(cfg: Config, params: list[Param], study, study_dir: Path) -> d
 def retrain_best(study_dir: Path, say=print) -> Path:
     """DARTS' --retrain-and-test: the best configuration on train + validation (fold_method none, seed 42), with its
     bands (DARTS drops them), then smptrain-test on it."""
-    from smptrain.evaluation.test import assess_checkpoint
     from smptrain.config import load_config
+    from smptrain.evaluation.assess import assess_checkpoint
     from smptrain.train import train
 
     best = load_config(study_dir / "best.toml")
@@ -229,81 +266,6 @@ def retrain_best(study_dir: Path, say=print) -> Path:
     return result.run_dir
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--space", "space_path", type=click.Path(dir_okay=False), default=None,
-              help="The search space: a DARTS hpconfig TOML with a [hyperparameters] table [default: DARTS' hpconfig, "
-                   "else the --config file when it holds one].")
-@click.option("--trials", type=int, default=None, help="Trials in the study (default: DARTS' n-trials, else 100; grid: "
-                                                       "every combination).")
-@click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
-              help="random and grid: DARTS' plan (sklearn, random_state 42); tpe: Optuna's TPE [default: random; "
-                   "DARTS' n-trials = \"grid\": grid].")
-@click.option("--study", "study_name", default=None, help="Study name, the directory {log.artifact_dir}/NAME.")
-@click.option("--storage", default=None,
-              help="Optuna storage shared by the workers (default: a journal file in the study directory).")
-@click.option("--single-run", is_flag=True, help="Each trial is one run (data.fold, train.seed) instead of a CV.")
-@click.option("--folds", type=int, default=None, help="Folds per trial's CV (default: DARTS' n-folds, else all).")
-@click.option("--seeds", default=None, help="Seeds per trial's CV [default: 42,21,69].")
-@click.option("--n-randoms", type=int, default=None, help="DARTS' --n-randoms instead of --seeds, as smptrain-cv.")
-@click.option("--scoring", default=None, help=f"As smptrain-cv [default: {','.join(DEFAULT_SCORING)}].")
-@click.option("--strategy", type=click.Choice(STRATEGIES), default=None,
-              help="How several scoring metrics combine per run, as smptrain-cv [default: harmonic].")
-@click.option("--score-on", type=click.Choice(["last", "best"]), default="last", show_default=True,
-              help="Score each run's last validation (DARTS) or its best one.")
-@click.option("--prune", is_flag=True, help="Stop hopeless trials early (Optuna's median pruner on the first "
-                                            "scoring metric, reported at every validation).")
-@click.option("--heartbeat", type=float, default=60.0, show_default=True,
-              help="Seconds between a worker's heartbeats; a trial without one for 3 intervals is taken as dead.")
-@click.option("--retrain-and-test/--no-retrain-and-test", default=None,
-              help="Retrain the best configuration on train + val and test it [default: DARTS' retrain-and-test, "
-                   "else no].")
-@config_options
-@report_user_errors
-def main(space_path, trials, sampler, study_name, storage, single_run, folds, seeds, n_randoms, scoring, strategy,
-         score_on, prune, heartbeat, retrain_and_test, config_path, overrides, debug):
-    """Search hyper-parameters on Optuna, with every trial a cross-validation scored as DARTS scores it. A DARTS
-    [darts] table gives hpconfig, n-trials, tune-name, retrain-and-test and the CV options where the command line
-    does not."""
-    from smptrain.runtime import end_processes
-    from smptrain.processes import process_state
-
-    if config_path is None:
-        raise UserError("--config is required (e.g. --config configs/base.toml)")
-    if process_state().num_processes > 1:
-        raise UserError("smptrain-tune runs one process per worker; start one worker per GPU (CUDA_VISIBLE_DEVICES) "
-                        "with the same --study and --storage instead of accelerate launch")
-    loaded = read_options(config_path, overrides, debug)
-    cfg = loaded.config
-    space_path = Path(given_or(space_path, loaded, "space") or space_of(config_path))
-    params = read_space(space_path, cfg)  # every entry is checked before any training starts
-    sampler = sampler or loaded.darts.options.get("sampler", "random")
-    trials = given_or(trials, loaded, "trials")
-    if trials is not None and trials < 1:
-        raise UserError(f"--trials (DARTS' n-trials) must be at least 1, got {trials}")
-    if sampler != "grid" and trials is None:
-        trials = 100  # DARTS' default
-    cv = cv_plan(loaded, folds, seeds, n_randoms, scoring, strategy, score_on)
-    planned = plan(params, sampler, trials) if sampler != "tpe" else None  # a grid of non-lists fails here
-    name = given_or(study_name, loaded, "study") or space_path.stem
-    study_dir = Path(cfg.log.artifact_dir) / name
-    search = Search(cfg, params, planned, len(planned) if planned is not None else trials,
-                    Plan([cfg.data.fold] if single_run else cv.folds, [cfg.train.seed] if single_run else cv.seeds,
-                         cv.scoring, claims=False),
-                    prune, heartbeat, study_dir, open_study(name, storage, study_dir), optuna_distributions(params))
-    status = work(search)
-    study = search.study
-    best = write_results(cfg, params, study, study_dir)
-    end_processes()
-    if status == "interrupted":
-        print("\ninterrupted; the study continues when a worker runs the same command", file=sys.stderr)
-        sys.exit(130)
-    click.echo(f"study {name}: {len(trials_table(study))} trial(s) recorded in {study_dir / 'trials.csv'}")
-    if best is None:
-        click.echo("no stable trial with a score above 0 yet")
-        return
-    click.echo(f"best: trial {best['number']}, score {best['score']:.4f}; configuration in {study_dir / 'best.toml'}")
-    if given_or(retrain_and_test, loaded, "retrain_and_test", False):
-        retrain_best(study_dir)
 
 
 def space_of(config_path: str) -> str:
@@ -318,7 +280,3 @@ def space_of(config_path: str) -> str:
         raise UserError(f"--space is required: neither the command line, nor DARTS' hpconfig in {config_path}, nor a "
                         f"[hyperparameters] table in it gives the search space")
     return config_path
-
-
-if __name__ == "__main__":
-    main()

@@ -28,9 +28,9 @@ import torch
 
 import smptrain
 from smptrain.config import plain
-from smptrain.errors import UserError
-from smptrain.failpoints import failpoint
-from smptrain.storage import WriteFailed, file_mode, replacing, writing
+from smptrain.core.errors import UserError
+from smptrain.core.failpoints import failpoint
+from smptrain.core.storage import WriteFailed, file_mode, replacing, writing
 from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, METRICS, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from smptrain.core.errors import UserError
 from smptrain.training.checkpoint import read_meta
-from smptrain.errors import UserError
 from smptrain.training.layout import LAST, checkpoint_link, has_checkpoint
 
 

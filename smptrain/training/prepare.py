@@ -16,17 +16,18 @@ from typing import TYPE_CHECKING
 import torch
 
 from smptrain.config import Config, to_dict
+from smptrain.core.errors import UserError
+from smptrain.core.labels import OUTPUT_CLASSES
+from smptrain.core.runtime import choose_precision, start_accelerator
+from smptrain.core.storage import free_space, human
 from smptrain.data.batches import TrainBatches
-from smptrain.data.dataset import PatchDataset, open_dataset
+from smptrain.data.darts import open_dataset
+from smptrain.data.dataset import PatchDataset
 from smptrain.data.feed import evaluation_feed, feed, optimizer_state_to_come, place_in_memory
-from smptrain.data.labels import OUTPUT_CLASSES
 from smptrain.data.scan import check_labels
 from smptrain.data.splits import make_splits
-from smptrain.errors import UserError
-from smptrain.losses import Loss, loss_from_config
-from smptrain.model import build_model, check_forward, check_patch_size, determinism_note
-from smptrain.runtime import choose_precision, start_accelerator
-from smptrain.storage import free_space, human
+from smptrain.model.losses import Loss, loss_from_config
+from smptrain.model.network import build_model, check_forward, check_patch_size, determinism_note
 from smptrain.training.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, warm_start
 from smptrain.training.divergence import NonFiniteGuard
 from smptrain.training.layout import LAST, STATE, checkpoint_link
@@ -131,7 +132,7 @@ def check_model_of(cfg: Config) -> None:
     """What `set_up` checks of the model, alone: cfg's model built and a zero batch passed through it at the
     dataset's patch size on this process's device (fp32), so that a cross-validation or tuning trial that cannot be
     built fails before its directory exists. Raises `CannotBuild` with the reason."""
-    from smptrain.processes import process_state
+    from smptrain.core.processes import process_state
 
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     channels = len(info.band_indices(cfg.data.bands))

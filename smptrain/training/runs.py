@@ -20,14 +20,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smptrain.config import Config, replace
-from smptrain.storage import write_text, writing
-from smptrain.processes import is_main_process, on_main
-from smptrain.errors import UserError
-from smptrain.failpoints import failpoint
+from smptrain.core.errors import UserError
+from smptrain.core.failpoints import failpoint
+from smptrain.core.processes import is_main_process, on_main
+from smptrain.core.storage import write_text, writing
 from smptrain.training.checkpoint import TrainState, point, prune, read_meta
-from smptrain.training.layout import (BEST, CHECKPOINTS, CONFIG, IDENTITY, LAST, PREVIEWS, SPLITS, checkpoint_link,
-                                      checkpoints_dir, has_checkpoint, now)
-
+from smptrain.training.layout import (
+    BEST,
+    CHECKPOINTS,
+    CONFIG,
+    IDENTITY,
+    LAST,
+    PREVIEWS,
+    SPLITS,
+    checkpoint_link,
+    checkpoints_dir,
+    has_checkpoint,
+    now,
+)
 
 
 def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:
@@ -189,7 +199,7 @@ PATH_KEYS = (("data", "dir"), ("log", "artifact_dir"), ("model", "encoder_weight
 
 def absolute_paths(cfg: Config) -> tuple[Config, dict]:
     """cfg with its paths made absolute, and the paths as given ({section.key: value})."""
-    from smptrain.model import is_weights_file
+    from smptrain.model.network import is_weights_file
 
     given, changes = {}, {}
     for section, key in PATH_KEYS:
@@ -286,3 +296,26 @@ def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
                                 f"change: {', '.join(sorted(RESUMABLE))})")
     changes = {name: given[name.split(".")[0]][name.split(".")[1]] for name in RESUMABLE}
     return replace(load_config(run_dir / CONFIG), **changes), run_dir
+
+
+def requested(config_path: str | None, overrides=(), resume: str | None = None,
+              debug: bool = False) -> tuple[Config, Path | None]:
+    """(configuration, run directory to continue or None) for the training command's options: `--config` and
+    `--set` start a run; `--resume DIR` continues DIR with its own config.toml (`--set` may change the RESUMABLE
+    keys); `--resume auto` starts or continues the run `log.run_name` names."""
+    from smptrain.cli import read_options, require_config
+
+    if resume == "auto":
+        return start_or_continue(read_options(config_path, overrides, debug).config if config_path else None)
+    if resume is None:
+        return read_options(require_config(config_path, "to start a run"), overrides, debug).config, None
+    resume = Path(resume)
+    if config_path:
+        raise UserError("--resume takes the run's own config.toml; drop --config (use --set for "
+                        f"{', '.join(sorted(RESUMABLE))})")
+    if not (resume / CONFIG).is_file():
+        raise UserError(f"{resume} is not a run directory (no config.toml)")
+    changed = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
+    if changed:
+        raise UserError(f"--set {changed[0]} cannot change on resume; only {', '.join(sorted(RESUMABLE))} can")
+    return read_options(str(resume / CONFIG), overrides, debug).config, resume

@@ -20,12 +20,12 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from smptrain.choices import TRACKERS
 from smptrain.config import dotted_keys
-from smptrain.errors import UserError
-from smptrain.failpoints import failpoint
+from smptrain.core.choices import TRACKERS
+from smptrain.core.errors import UserError
+from smptrain.core.failpoints import failpoint
+from smptrain.core.storage import WriteFailed, write_text, writing
 from smptrain.training.layout import METRICS
-from smptrain.storage import WriteFailed, write_text, writing
 
 ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
               "steady", "gentle", "bold", "crisp", "distant")

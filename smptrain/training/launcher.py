@@ -15,8 +15,6 @@ launcher, see `one_process`). What differs is what a signal does to the launcher
   passed on to the training processes, so they stop the same way. When the whole group got the signal too, each
   training process sees it twice within a moment; smptrain counts that as one request (see `StopSignal`).
 
-How training processes start also covers `smptrain-train`'s own entry (`train_command`): the signals are set
-before torch and the rest load, as `python -m smptrain.train` sets them first thing.
 """
 
 from __future__ import annotations
@@ -69,11 +67,11 @@ def one_process(args) -> None:
         raise subprocess.CalledProcessError(process.returncode, cmd)
 
 
-def main(argv: list[str] | None = None) -> None:
+def launch(argv: list[str] | None = None) -> int:
+    """Run `accelerate launch` with `argv` (its own arguments, then the training module's), with the orderly stop
+    described above; returns the training processes' exit status (130 when a signal stopped them)."""
     import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command, launch_command_parser
-
-    from smptrain.cli import leave
 
     parser = launch_command_parser()
     parser.prog = "smptrain-launch"
@@ -109,19 +107,4 @@ def main(argv: list[str] | None = None) -> None:
         if type(error).__name__ != "ChildFailedError":
             raise
         code = exit_status(error, forwarded)
-    leave(code)
-
-
-if __name__ == "__main__":
-    main()
-
-
-def train_command() -> None:
-    """`smptrain-train`: `python -m smptrain.train`'s command, with its signal handling set before torch and the rest
-    load, so that a signal in those seconds ends it with 130 like any interrupted run."""
-    from smptrain.training.signals import exit_on_further_signals
-
-    exit_on_further_signals()
-    from smptrain.train import main
-
-    main()
+    return code

@@ -11,10 +11,10 @@ READERS = ("auto", "tensorstore", "zarr")  # data.reader (smptrain.data.dataset)
 MEMORY_DEVICES = ("auto", "device", "cpu")  # data.memory_device (smptrain.data.feed)
 AUGMENTATIONS = ("HorizontalFlip", "VerticalFlip", "RandomRotate90", "D4", "Blur", "RandomBrightnessContrast",
                  "MultiplicativeNoise", "Posterize")  # train.augment (smptrain.data.augment)
-RECIPES = ("darts", "rare-positives", "rare-positives-ema")  # train.recipe (smptrain/recipes.toml)
+RECIPES = ("darts", "rare-positives", "rare-positives-ema")  # train.recipe (smptrain/config/recipes.toml)
 SCHEDULES = ("exponential", "cosine", "constant")  # train.schedule (smptrain.training.schedule)
-LOSSES = ("focal", "bce", "dice", "jaccard", "tversky", "lovasz")  # train.loss (smptrain.losses)
-PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed precision names (smptrain.runtime)
+LOSSES = ("focal", "bce", "dice", "jaccard", "tversky", "lovasz")  # train.loss (smptrain.model.losses)
+PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed precision names (smptrain.core.runtime)
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # train.mixed_precision
 TRACKERS = ("wandb", "tensorboard", "mlflow")  # log.trackers (smptrain.training.tracking)
 TTA_CHOICES = ("none", "flips", "d4")  # --tta of smptrain-test and smptrain-predict (smptrain.evaluation.tta)

@@ -22,7 +22,7 @@ import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 # DARTS flag (hyphens as underscores) -> our config key. DARTS' `None` defaults have no TOML spelling; the strings
 # "none"/"None" mean them where our key has a spelling of its own (`_NONE_AS`).

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from smptrain.choices import LOSSES
-from smptrain.data.labels import IGNORE, POSITIVE
+from smptrain.core.choices import LOSSES
+from smptrain.core.labels import IGNORE, POSITIVE
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ def lovasz_hinge(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 _PIXELWISE = {"focal": _pixelwise(_focal), "bce": _pixelwise(_bce)}
 _REGION = {"dice": _smp_region("dice"), "jaccard": _smp_region("jaccard"), "tversky": _smp_region("tversky"),
            "lovasz": lambda logits, y, params: lovasz_hinge(logits, y)}
-assert (*_PIXELWISE, *_REGION) == LOSSES, "smptrain.choices.LOSSES lists what is implemented here"
+assert (*_PIXELWISE, *_REGION) == LOSSES, "smptrain.core.choices.LOSSES lists what is implemented here"
 
 
 class Loss:

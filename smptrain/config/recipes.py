@@ -1,4 +1,4 @@
-"""Named training recipes (`smptrain/recipes.toml`): `train.recipe = "NAME"` fills in the keys of the recipe's
+"""Named training recipes (`smptrain/config/recipes.toml`): `train.recipe = "NAME"` fills in the keys of the recipe's
 table that the configuration does not set itself (a file's own sections, its `[darts]` table or `--set` win).
 
 Plain configuration, nothing hidden: the table is TOML a user reads, `smptrain-inspect` names the keys a recipe
@@ -10,8 +10,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from smptrain.choices import RECIPES
-from smptrain.errors import UserError
+from smptrain.core.choices import RECIPES
+from smptrain.core.errors import UserError
 
 RECIPES_FILE = Path(__file__).with_name("recipes.toml")
 

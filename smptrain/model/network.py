@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from smptrain.errors import CannotBuild, UserError
-from smptrain.data.labels import OUTPUT_CLASSES
-
+from smptrain.core.errors import CannotBuild, UserError
+from smptrain.core.labels import OUTPUT_CLASSES
 
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
@@ -71,7 +70,6 @@ def create_pretrained(arch: str, encoder: str, in_channels: int, weights: str) -
     """smp.create_model with named encoder weights, through smp's and timm's own download code (cached; with
     HF_HUB_OFFLINE=1 only the cache is read). With other than 3 bands smp/timm adapt the first convolution."""
     import segmentation_models_pytorch as smp
-
     from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError
     from huggingface_hub.utils import logging as hub_logging

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from smptrain.errors import UserError
+from smptrain.core.errors import UserError
 
 
 def is_main_process() -> bool:

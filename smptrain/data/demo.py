@@ -15,12 +15,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import click
 import numpy as np
 
-from smptrain.errors import UserError
-from smptrain.cli import report_user_errors
-from smptrain.data.labels import IGNORE, POSITIVE
+from smptrain.core.labels import IGNORE, POSITIVE
 
 BANDS = ("blue", "green", "red", "nir", "ndvi", "relative_elevation", "slope")
 FACTORS = (1 / 3000, 1 / 3000, 1 / 3000, 1 / 3000, 1 / 20000, 1 / 30000, 1 / 90)
@@ -127,24 +124,3 @@ def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: i
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
-
-
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("out", type=click.Path(file_okay=False))
-@click.option("--patches", default=192, show_default=True, help="Number of patches.")
-@click.option("--patch-size", default=64, show_default=True, help="Patch side in pixels (a multiple of 32).")
-@click.option("--seed", default=0, show_default=True, help="Generator seed.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
-@report_user_errors
-def main(out, patches, patch_size, seed, overwrite):
-    """Write a learnable demo dataset in the DARTS layout to OUT."""
-    if Path(out).exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
-    if patches < 8 or patch_size < 32:
-        raise UserError("--patches must be at least 8 and --patch-size at least 32")
-    path = make_demo(out, patches, patch_size, seed)
-    click.echo(f"wrote {patches} patches of {patch_size}x{patch_size} ({len(BANDS)} bands) to {path}")
-
-
-if __name__ == "__main__":
-    main()

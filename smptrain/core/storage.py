@@ -17,8 +17,8 @@ import shutil
 import threading
 from pathlib import Path
 
-from smptrain.errors import UserError
-from smptrain.failpoints import failpoint
+from smptrain.core.errors import UserError
+from smptrain.core.failpoints import failpoint
 
 REASONS = {
     errno.ENOSPC: "no space is left on its filesystem",

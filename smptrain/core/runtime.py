@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 
-from smptrain.choices import PRECISIONS
-from smptrain.errors import UserError
-
+from smptrain.core.choices import PRECISIONS
+from smptrain.core.errors import UserError
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
