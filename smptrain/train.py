@@ -38,10 +38,10 @@ from smptrain.evaluation.breakdown import validation_regions  # noqa: E402
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves  # noqa: E402
 from smptrain.model.network import segmentation_logits  # noqa: E402
 from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending  # noqa: E402
-from smptrain.training.collectives import average_buffers, reduce_window, signalled  # noqa: E402
+from smptrain.training.collectives import average_buffers, keep_window, reduce_window, stop_agreed  # noqa: E402
 from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm  # noqa: E402
 from smptrain.training.layout import BEST, CURVES_PLOT, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir  # noqa: E402
-from smptrain.training.prepare import Run, set_up  # noqa: E402
+from smptrain.training.prepare import Run, finish_trackers_left_open, set_up  # noqa: E402
 from smptrain.training.runs import Opening, begin, requested, tidy  # noqa: E402
 from smptrain.training.schedule import describe as describe_schedule  # noqa: E402
 from smptrain.training.schedule import learning_rate, planned, warmup_of  # noqa: E402
@@ -85,7 +85,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
         while run.state.epoch < cfg.train.max_epochs and not run.state.early_stopped:
             epoch = run.state.epoch
             # A signal during the validation just done: its checkpoint is `last`, so stop here, not a few steps on.
-            if signalled(run):
+            if stop_agreed(run):
                 return stop_interrupted(run, epoch, saved=True)
             # One pass over the training split; False when the ranks agreed to stop for a signal.
             if not train_one_epoch(run, epoch):
@@ -123,14 +123,22 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     if epoch < cfg.train.freeze_encoder_epochs:
         encoder(run).eval()  # its BatchNorm statistics stay as they are too
     window = Window(accelerator.device)
+    if state.window:  # a stop cut the window short: this rank's share of it, as summed before the stop
+        if len(state.window) == accelerator.num_processes:
+            window.carry(*state.window[accelerator.process_index])
+        state.window = []
     bar = tqdm(total=run.batches.steps_per_epoch * cfg.train.grad_accum_steps, initial=state.micro_step,
                desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=False)
     for x, y, _ in run.train_loader:
         window.arrived()
         step(run, epoch, x, y, window)
         bar.update(1)
-        if accelerator.sync_gradients and state.step % cfg.log.log_every_n_steps == 0:
-            if log_window(run, epoch, window, bar):
+        if accelerator.sync_gradients:
+            failpoint("step.done")
+            if state.step % cfg.log.log_every_n_steps == 0:
+                log_window(run, epoch, window, bar)
+            if stop_agreed(run):  # a signal: stop at this step, whichever rank got it
+                keep_window(run, window, epoch)
                 bar.close()
                 return False
         window.fetching()
@@ -140,7 +148,8 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
     state.validation_owed = (epoch + 1) % cfg.train.val_every_n_epochs == 0 or epoch + 1 == cfg.train.max_epochs
     run.recorder.log({"epoch": epoch, "learning_rate": current_lr(run)}, state.step)
     failpoint("epoch.before_validation")
-    return not reduce_window(run, window, epoch)[1]
+    reduce_window(run, window, epoch)  # the guard of the steps since the last record
+    return not stop_agreed(run)  # a signal since the last step: stop now, the validation owed (not a validation long)
 
 
 def validate(run: Run, epoch: int, on_validation: Callable[[int, dict], bool] | None) -> bool:
@@ -176,7 +185,7 @@ def step(run: Run, epoch: int, x: torch.Tensor, y: torch.Tensor, window: "Window
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
     state.micro_step += 1
-    run.stop.armed = True  # from here on a signal stops at the next logging step and writes checkpoints/last
+    run.stop.armed = True  # from here on a signal stops after the current step and writes checkpoints/last
     window.add(loss)
     if accelerator.sync_gradients:
         state.step += 1
@@ -227,14 +236,14 @@ def write_schedule(run: Run) -> None:
         run.recorder.failure = run.recorder.failure or error
 
 
-def log_window(run: Run, epoch: int, window: "Window", bar) -> bool:
-    """A `train/loss` record for the steps since the last one; returns whether the ranks agreed to stop."""
-    mean_loss, stopping = reduce_window(run, window, epoch)
+def log_window(run: Run, epoch: int, window: "Window", bar) -> None:
+    """A `train/loss` record for the steps since the last one."""
+    mean_loss = reduce_window(run, window, epoch)
     # Timed after the reduction, which waits for the device: the host runs steps ahead of a GPU, so a clock read
     # when the last step was merely queued overstated samples/s (by 1.4x for Unet-resnet18 on an H100).
     now = time.perf_counter()
     elapsed = max(now - window.start, 1e-9)
-    samples = window.count * run.cfg.train.batch_size * run.accelerator.num_processes
+    samples = (window.count - window.carried) * run.cfg.train.batch_size * run.accelerator.num_processes
     record = {"epoch": epoch, "train/loss": mean_loss, "learning_rate": current_lr(run), "perf/samples_per_s": samples / elapsed,
               "perf/data_wait_share": window.wait / elapsed,
               **({"perf/fp16_skipped_steps": run.skipped_total} if run.precision == "fp16" else {})}
@@ -242,7 +251,6 @@ def log_window(run: Run, epoch: int, window: "Window", bar) -> bool:
     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['perf/samples_per_s']:.1f}",
                     data=f"{record['perf/data_wait_share']:.0%}")
     window.reset(now)  # the next window starts where this one ended: writing the record is part of a run's time
-    return stopping
 
 
 def validate_and_keep(run: Run, epoch: int) -> None:
@@ -297,14 +305,17 @@ def write_previews(run: Run, evaluation) -> None:
 
 
 def already_finished(opening: Opening) -> RunResult:
-    """A resumed run with nothing left to do (a requeued job whose run had finished): nothing is written. Another
-    dataset than the run's is still refused, as it would be for a run with epochs left."""
+    """A resumed run with nothing left to do (a requeued job whose run had finished): nothing is written, unless a
+    kill after the last checkpoint left something to tidy or trackers to close. Another dataset than the run's is
+    still refused, as it would be for a run with epochs left."""
     from smptrain.data.darts import open_dataset
 
     opening.require_data(open_dataset(opening.cfg.data.dir, opening.cfg.data.band_normalisation))
     state = opening.state
     if is_main_process():
         tidy(opening)  # what a kill after its last checkpoint left; nothing, for a tidy run
+    finish_trackers_left_open(opening)
+    if is_main_process():
         print(f"{opening.run_dir}: the run has already finished ({state.epoch} epoch(s), {state.step} step(s), "
               f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}); nothing to do "
               f"(raise train.max_epochs to train it further)", flush=True)

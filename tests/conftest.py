@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import THREADS, run, tiny_config, write_foreign_dataset
 
 

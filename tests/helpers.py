@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from zygote import Zygote
 
 ROOT = Path(__file__).resolve().parents[1]

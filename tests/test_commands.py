@@ -14,7 +14,7 @@ from helpers import run, tiny_config
 from smptrain.config import load_config
 from smptrain.data.darts import open_dataset
 from smptrain.data.splits import make_splits
-from smptrain.training.checkpoint import load_weights
+from smptrain.training.loading import load_weights
 
 pytestmark = pytest.mark.slow  # end to end: real subprocesses and trainings; -m 'not slow' leaves them out
 

@@ -106,7 +106,7 @@ def test_a_band_outside_the_table_is_one_sentence_and_can_be_given(tmp_path):
 
 def test_warm_start_loads_the_source_weights(trained_run, tmp_path, demo_dir):
     from smptrain.model.network import build_model
-    from smptrain.training.checkpoint import load_weights, warm_start
+    from smptrain.training.loading import load_weights, warm_start
 
     model = build_model("Unet", "resnet18", 7)
     warm_start(model, str(trained_run))
@@ -153,7 +153,7 @@ def test_posterize_keeps_six_bits():
 
 def test_a_converted_darts_checkpoint_keeps_its_run_id_and_name(trained_run, tmp_path):
     from smptrain.data.demo import BANDS, FACTORS, OFFSETS
-    from smptrain.training.checkpoint import load_weights
+    from smptrain.training.loading import load_weights
 
     weights = load_weights(trained_run / "checkpoints" / "best")
     torch.save({"hyper_parameters": {"config": {"model": {"arch": "Unet", "encoder_name": "resnet18",

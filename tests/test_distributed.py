@@ -60,7 +60,7 @@ def test_two_process_validation_equals_one_process_evaluation(ddp_run):
     from smptrain.evaluation.evaluate import evaluate
     from smptrain.model.losses import Loss
     from smptrain.model.network import build_model
-    from smptrain.training.checkpoint import load_weights, read_meta
+    from smptrain.training.loading import load_weights, read_meta
 
     last = (ddp_run / "checkpoints" / "last").resolve()
     meta = read_meta(last)
@@ -179,7 +179,7 @@ def test_ctrl_c_under_the_launcher_stops_in_order_and_returns_after_the_training
     assert process.returncode == 130, err[-3000:]
     assert group_is_gone(process.pid)  # nothing of the job is left running when the prompt returns
     assert "Traceback" not in err and "exitcode" not in err, err[-3000:]
-    assert err.count(f"{name}: stopping at the next logging step") == 1 and err.count("continue with:") == 1
+    assert err.count(f"{name}: stopping after this step") == 1 and err.count("continue with:") == 1
     assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"] >= 2
 
 

@@ -78,3 +78,111 @@ def test_a_tracker_that_cannot_start_is_one_sentence_and_leaves_no_run(demo_dir,
     assert not (tmp_path / "artifacts" / "nowhere").exists()
     wrong = run(["python", "-m", "smptrain.train", "--config", str(config), "--set", 'log.trackers=["wandb"]'])
     assert_clear_error(wrong, "log.trackers", "log.wandb_project is empty")
+
+
+# --- after kills: every tracker read back with its own reader against metrics.jsonl ---------------------------------
+
+
+def wandb_directories(run_dir: Path) -> list[Path]:
+    """The offline directories of the run's wandb id, oldest first (one per session: started, resumed, tested)."""
+    run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
+    return sorted((run_dir.parent / "wandb").glob(f"offline-run-*-{run_id}"), key=lambda d: (d.name, d.stat().st_mtime))
+
+
+def wandb_points(directory: Path) -> dict:
+    """{(key, step): value} of the history a wandb offline directory holds, read from its `.wandb` file: LevelDB's log
+    format (wandb's transaction log) of records decoded with wandb's own protobuf schema. wandb 0.31 has no Python
+    reader of its own any more (its Go core reads the file); wandb's internal keys (_step, _runtime, _timestamp)
+    aside. Steps must rise from row to row, as wandb requires."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = next(directory.glob("*.wandb")).read_bytes()
+    assert data[:4] == b":W&B"
+    block, position, chunks, partial = 32768, 7, [], b""
+    while position + 7 <= len(data):
+        left = block - position % block
+        if left < 7:  # a block's trailer
+            position += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if kind == 0:  # zero padding to the end of the block
+            position += left
+            continue
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            partial = chunk
+        elif kind == 3:
+            partial += chunk
+        else:
+            chunks.append(partial + chunk)
+    points, last = {}, -1
+    for raw in chunks:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") != "history":
+            continue
+        assert record.history.step.num > last, "wandb history rows out of step order"
+        last = record.history.step.num
+        for item in record.history.item:
+            key = item.key or "/".join(item.nested_key)
+            if not key.startswith("_"):
+                points[key, record.history.step.num] = json.loads(item.value_json)
+    return points
+
+
+def jsonl_points(run_dir: Path) -> dict:
+    points = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        for key, value in record.items():
+            if key != "step" and value is not None:
+                assert points.setdefault((key, record["step"]), value) == value  # a key logged twice at one step
+    return points
+
+
+KILLS = [  # each a sequence of runs of the same --resume auto command, killed (or stopped) at these points in turn
+    ("metrics.after_append#3", "epoch.before_validation:term", "checkpoint.after_link#1"),
+    ("step.done#3:term", "metrics.after_append#2", "write.after_rename@last#1"),
+    ("epoch.before_validation:term", "checkpoint.after_link#2"),  # killed after the last checkpoint: a finished run
+]
+
+
+@pytest.mark.parametrize("kills", KILLS, ids=[" then ".join(k) for k in KILLS])
+def test_after_kills_and_resumes_every_tracker_holds_what_metrics_jsonl_holds(demo_dir, tmp_path, kills):
+    """wandb (offline), TensorBoard and MLflow's SQLite store after a sequence of SIGKILLs and stops, each read with
+    its own reader: TensorBoard holds exactly metrics.jsonl; the newest wandb directory holds every point of it (the
+    resumed session replays what the earlier ones had not saved: wandb cannot merge offline directories), and the
+    older directories nothing else; MLflow holds every point, redone steps twice with equal values (it cannot drop
+    one), timings aside."""
+    from helpers import run, tiny_config
+
+    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 2},
+                         log={"preview_every_n_val": 0, "log_every_n_steps": 2, "run_name": "killed",
+                              "wandb_project": "kills", "trackers": ["wandb", "tensorboard", "mlflow"]})
+    command = ["python", "-m", "smptrain.train", "--config", str(config), "--resume", "auto"]
+    for point in kills:
+        stopped = run(command, SMPTRAIN_FAILPOINT=point)
+        assert stopped.returncode in (-9, 130), stopped.stderr[-3000:]
+    done = run(command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("already finished" in done.stdout) == (kills[-1] == "checkpoint.after_link#2")
+    run_dir = tmp_path / "artifacts" / "killed"
+    expected = jsonl_points(run_dir)
+    board = tensorboard_series(run_dir)
+    assert board == {key: [(step, float(np.float32(v))) for step, v in values]
+                     for key, values in jsonl_series(run_dir).items()}
+    directories = wandb_directories(run_dir)
+    assert len(directories) >= 2 and not (run_dir / ".trackers-open").exists()  # every session's trackers closed
+    assert wandb_points(directories[-1]) == expected
+    for older in directories[:-1]:
+        held = {k: v for k, v in wandb_points(older).items() if not k[0].startswith("perf/")}
+        assert held.items() <= expected.items()
+    client, mlflow = mlflow_run(run_dir)
+    renamed = {key: values for key, values in jsonl_series(run_dir, mlflow_key).items() if not key.startswith("perf/")}
+    logged = mlflow_series(client, mlflow, renamed)
+    assert {key: set(values) for key, values in logged.items()} == {key: set(v) for key, v in renamed.items()}
+    assert all(len({v for s, v in values if s == step}) == 1 for values in logged.values() for step, _ in values)

@@ -18,6 +18,7 @@ import signal
 POINTS = {
     "startup": "train(): the process has started, no data is read yet",
     "run_dir.created": "a new run directory is being made, none of its files written yet",
+    "step.done": "an optimizer step is done (count them with #N), before the ranks ask whether to stop",
     "epoch.before_validation": "an epoch's last step is done, its validation not yet",
     "checkpoint.before_rename": "a checkpoint is complete under its temporary name",
     "checkpoint.after_rename": "a checkpoint is in place, `last` and `best` not yet pointing to it",

@@ -34,8 +34,8 @@ from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
 from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
 from smptrain.model.losses import loss_from_config
 from smptrain.model.network import described_model
-from smptrain.training.checkpoint import load_weights, read_meta, resolve
 from smptrain.training.layout import BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, run_of
+from smptrain.training.loading import load_weights, read_meta, resolve
 from smptrain.training.runs import find_data, is_same_data
 from smptrain.training.tracking import clean_number
 

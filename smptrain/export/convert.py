@@ -36,8 +36,9 @@ from smptrain.evaluation.calibration import parse_threshold
 from smptrain.export.onnx import first_sentence
 from smptrain.export.predict import load_converted
 from smptrain.model.network import described_model
-from smptrain.training.checkpoint import clean_state_dict, load_weights, read_lightning, read_meta, resolve
+from smptrain.training.checkpoint import clean_state_dict
 from smptrain.training.layout import BEST, TEST, THRESHOLD, run_of
+from smptrain.training.loading import load_weights, read_lightning, read_meta, resolve
 
 MODEL_KEYS = ("arch", "encoder_name", "in_channels", "classes")
 LIGHTNING_SIZES = (256, 224, 512, 384, 1024, 64)  # DARTS' usual patch sizes, tried for a checkpoint that does not say

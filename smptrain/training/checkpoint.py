@@ -28,12 +28,12 @@ import torch
 
 import smptrain
 from smptrain.config import plain
-from smptrain.core.errors import UserError
 from smptrain.core.failpoints import failpoint
 from smptrain.core.storage import WriteFailed, file_mode, replacing, writing
-from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, METRICS, STATE, WEIGHTS, checkpoints_dir, now
+from smptrain.training.layout import BEST, LAST, META, METRICS, STATE, WEIGHTS, checkpoints_dir, now
 
 PREFIXES = ("module.", "_orig_mod.", "model.")
+RANK_BUFFERS = "rank_buffers.safetensors"  # in state/: every rank's own BatchNorm statistics (several processes)
 MONITOR = "val/JaccardIndex"
 
 
@@ -50,6 +50,7 @@ class TrainState:
     top_k: list = field(default_factory=list)  # [[val/JaccardIndex, checkpoint name]], best first
     early_stopped: bool = False
     validation_owed: bool = False  # the epoch's last step is done and its validation due, not yet done
+    window: list = field(default_factory=list)  # [[loss sum, micro-batches]] per rank of a logging window a stop cut short
 
 
 class CheckpointKeeper:
@@ -184,15 +185,49 @@ def save_checkpoint(accelerator, model, run_dir: Path, name: str, meta: dict, pe
 
 def _write(accelerator, model, tmp: Path, meta: dict, exported: torch.nn.Module | None = None) -> None:
     accelerator.save_state(str(tmp / STATE))
+    buffers = gathered_buffers(accelerator, buffer_owners(accelerator, model, exported))
     if accelerator.is_main_process:
         from safetensors.torch import save_file
 
+        if buffers:
+            save_file(buffers, str(tmp / STATE / RANK_BUFFERS))
         weights = clean_state_dict(accelerator.unwrap_model(exported if exported is not None else model,
                                                             keep_torch_compile=False).state_dict())
         save_file(weights, str(tmp / WEIGHTS), metadata={"format": "pt"})
         _share_weights(tmp)
         (tmp / META).write_text(json.dumps(meta, indent=2, default=plain) + "\n")
         _settle_tree(tmp)
+
+
+def buffer_owners(accelerator, model, exported: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+    """The modules whose BatchNorm statistics each rank keeps for itself: the trained model and its moving average."""
+    owners = {"model": accelerator.unwrap_model(model, keep_torch_compile=False)}
+    if exported is not None:
+        owners["ema"] = exported
+    return owners
+
+
+def float_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [buffer for buffer in module.buffers() if buffer.is_floating_point()]
+
+
+def gathered_buffers(accelerator, owners: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every rank's float buffers, flat, by `{owner}.{rank}` (all ranks call it; {} for one process).
+
+    Each rank updates BatchNorm's running statistics from its own batches, and they are averaged only before a
+    validation; Accelerate's save_state keeps the main process's alone. A stop between validations would resume
+    every rank with rank 0's statistics and validate other ones than an uninterrupted run. (float64 carries any
+    float buffer exactly.)"""
+    if accelerator.num_processes == 1:
+        return {}
+    found = {}
+    for owner, module in owners.items():
+        buffers = float_buffers(module)
+        if buffers:
+            flat = torch.cat([b.detach().reshape(-1).double() for b in buffers])
+            for rank, values in enumerate(accelerator.gather(flat[None]).cpu()):
+                found[f"{owner}.{rank}"] = values.contiguous()
+    return found
 
 
 def _attempt(write, final: Path, needed: int, cleanup) -> Exception | None:
@@ -252,86 +287,6 @@ def prune(run_dir: Path, keep: set[str]) -> None:
     for path in root.iterdir():
         if path.is_dir() and not path.is_symlink() and path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def resolve(path: str | Path, which: str = BEST) -> Path:
-    """A checkpoint directory from a run directory (+ best/last) or a checkpoint directory."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    if (path / META).is_file() and (path / WEIGHTS).is_file():
-        return path
-    root = checkpoints_dir(path)
-    if root.is_dir():
-        for link in ([which] if which == LAST else [which, LAST]):
-            candidate = root / link
-            if (candidate / META).is_file():
-                return candidate.resolve()
-            if candidate.is_symlink():
-                raise UserError(f"{candidate} points to a missing checkpoint; the run directory is damaged")
-        raise UserError(f"run directory {path} has no '{which}' checkpoint yet (no validation has finished)")
-    if (path / CONFIG).is_file() or (path / IDENTITY).is_file():
-        raise UserError(f"run directory {path} has no {root.name}/ folder: no checkpoint of it was saved, or the "
-                        f"folder was moved or deleted")
-    if (path / META).is_file():
-        raise UserError(f"checkpoint directory {path} has meta.json but no {WEIGHTS}; it is incomplete")
-    raise UserError(f"{path} is neither a run directory nor a checkpoint directory (expected config.toml and "
-                    f"{root.name}/, or meta.json and {WEIGHTS})")
-
-
-def read_lightning(path: Path) -> tuple[dict, dict]:
-    """(the whole checkpoint, the model's weights without Lightning's `model.` prefix) of a DARTS Lightning `.ckpt`.
-    It is a pickle, which can run code: call this only for a file the user said to trust (--trust-pickle)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    except Exception as error:
-        raise UserError(f"{path} is not a readable Lightning checkpoint: {str(error)[:200]}") from None
-    return ckpt, state
-
-
-def read_meta(checkpoint: Path) -> dict:
-    try:
-        meta = json.loads((Path(checkpoint) / META).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise UserError(f"{checkpoint}/meta.json is not a readable smptrain checkpoint description: {error}") from None
-    for key in ("model", "bands", "config"):
-        if key not in meta:
-            raise UserError(f"{checkpoint}/meta.json lacks '{key}'; is this an smptrain checkpoint?")
-    return meta
-
-
-def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint directory, from safetensors only."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint) / WEIGHTS
-    try:
-        return load_file(str(path))
-    except (OSError, SafetensorError) as error:
-        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
-
-
-
-def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) -> None:
-    """Load the weights of an earlier checkpoint into `model` before training (DARTS' --weights-from-checkpoint):
-    an smptrain run or checkpoint directory (its `best`, safetensors), or a DARTS Lightning `.ckpt`, which is a
-    pickle and is only read with `trust_pickle`. The architecture must match; the optimizer starts afresh."""
-    path = Path(source)
-    if path.is_file() and path.suffix == ".ckpt":
-        if not trust_pickle:
-            raise UserError(f"model.weights_from = {source!r} is a Lightning pickle, and loading a pickle can run code "
-                            f"from its author; pass --trust-pickle if you trust where this file comes from")
-        _, state = read_lightning(path)
-    else:
-        state = load_weights(resolve(path, BEST))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        first = str(error).split("\n")[1].strip() if "\n" in str(error) else str(error)[:200]
-        raise UserError(f"model.weights_from = {source!r} does not fit model.arch/model.encoder/bands of this run: "
-                        f"{first}") from None
 
 
 def _share_weights(checkpoint: Path) -> None:

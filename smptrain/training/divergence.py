@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from smptrain.core.errors import UserError
-from smptrain.training.checkpoint import read_meta
 from smptrain.training.layout import LAST, checkpoint_link, has_checkpoint
+from smptrain.training.loading import read_meta
 
 
 class TrainingStopped(UserError):
@@ -29,8 +29,13 @@ class Window:
         self.reset()
 
     def reset(self, start: float | None = None) -> None:
-        self.loss_sum, self.count, self.wait = torch.zeros((), device=self.device), 0, 0.0
+        self.loss_sum, self.count, self.wait, self.carried = torch.zeros((), device=self.device), 0, 0.0, 0
         self.start = self.fetch_start = time.perf_counter() if start is None else start
+
+    def carry(self, loss_sum: float, count: float) -> None:
+        """Continue a window a stop cut short: its loss sum and micro-batches as they were (not timed here)."""
+        self.loss_sum = torch.tensor(loss_sum, dtype=torch.float32, device=self.device)
+        self.count = self.carried = int(count)
 
     def arrived(self) -> None:
         self.wait += time.perf_counter() - self.fetch_start

@@ -1,4 +1,4 @@
-"""`smptrain-launch`: `accelerate launch` with an orderly Ctrl-C.
+"""`smptrain-launch`: `accelerate launch` without a deadline on the stop.
 
     smptrain-launch [accelerate launch options] -m smptrain.train --config FILE [--set ...]
 
@@ -6,15 +6,14 @@ The same arguments as `accelerate launch` (its parser and launchers are used as 
 launcher, see `one_process`). What differs is what a signal does to the launcher itself:
 
 - Ctrl-C in a terminal sends SIGINT to the whole foreground process group: the launcher and every training
-  process. `accelerate launch` then dies at once with a KeyboardInterrupt traceback (one process) or stops its
-  workers after a 30 s grace (several, through torch elastic's agent), and the prompt comes back while training
-  may still be writing its checkpoint. `smptrain-launch` lets the training processes stop as they do on their own
-  (write `checkpoints/last`, exit 130) and waits for them: the prompt returns after they are done, with their exit
-  status and no traceback.
+  process. `accelerate launch` (1.16) answers it with SIGTERM to its one process and SIGKILL 5 s later, or (several
+  processes, torch elastic's agent) passes SIGINT on and kills them after 30 s, logging a line per process. The
+  training processes stop after their current step either way (`smptrain.training.signals`); `smptrain-launch`
+  lets them take whatever time their checkpoint takes and waits for them: the prompt returns after they are done,
+  with their exit status and no log lines or traceback.
 - A SIGINT or SIGTERM sent to the launcher alone (`kill PID`, a scheduler signalling only the top process) is
   passed on to the training processes, so they stop the same way. When the whole group got the signal too, each
   training process sees it twice within a moment; smptrain counts that as one request (see `StopSignal`).
-
 """
 
 from __future__ import annotations
@@ -56,8 +55,8 @@ def exit_status(error: BaseException, forwarded: set[int] = frozenset()) -> int:
 
 def one_process(args) -> None:
     """One training process, the command and environment `accelerate launch` would give it, waited for as it
-    finishes. Accelerate's own (1.16 at least) takes SIGTERM for itself: it exits 143 and kills the process 5 s after
-    passing the signal on, which can cut `checkpoints/last` off halfway; here `main`'s handlers stay in charge."""
+    finishes. Accelerate's own (1.16 at least) kills the process 5 s after passing a signal on, which a large
+    checkpoint on a slow filesystem can take longer than; here `launch`'s handlers stay in charge."""
     from accelerate.utils.launch import prepare_simple_launcher_cmd_env
 
     cmd, env = prepare_simple_launcher_cmd_env(args)

@@ -1,6 +1,6 @@
 """The names inside a run directory, and where a run's checkpoints are; imports nothing of smptrain.
 
-    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  schedule.png  curves.png  previews/
+    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  schedule.png  curves.png  previews/  [.trackers-open]
     RUN_DIR/test/{metrics.json, threshold.json}
     RUN_DIR/checkpoints/NAME/{model.safetensors, meta.json, state/}   checkpoints/last -> NAME, checkpoints/best -> NAME
 """
@@ -17,6 +17,7 @@ SCHEDULE_PLOT = "schedule.png"  # the planned learning rate (smptrain.training.s
 CURVES_PLOT = "curves.png"  # train loss, validation metrics and learning rate so far, redrawn at each validation
 TEST_METRICS, THRESHOLD = "metrics.json", "threshold.json"  # inside test/, from smptrain-test
 LAST, BEST = "last", "best"  # links in checkpoints/ to the newest and the best checkpoint
+TRACKERS_OPEN = ".trackers-open"  # while a session writes to the trackers; left behind, a kill cut them short
 WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state"  # inside a checkpoint directory
 
 

@@ -18,7 +18,8 @@ import torch
 from smptrain.config import Config, to_dict
 from smptrain.core.errors import UserError
 from smptrain.core.labels import OUTPUT_CLASSES
-from smptrain.core.runtime import choose_precision, start_accelerator
+from smptrain.core.processes import is_main_process, on_main
+from smptrain.core.runtime import choose_precision, make_accelerator, start_accelerator
 from smptrain.core.storage import free_space, human
 from smptrain.data.batches import TrainBatches
 from smptrain.data.darts import open_dataset
@@ -28,9 +29,11 @@ from smptrain.data.scan import check_labels
 from smptrain.data.splits import make_splits
 from smptrain.model.losses import Loss, loss_from_config
 from smptrain.model.network import build_model, check_forward, check_patch_size, determinism_note
-from smptrain.training.checkpoint import CheckpointKeeper, TrainState, checkpoint_bytes, warm_start
+from smptrain.training.checkpoint import CheckpointKeeper, TrainState, buffer_owners, checkpoint_bytes
+from smptrain.training.collectives import stop_group
 from smptrain.training.divergence import NonFiniteGuard
-from smptrain.training.layout import LAST, STATE, checkpoint_link
+from smptrain.training.layout import LAST, STATE, TRACKERS_OPEN, checkpoint_link
+from smptrain.training.loading import restore_rank_buffers, warm_start
 from smptrain.training.runs import Opening, open_run, remover
 from smptrain.training.signals import StopSignal
 from smptrain.training.tracking import Recorder, tracked_run
@@ -75,6 +78,7 @@ def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Ru
     precision, why = choose_precision(cfg.train.mixed_precision)
     accelerator = start_accelerator(precision, why, cfg.train.threads, cfg.train.grad_accum_steps,
                                     cfg.train.deterministic)
+    stop_group()  # made now, by every rank: the stop flag goes through it after every step
     # Data as it is on disk and the split manifest (make_splits refuses empty sets; a resumed run keeps its own).
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)
     opening.require_data(info)
@@ -97,7 +101,7 @@ def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Ru
     # Only now the run directory: a new run's is created (named once by the main process).
     opening = open_run(accelerator, opening, splits, info)
     warn_if_short_of_space(accelerator, opening.run_dir, checkpoint_bytes(model, ema), cfg.train.save_top_k)
-    recorder = start_recording(accelerator, opening, stop)
+    recorder = start_recording(accelerator, opening, stop, buffer_owners(accelerator, model, ema.module if ema else None))
     describe = dict(run_name=opening.run_name, run_id=opening.run_id, world_size=accelerator.num_processes,
                     mixed_precision=precision, patch_size=info.patch_size,
                     model={"arch": cfg.model.arch, "encoder_name": cfg.model.encoder, "in_channels": len(band_indices),
@@ -142,7 +146,7 @@ def check_model_of(cfg: Config) -> None:
     check_forward(model.to(device), cfg.model.arch, cfg.model.encoder, channels, info.patch_size, device)
 
 
-def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder:
+def start_recording(accelerator, opening: Opening, stop: StopSignal, owners: dict) -> Recorder:
     """A resumed run's weights, optimizer and RNG back from its `last` checkpoint, and the trackers. A new run that
     fails here, or ends before its first checkpoint, leaves no directory."""
     if not opening.resumed:
@@ -150,7 +154,7 @@ def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder
     try:
         accelerator.print(f"run directory: {opening.run_dir}")
         if opening.resumed:
-            restore(accelerator, opening)
+            restore(accelerator, opening, owners)
         return Recorder(accelerator, opening.run_dir, tracked_run(to_dict(opening.cfg), opening.run_name, opening.run_id),
                         resume_step=opening.state.step if opening.resumed else None, resume_bytes=opening.records)
     except Exception:
@@ -158,6 +162,23 @@ def start_recording(accelerator, opening: Opening, stop: StopSignal) -> Recorder
             stop.undo()
             stop.undo = None
         raise
+
+
+def finish_trackers_left_open(opening: Opening) -> None:
+    """A finished run whose last session was killed after its last checkpoint, before its trackers were closed
+    (their mark is still in the run directory): they get what metrics.jsonl holds and are closed. Every rank calls
+    it; a tidy finished run is left as it is."""
+    left_open = on_main(lambda: (opening.run_dir / TRACKERS_OPEN).exists(), opening.run_dir / TRACKERS_OPEN)
+    if not left_open:
+        return
+    tracked = tracked_run(to_dict(opening.cfg), opening.run_name, opening.run_id)
+    if tracked is None:  # the trackers were taken out of the configuration since
+        if is_main_process():
+            (opening.run_dir / TRACKERS_OPEN).unlink(missing_ok=True)
+        return
+    recorder = Recorder(make_accelerator(), opening.run_dir, tracked, resume_step=opening.state.step,
+                        resume_bytes=opening.records)
+    recorder.finish()
 
 
 def build_for_training(cfg: Config, accelerator, precision: str, in_channels: int, patch_size: int,
@@ -260,13 +281,15 @@ def positive_sampling(cfg: Config, info, train_set: PatchDataset, world: int) ->
     return positives, slots
 
 
-def restore(accelerator, opening: Opening) -> None:
-    """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate."""
+def restore(accelerator, opening: Opening, owners: dict) -> None:
+    """Weights, optimizer, grad scaler and every rank's RNG of `last`, loaded weights-only by Accelerate, and every
+    rank's own BatchNorm statistics (`owners`: the modules that have them)."""
     state_dir = checkpoint_link(opening.run_dir, LAST) / STATE
     try:
         accelerator.load_state(str(state_dir))
     except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
         raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
+    restore_rank_buffers(accelerator, owners, state_dir)
     accelerator.print(f"resuming {opening.run_name} at epoch {opening.state.epoch}, step {opening.state.step}")
 
 

@@ -24,7 +24,7 @@ from smptrain.core.errors import UserError
 from smptrain.core.failpoints import failpoint
 from smptrain.core.processes import is_main_process, on_main
 from smptrain.core.storage import write_text, writing
-from smptrain.training.checkpoint import TrainState, point, prune, read_meta
+from smptrain.training.checkpoint import TrainState, point, prune
 from smptrain.training.layout import (
     BEST,
     CHECKPOINTS,
@@ -38,6 +38,7 @@ from smptrain.training.layout import (
     has_checkpoint,
     now,
 )
+from smptrain.training.loading import read_meta
 
 
 def create_run_dir(cfg: Config, splits: dict, world_size: int, given: dict, info) -> list:

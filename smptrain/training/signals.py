@@ -27,12 +27,13 @@ class StopSignal:
     Before the first optimizer step (loading data, a cold `torch.compile`) there is nothing to save: a new run's
     directory is removed and, in a command (which installed `exit_on_further_signals`), the process ends at once
     with 130; called from Python (a notebook), the signal raises `Interrupted`. Once armed, it sets a flag that all ranks
-    agree on at the next logging step, which writes `checkpoints/last` and stops. A second signal raises
+    agree on after the step in progress (`collectives.stop_agreed`), which writes `checkpoints/last` and stops. A second signal raises
     `Interrupted` at once, without saving. `restore()` puts the previous handlers back.
 
-    A launcher that passes a terminal's Ctrl-C on (torch elastic's agent, `smptrain-launch` when signalled alone)
-    delivers it a second time to processes that already got it from the terminal: the same signal again within
-    `SAME_REQUEST_S` counts as that one request, not as the second one that aborts.
+    A launcher that passes a terminal's Ctrl-C on delivers it a second time to processes that already got it from
+    the terminal: torch elastic's agent and `smptrain-launch` as SIGINT, Accelerate's one-process launcher (1.16) as
+    SIGTERM, followed by SIGKILL 5 s later. Any stop signal within `SAME_REQUEST_S` of the first counts as that one
+    request, not as the second one that aborts.
     """
 
     SAME_REQUEST_S = 1.5
@@ -56,8 +57,8 @@ class StopSignal:
         global _last_request
         name = signal.Signals(signum).name
         now = time.monotonic()
-        if self.first[0] == signum and now - self.first[1] < self.SAME_REQUEST_S:
-            return  # the same request, passed on by a launcher
+        if self.first[0] is not None and now - self.first[1] < self.SAME_REQUEST_S:
+            return  # the same request, passed on by a launcher (as itself, or as SIGTERM)
         if self.first[0] is None:
             self.first = _last_request = (signum, now)
         if not self.armed:
@@ -76,7 +77,7 @@ class StopSignal:
             raise Interrupted(f"{name} again: aborted without saving; checkpoints/last is the one written before")
         self.raised = True
         if local_main():  # one message per machine, not one per process
-            print(f"\n{name}: stopping at the next logging step, writing checkpoints/last "
+            print(f"\n{name}: stopping after this step, writing checkpoints/last "
                   f"(send it again to abort without saving)", file=sys.stderr, flush=True)
 
 
@@ -96,8 +97,8 @@ def exit_on_further_signals(code: int = 130) -> None:
         return
 
     def leave_now(signum, frame):
-        if _last_request[0] == signum and time.monotonic() - _last_request[1] < StopSignal.SAME_REQUEST_S:
-            return
+        if _last_request[0] is not None and time.monotonic() - _last_request[1] < StopSignal.SAME_REQUEST_S:
+            return  # the launcher passing on the request this process already took
         _leave(code)
 
     leave_now.ends_the_command = True  # what StopSignal recognises: this process is a command's, not a notebook's

@@ -25,7 +25,7 @@ from smptrain.core.choices import TRACKERS
 from smptrain.core.errors import UserError
 from smptrain.core.failpoints import failpoint
 from smptrain.core.storage import WriteFailed, write_text, writing
-from smptrain.training.layout import METRICS
+from smptrain.training.layout import METRICS, TRACKERS_OPEN
 
 ADJECTIVES = ("frosty", "thawing", "silent", "amber", "polar", "windy", "misty", "bright", "rapid", "quiet", "boreal",
               "steady", "gentle", "bold", "crisp", "distant")
@@ -131,9 +131,10 @@ def _wandb(run: TrackedRun, run_dir: Path, resume_step: int | None):
 def _tensorboard(run: TrackedRun, run_dir: Path, resume_step: int | None):
     from accelerate.tracking import TensorBoardTracker
 
-    # A resumed run drops what came after its checkpoint, as metrics.jsonl does: TensorBoard hides the older
-    # events from purge_step on.
-    options = {"purge_step": resume_step + 1} if resume_step is not None and run.job == "train" else {}
+    # A resumed run drops what came after its checkpoint, as metrics.jsonl does: TensorBoard hides the older events
+    # from purge_step on, its own step included (an owed validation a killed session logged there would stay twice),
+    # and the records metrics.jsonl kept at that step are replayed.
+    options = {"purge_step": resume_step} if resume_step is not None and run.job == "train" else {}
     fresh = resume_step is None and run.job == "train"
     return TensorBoardTracker(TENSORBOARD_DIR, run_dir, **options), flat_config(run.config) if fresh else None
 
@@ -170,6 +171,42 @@ def _mlflow(run: TrackedRun, run_dir: Path, resume_step: int | None):
 
 
 STARTERS = {"wandb": _wandb, "tensorboard": _tensorboard, "mlflow": _mlflow}
+
+
+def _values(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "step" and v is not None}
+
+
+def _from_step(first: int, records: list[dict]) -> list[tuple[int, dict]]:
+    return [(r["step"], _values(r)) for r in records if r.get("step") is not None and r["step"] >= first]
+
+
+def _wandb_lacks(tracker, records: list[dict], resume_step: int) -> list[tuple[int, dict]]:
+    """wandb takes only steps from its own next one on: an online run resumed continues at the server's last step
+    + 1 (what the killed session sent before it is kept, and steps it already has are not taken twice), an offline
+    session starts at 0 (its directory then holds the whole run: wandb cannot merge offline directories)."""
+    return _from_step(tracker.run.step, records)
+
+
+def _tensorboard_lacks(tracker, records: list[dict], resume_step: int) -> list[tuple[int, dict]]:
+    """TensorBoard hides an earlier session's events from the resumed step on (purge_step): those records again."""
+    return _from_step(resume_step, records)
+
+
+def _mlflow_lacks(tracker, records: list[dict], resume_step: int) -> list[tuple[int, dict]]:
+    """MLflow keeps every point it was sent (no way to remove one): the (key, step) points it has not got."""
+    from mlflow.tracking import MlflowClient
+
+    client, run_id = MlflowClient(), tracker.active_run.info.run_id
+    keys = {key for record in records for key in _values(record)}
+    held = {(key, m.step) for key in keys for m in client.get_metric_history(run_id, mlflow_key(key))}
+    missing = [(r["step"], {k: v for k, v in _values(r).items() if (k, r["step"]) not in held}) for r in records
+               if r.get("step") is not None]
+    return [(step, values) for step, values in missing if values]
+
+
+LACKING = {"wandb": _wandb_lacks, "tensorboard": _tensorboard_lacks, "mlflow": _mlflow_lacks}
+assert set(LACKING) == set(TRACKERS)
 assert set(STARTERS) == set(TRACKERS)
 
 
@@ -237,8 +274,29 @@ class Recorder:
             else:  # a checkpoint older than its record of the file's size
                 kept = "".join(line + "\n" for line in text.decode().splitlines() if _step_of(line) <= resume_step)
             write_text(self.path, kept)
+        self.open_mark = Path(run_dir) / TRACKERS_OPEN
         if self.names:
             start_trackers(accelerator, tracked, Path(run_dir), resume_step)
+            write_text(self.open_mark, f"{tracked.job}\n")  # removed when they are closed: left, a kill cut them short
+            if resume_step is not None:
+                self.replay(resume_step)
+
+    def replay(self, resume_step: int) -> None:
+        """A resumed run's trackers made whole from metrics.jsonl as the checkpoint left it: each gets the points it
+        lacks, in step order, before the run goes on (`LACKING` says which for each tracker). A kill loses what a
+        tracker had not written yet (wandb keeps up to 15 s in memory, and its offline directories cannot be
+        merged); metrics.jsonl, cut back to the checkpoint, is the record of what happened."""
+        kept = self.records()
+        said = []
+        for name in sorted(self.names):
+            tracker = self.accelerator.get_tracker(name)
+            missing = LACKING[name](tracker, kept, resume_step)
+            for step, values in missing:
+                tracker.log(values, step=step)
+            if missing:
+                said.append(f"{name} {len(missing)} (steps {missing[0][0]}-{missing[-1][0]})")
+        if said:
+            self.accelerator.print(f"trackers: replayed from {METRICS} the records they lacked: {', '.join(said)}")
 
     def records(self) -> list[dict]:
         """Every record metrics.jsonl holds (main process; a line cut short is skipped)."""
@@ -319,3 +377,5 @@ class Recorder:
             for tracker in self.accelerator.trackers:
                 tracker.finish()
             self.accelerator.trackers = []
+            self.open_mark.unlink(missing_ok=True)
+            self.names = set()
