@@ -25,10 +25,11 @@ from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from smptrain.config import Config  # noqa: E402
 from smptrain.core.failpoints import failpoint  # noqa: E402
+from smptrain.core.progress import configure as configure_progress  # noqa: E402
+from smptrain.core.progress import progress  # noqa: E402
 from smptrain.core.processes import is_main_process  # noqa: E402
 from smptrain.core.runtime import end_processes  # noqa: E402
 from smptrain.core.storage import WriteFailed  # noqa: E402
@@ -74,6 +75,7 @@ def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int,
     try:
         failpoint("startup")
         opening = begin(cfg, resume)  # new, or resumed: decided here, once
+        configure_progress(opening.cfg.log.progress)
         if opening.finished:
             return already_finished(opening)
         run = set_up(opening, stop, trust_pickle)
@@ -127,13 +129,13 @@ def train_one_epoch(run: Run, epoch: int) -> bool:
         if len(state.window) == accelerator.num_processes:
             window.carry(*state.window[accelerator.process_index])
         state.window = []
-    bar = tqdm(total=run.batches.steps_per_epoch * cfg.train.grad_accum_steps, initial=state.micro_step,
-               desc=f"epoch {epoch}", disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress(run.batches.steps_per_epoch, f"epoch {epoch + 1}/{cfg.train.max_epochs}", unit="step",
+                   initial=state.micro_step // cfg.train.grad_accum_steps, show=accelerator.is_local_main_process)
     for x, y, _ in run.train_loader:
         window.arrived()
         step(run, epoch, x, y, window)
-        bar.update(1)
         if accelerator.sync_gradients:
+            bar.update(1)
             failpoint("step.done")
             if state.step % cfg.log.log_every_n_steps == 0:
                 log_window(run, epoch, window, bar)
@@ -248,8 +250,8 @@ def log_window(run: Run, epoch: int, window: "Window", bar) -> None:
               "perf/data_wait_share": window.wait / elapsed,
               **({"perf/fp16_skipped_steps": run.skipped_total} if run.precision == "fp16" else {})}
     run.recorder.log(record, run.state.step)
-    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['perf/samples_per_s']:.1f}",
-                    data=f"{record['perf/data_wait_share']:.0%}")
+    bar.set_postfix(**{"loss": f"{mean_loss:.4f}", "img/s": f"{record['perf/samples_per_s']:.1f}",
+                       "data wait": f"{record['perf/data_wait_share']:.0%}"})
     window.reset(now)  # the next window starts where this one ended: writing the record is part of a run's time
 
 
@@ -271,7 +273,7 @@ def validate_and_keep(run: Run, epoch: int) -> None:
     # per-region IoU when validation spans several regions (logged, not selected on)
     run.recorder.log({"epoch": epoch, **metrics, **validation_regions(evaluation, run.val_regions)}, state.step)
     accelerator.print(
-        f"epoch {epoch} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
+        f"epoch {epoch + 1}/{cfg.train.max_epochs} step {state.step} | val/loss {metrics['val/loss']:.4f} | {MONITOR} {value:.4f}"
         f"{' (best)' if improved else f' (best {state.best:.4f})'} | val/F1Score {metrics['val/F1Score']:.4f}"
         f" | val/AUROC {metrics['val/AUROC']:.4f}")
     every = cfg.log.preview_every_n_val
@@ -330,7 +332,8 @@ def stop_interrupted(run: Run, epoch: int, saved: bool = False) -> RunResult:
         run.keeper.save_interrupted(run.model, epoch, run.recorder.failure)
     run.recorder.finish()
     return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
-                     f"stopped at step {run.state.step} (epoch {epoch}); saved {checkpoint_link(run.run_dir, LAST)}")
+                     f"stopped at step {run.state.step} (epoch {epoch + 1}/{run.cfg.train.max_epochs}); saved "
+                     f"{checkpoint_link(run.run_dir, LAST)}")
 
 
 def discard_if_nothing_saved(run: Run | None) -> None:

@@ -41,7 +41,7 @@ def pytest_configure(config):
         torch.set_num_threads(int(THREADS))
 
 
-LONGEST_FIRST = ("test_train.py", "test_distributed.py", "test_cv_tune.py", "test_failpoints.py", "test_commands.py")
+LONGEST_FIRST = ("test_cluster.py", "test_train.py", "test_distributed.py", "test_cv_tune.py", "test_failpoints.py", "test_commands.py")
 
 
 def pytest_collection_modifyitems(config, items):

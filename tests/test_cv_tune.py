@@ -149,32 +149,6 @@ def trials(study_dir: Path) -> pd.DataFrame:
     return pd.read_csv(study_dir / "trials.csv")
 
 
-def test_two_workers_share_one_study_without_duplicates(demo_dir, tmp_path):
-    from smptrain.config import load_config
-    from smptrain.search.space import plan, read_space
-
-    config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 1},
-                         log={"preview_every_n_val": 0})
-    space = tmp_path / "space.toml"
-    space.write_text(SPACE)
-    args = tune_args(config, space, "pair", "--trials", "4")
-    workers = [subprocess.Popen(args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for _ in range(2)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outputs]
-    table = trials(tmp_path / "artifacts" / "pair")
-    done = table[table["state"] == "COMPLETE"]
-    assert len(done) == 4 and sorted(done["slot"]) == [0, 1, 2, 3] and len(table) == 4
-    assert len({tuple(r) for r in done[["train.lr", "train.gamma"]].to_numpy()}) == 4  # no parameters twice
-    # slot k ran DARTS' k-th random draw (sklearn ParameterSampler, random_state=42)
-    expected = plan(read_space(space, load_config(config)), "random", 4)
-    for _, row in done.iterrows():
-        assert row["train.lr"] == pytest.approx(expected[row["slot"]]["train.lr"], rel=1e-12)
-        assert row["train.gamma"] == pytest.approx(expected[row["slot"]]["train.gamma"], rel=1e-12)
-    assert (tmp_path / "artifacts" / "pair" / "best.toml").is_file()
-    assert (tmp_path / "artifacts" / "pair" / "history.png").is_file()
-
-
 def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(demo_dir, tmp_path):
     config = tiny_config(tmp_path, demo_dir, data={"subsample": 16}, train={"max_epochs": 4},
                          log={"preview_every_n_val": 0, "log_every_n_steps": 1})

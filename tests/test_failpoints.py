@@ -133,7 +133,7 @@ def test_a_stop_between_the_last_step_and_its_validation_leaves_the_validation_o
     assert meta["train_state"]["validation_owed"] and meta["train_state"]["validations"] == 0
     assert not any("val/JaccardIndex" in r for r in records(run_dir))
     resumed = run(command(config, "owed"), check=True)
-    assert "resuming owed at epoch 1" in resumed.stdout + resumed.stderr
+    assert "resuming owed at step 4, the validation of epoch 1/2 first" in resumed.stdout + resumed.stderr
     assert [r["step"] for r in records(run_dir) if "val/JaccardIndex" in r] == \
         [r["step"] for r in records(straight) if "val/JaccardIndex" in r]
 

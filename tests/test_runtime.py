@@ -417,3 +417,27 @@ def test_one_process_may_make_accelerators_of_another_precision_in_turn():
     assert make_accelerator("bf16").mixed_precision == "bf16"
     assert make_accelerator("no").mixed_precision == "no"
     assert make_accelerator("bf16").mixed_precision == "bf16"
+
+
+def test_threads_under_accelerate_launch_are_the_cores_not_its_one_thread(monkeypatch):
+    """`accelerate launch` sets OMP_NUM_THREADS=1 unless told otherwise, which halves a 2-core machine: with
+    train.threads = 0 a launched process takes the cores divided among the machine's processes, while a user's own
+    OMP_NUM_THREADS is kept outside a launcher. (That a launched run then computes what `python -m` computes, bit
+    for bit, tests/test_stops.py shows on its resumed runs.)"""
+    import os
+
+    import torch
+
+    from smptrain.core.runtime import configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+        assert configure_threads(0, 1) == max(1, os.cpu_count() or 1) == torch.get_num_threads()
+        assert configure_threads(0, 2) == max(1, (os.cpu_count() or 1) // 2)
+        assert configure_threads(3, 1) == 3
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        assert configure_threads(0, 1) == 1  # the user's own choice, outside a launcher
+    finally:
+        torch.set_num_threads(before)

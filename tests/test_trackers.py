@@ -146,7 +146,6 @@ def jsonl_points(run_dir: Path) -> dict:
 
 KILLS = [  # each a sequence of runs of the same --resume auto command, killed (or stopped) at these points in turn
     ("metrics.after_append#3", "epoch.before_validation:term", "checkpoint.after_link#1"),
-    ("step.done#3:term", "metrics.after_append#2", "write.after_rename@last#1"),
     ("epoch.before_validation:term", "checkpoint.after_link#2"),  # killed after the last checkpoint: a finished run
 ]
 

@@ -103,7 +103,7 @@ def test_resume_is_exact(resume_setup):
          "--set", "train.max_epochs=2"], check=True)
     split = tmp / "artifacts" / "split"
     result = run(["python", "-m", "smptrain.train", "--resume", str(split), "--set", "train.max_epochs=4"], check=True)
-    assert "resuming split at epoch 2" in result.stdout + result.stderr
+    assert "resuming split at step 16, in epoch 3/4" in result.stdout + result.stderr
     assert_same_weights(straight, split)
     assert val_records(straight) == val_records(split)  # same metrics, same steps, metrics.jsonl appended
     assert json.loads((split / "checkpoints/last/meta.json").read_text())["run_id"] == \
@@ -148,11 +148,11 @@ def test_ctrl_c_saves_mid_epoch_and_resumes_exactly(resume_setup):
 
 def test_a_requeued_command_continues_its_run_exactly(resume_setup):
     """SLURM's --requeue re-runs the same command: with --resume auto it starts the run the first time and continues
-    it after SIGTERM, exactly; a changed configuration is refused naming the key. TensorBoard and MLflow continue
-    the same run, and hold what metrics.jsonl holds."""
+    it after SIGTERM, exactly; a changed configuration is refused naming the key. (Under a real SLURM:
+    tests/test_cluster.py; the trackers after kills and resumes: tests/test_trackers.py.)"""
     tmp, config, straight = resume_setup
     command = [sys.executable, "-m", "smptrain.train", "--config", str(config), "--set", "log.run_name=requeued",
-               "--resume", "auto", "--set", 'log.trackers=["tensorboard", "mlflow"]']
+               "--resume", "auto"]
     run_dir = tmp / "artifacts" / "requeued"
     process = subprocess.Popen(command, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: logged_steps(run_dir) >= 11, what="step 11")
@@ -162,28 +162,9 @@ def test_a_requeued_command_continues_its_run_exactly(resume_setup):
     changed = run(["python", *command[1:], "--set", "train.lr=0.5"])
     assert changed.returncode == 2 and "train.lr = 0.001" in changed.stderr and "0.5" in changed.stderr
     again = run(["python", *command[1:]], check=True)
-    assert "resuming requeued at epoch" in again.stdout + again.stderr
+    assert "resuming requeued at step" in again.stdout + again.stderr
     assert_same_weights(straight, run_dir)
     assert val_records(straight) == val_records(run_dir)
-    assert_trackers_continued(run_dir)
-
-
-def assert_trackers_continued(run_dir: Path):
-    """One run in each, holding what metrics.jsonl holds. TensorBoard drops what came after the checkpoint
-    (purge_step), as metrics.jsonl does; MLflow cannot drop metrics, so steps redone after a kill between checkpoints
-    appear twice there, with the same values (resume is exact), timings aside."""
-    import numpy as np
-    from test_trackers import jsonl_series, mlflow_run, mlflow_series, tensorboard_series
-
-    from smptrain.training.tracking import mlflow_key
-
-    expected = jsonl_series(run_dir)
-    board = tensorboard_series(run_dir)
-    assert board == {key: [(step, float(np.float32(v))) for step, v in values] for key, values in expected.items()}
-    client, mlflow = mlflow_run(run_dir)
-    renamed = {key: values for key, values in jsonl_series(run_dir, mlflow_key).items() if not key.startswith("perf/")}
-    logged = mlflow_series(client, mlflow, renamed)
-    assert {key: set(values) for key, values in logged.items()} == {key: set(v) for key, v in renamed.items()}
 
 
 def test_sigkill_during_checkpoint_write_loses_nothing(resume_setup):

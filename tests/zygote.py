@@ -23,6 +23,7 @@ import pkgutil, importlib, smptrain.commands, smptrain.train  # every command, a
 for module in pkgutil.iter_modules(smptrain.commands.__path__):
     importlib.import_module("smptrain.commands." + module.name)
 import smptrain.evaluation.assess, smptrain.export.convert, smptrain.search.cv, smptrain.search.tune
+import mlflow, torch.utils.tensorboard  # the trackers most runs of the tests log to, imported once too
 del sys.modules["wandb"]  # ... to exit would remove for all: each child imports wandb itself when it logs to it
 requests = sys.stdin
 reply = os.fdopen(os.dup(1), "w", buffering=1)

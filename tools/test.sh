@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/cluster-packages.sh  # SLURM and PostgreSQL for tests/test_cluster.py, where root may install them
 .venv/bin/ruff check smptrain tests tools
 export WANDB_MODE=offline WANDB_SILENT=true
 exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder "$@"  # tests/conftest.py orders the files

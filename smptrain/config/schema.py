@@ -16,6 +16,7 @@ from smptrain.core.choices import (
     LOSSES,
     MEMORY_DEVICES,
     PRECISION_CHOICES,
+    PROGRESS_MODES,
     READERS,
     RECIPES,
     SCHEDULES,
@@ -109,6 +110,7 @@ class LogConfig:
     artifact_dir: str = "artifacts"  # runs are written to {artifact_dir}/{run_name}
     run_name: str = setting("", rule=(lambda v: "/" not in v and v not in (".", ".."), "a plain directory name"))  # empty = a readable generated name
     log_every_n_steps: int = setting(10, at_least=1)  # optimizer steps between train/loss records
+    progress: str = setting("auto", one_of=PROGRESS_MODES)  # auto (a bar in a terminal, plain lines in a log file) | bar | lines | off; SMPTRAIN_PROGRESS wins
     preview_every_n_val: int = setting(5, at_least=0)  # write a preview grid every n-th validation; 0 = never
     wandb_project: str = ""  # log to this Weights & Biases project; empty = no wandb (WANDB_MODE is honoured)
     wandb_entity: str = ""  # wandb entity (team or user); empty = your default entity

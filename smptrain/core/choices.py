@@ -18,3 +18,4 @@ PRECISIONS = ("no", "bf16", "fp16")  # Accelerate's mixed precision names (smptr
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # train.mixed_precision
 TRACKERS = ("wandb", "tensorboard", "mlflow")  # log.trackers (smptrain.training.tracking)
 TTA_CHOICES = ("none", "flips", "d4")  # --tta of smptrain-test and smptrain-predict (smptrain.evaluation.tta)
+PROGRESS_MODES = ("auto", "bar", "lines", "off")  # log.progress (smptrain.core.progress)

@@ -80,7 +80,7 @@ def open_dataset(root: str | Path, band_normalisation: dict | None = None) -> Da
     for name in (DESCRIPTION, ARRAYS, METADATA):
         if not (root / name).exists():
             raise UserError(f"dataset directory {root} has no {name}; a DARTS dataset holds {DESCRIPTION}, {ARRAYS} and {METADATA}")
-    darts = _read_darts_config(root / DESCRIPTION)
+    darts = read_description(root / DESCRIPTION)
     x, y = open_arrays(root)
     if x.ndim != 4 or y.ndim != 3:
         raise UserError(f"{root / ARRAYS}: x must be [N, C, P, P] and y [N, P, P], got shapes {x.shape} and {y.shape}")
@@ -115,7 +115,8 @@ def open_arrays(root: Path):
         raise UserError(f"{root / ARRAYS} is not a readable zarr group: {error}") from None
 
 
-def _read_darts_config(path: Path) -> dict:
+def read_description(path: Path) -> dict:
+    """The `[darts]` table of a dataset's config.toml, checked."""
     try:
         raw = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:

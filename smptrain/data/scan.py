@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from smptrain.core.errors import UserError
+from smptrain.core.progress import progress
 from smptrain.core.labels import IGNORE, POSITIVE
 from smptrain.data.darts import ARRAYS, METADATA
 from smptrain.data.dataset import listed, open_reader
@@ -27,15 +28,13 @@ def scan_values(info, block: int = 64) -> dict:
     ({band name: [zarr rows]})."""
     import sys
 
-    from tqdm.auto import tqdm
-
     reader = open_reader(info)
     rows = np.sort(info.metadata.index.to_numpy())
     found = {"bad_labels": [], "non_finite": [], "out_of_range": [], "zero_bands": {}}
     bad_values: set[int] = set()
     has_positive: dict[int, bool] = {}
     sys.stdout.flush()  # what was printed before comes before the bar, and the bar is gone before what follows
-    with tqdm(total=len(rows), desc="scanning values", unit="patch", leave=False) as bar:
+    with progress(len(rows), "scanning values", unit="patch") as bar:
         for start in range(0, len(rows), block):
             part = rows[start:start + block]
             xb, yb = reader.read(part, None)

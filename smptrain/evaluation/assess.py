@@ -22,6 +22,7 @@ import torch
 from smptrain.cli import read_options
 from smptrain.config import to_dict
 from smptrain.core.errors import UserError
+from smptrain.core.progress import configure as configure_progress
 from smptrain.core.runtime import choose_precision, start_accelerator
 from smptrain.core.storage import write_text
 from smptrain.data.darts import open_dataset
@@ -121,6 +122,7 @@ def open_checkpoint(run_dir: Path, checkpoint: str, config_path, overrides, prec
     if not run_dir.is_dir() or not checkpoints_dir(run_dir).is_dir():
         run_dir = run_of(checkpoint_dir)
     cfg = read_options(config_path, overrides, False, base=meta["config"], base_source=f"{checkpoint_dir}/meta.json").config
+    configure_progress(cfg.log.progress)
     if cfg.data.dir == meta["config"]["data"].get("dir"):
         cfg = find_data(run_dir, cfg)  # moved together with the run: found next to it
     info = open_dataset(cfg.data.dir, cfg.data.band_normalisation)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from smptrain.core.progress import progress
 from smptrain.core.runtime import to_device
 from smptrain.data.dataset import PatchDataset
 from smptrain.evaluation import calibration as C
@@ -119,7 +119,8 @@ def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix
                       extras.calibrate) if tta != "none" else None
     loss = torch.zeros(num_samples, 2, dtype=torch.float64, device=device)
     with torch.inference_mode():
-        for x, y, positions in tqdm(loader, desc=prefix, leave=False, disable=not accelerator.is_local_main_process):
+        bar = progress(len(loader), prefix, unit="batch", show=accelerator.is_local_main_process)
+        for x, y, positions in loader:
             logits = segmentation_logits(net, x)
             values, has_valid = loss_fn.per_sample(logits, y)
             probs = probabilities(logits)
@@ -128,6 +129,8 @@ def evaluate(model, loader, accelerator, num_samples: int, loss_fn: Loss, prefix
             if averaged is not None:
                 averaged.add(TTA.averaged(lambda batch: probabilities(segmentation_logits(net, batch)), x, tta, probs),
                              y, positions)
+            bar.update(1)
+        bar.close()
     # a fixed sequence of collectives, called by every rank
     loss = accelerator.reduce(loss, "sum").cpu().numpy()
     net.train(was_training)

@@ -18,21 +18,74 @@ from smptrain.search.slots import gone_from_this_host
 
 def open_study(name: str, storage: str | None, study_dir: Path):
     """The study, created by whichever worker comes first. `storage`: None (a journal file in the study directory),
-    a file path (a journal file, e.g. on a shared filesystem) or an Optuna RDB URL."""
+    a file path (a journal file, e.g. on a shared filesystem) or an Optuna RDB URL (`postgresql://user@host/db`
+    needs the `postgres` extra: psycopg)."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study_dir.mkdir(parents=True, exist_ok=True)
+    given = storage
     try:
         if storage is None or "://" not in storage:
             journal = Path(storage) if storage else study_dir / "study.journal"
             journal.parent.mkdir(parents=True, exist_ok=True)
             storage = JournalStorage(JournalFileBackend(str(journal)))
+        else:
+            storage = rdb_storage(storage)
         return optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    except Exception as error:  # a URL Optuna cannot open (driver missing, server down), an unwritable path
-        raise UserError(f"--storage {storage!r} cannot be opened: {str(error).splitlines()[0][:200]}") from None
+    except Exception as error:  # a driver missing, a URL Optuna cannot open (server down, no such database), a path
+        module = missing_module(error)
+        if module is not None:
+            raise UserError(missing_driver(given, module)) from None
+        raise UserError(f"--storage {given!r} cannot be opened: {str(error).splitlines()[0][:200]}") from None
+
+
+def missing_module(error: BaseException | None) -> str | None:
+    """The module a failed import behind `error` lacked (Optuna wraps SQLAlchemy's in an ImportError of its own)."""
+    while error is not None:
+        if isinstance(error, ModuleNotFoundError) and error.name:
+            return error.name
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def rdb_storage(url: str, attempts: int = 8):
+    """Optuna's RDBStorage of `url`. Workers started at once on an empty database all create Optuna's tables: on
+    PostgreSQL one of them wins and the others fail on a duplicate key of the catalogue (2 of 3 fresh databases lost
+    a worker so). The losers try again, and find the tables made."""
+    import random
+
+    from optuna.storages import RDBStorage
+
+    for attempt in range(attempts):
+        try:
+            return RDBStorage(url)
+        except Exception as error:
+            if attempt == attempts - 1 or not is_creation_race(error):
+                raise
+            time.sleep(0.2 + random.random() * 0.5 * (attempt + 1))
+
+
+def is_creation_race(error: BaseException) -> bool:
+    """Whether `error` is another worker creating the same tables, types or rows at the same moment."""
+    while error is not None:
+        text = str(error).lower()
+        if any(words in text for words in ("duplicate key", "already exists", "uniqueviolation", "unique constraint")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def missing_driver(url: str, module: str | None) -> str:
+    """The one sentence for a storage URL whose database driver is not installed."""
+    if module in ("psycopg", "psycopg2"):
+        fix = ("pip install 'smptrain[postgres]' (psycopg 3, which postgresql:// URLs use with SQLAlchemy 2.1; "
+               "postgresql+psycopg2:// URLs need psycopg2-binary instead)")
+    else:
+        fix = f"install the Python package that provides {module!r}"
+    return f"--storage {url!r} needs the database driver {module!r}, which is not installed: {fix}"
 
 
 def is_stale(trial, grace: float) -> bool:

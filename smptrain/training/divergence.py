@@ -76,11 +76,11 @@ def diverged(first_step: int, run_dir: Path, epoch: int, what: str) -> TrainingS
     last = checkpoint_link(run_dir, LAST)
     if not has_checkpoint(run_dir):
         return TrainingStopped(
-            f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then "
+            f"training stopped at step {first_step} (epoch {epoch + 1}): {what} the weights were not updated from then "
             f"on. No checkpoint was written yet, so {run_dir} is removed; lower train.lr (or set "
             f"train.grad_clip_norm) or fix the data, then run the same command again")
     return TrainingStopped(
-        f"training stopped at step {first_step} (epoch {epoch}): {what} the weights were not updated from then on. "
+        f"training stopped at step {first_step} (epoch {epoch + 1}): {what} the weights were not updated from then on. "
         f"The last good checkpoint is {last} (step {read_meta(last)['step']}); lower train.lr (or set "
         f"train.grad_clip_norm) or fix the data, then resume with --resume {run_dir}"
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from smptrain.config import Loaded
 from smptrain.core.errors import UserError
+from smptrain.core.progress import configure as configure_progress
 from smptrain.core.storage import write_text
 from smptrain.data.darts import ARRAYS, METADATA, open_dataset
 from smptrain.data.scan import MISSING_CHUNKS, mismatch_sentence, scan_values
@@ -29,6 +30,7 @@ def inspect(loaded: Loaded, *, json_out: str | Path | None = None, say=print) ->
     split manifest to `json_out` if given; return the splits. Raises the sentence training would end with, after the
     report, when training would refuse the data or the configuration."""
     cfg = loaded.config
+    configure_progress(cfg.log.progress)
     if loaded.darts.lines:
         say(f"DARTS configuration [darts] in {loaded.source}, read as:")
         for key, value, target in loaded.darts.lines:

@@ -66,6 +66,25 @@ def one_process(args) -> None:
         raise subprocess.CalledProcessError(process.returncode, cmd)
 
 
+def said_by_default(args) -> None:
+    """Without an accelerate config file, the values `accelerate launch` would take by default (and then list in a
+    six-line warning at every start): one machine, the GPUs there are (else one process), no launcher precision
+    (train.mixed_precision decides), no dynamo. A config file, or a value given, is left to Accelerate."""
+    import torch
+    from accelerate.commands.config import default_config_file
+
+    if Path(args.config_file or default_config_file).is_file():
+        return
+    if args.num_processes is None:
+        args.num_processes = max(torch.cuda.device_count(), 1)
+    if args.num_machines is None:
+        args.num_machines = 1
+    if args.mixed_precision is None:
+        args.mixed_precision = "no"
+    if args.dynamo_backend is None:
+        args.dynamo_backend = "no"
+
+
 def launch(argv: list[str] | None = None) -> int:
     """Run `accelerate launch` with `argv` (its own arguments, then the training module's), with the orderly stop
     described above; returns the training processes' exit status (130 when a signal stopped them)."""
@@ -75,6 +94,7 @@ def launch(argv: list[str] | None = None) -> int:
     parser = launch_command_parser()
     parser.prog = "smptrain-launch"
     args = parser.parse_args(argv)
+    said_by_default(args)
     # torch elastic's agent (several processes) would catch these itself, forward them and kill the workers after
     # 30 s; left to us, the workers stop in their own time and the agent sees them exit.
     # (torch.distributed.run's --signals-to-handle, read from PET_SIGNALS_TO_HANDLE when accelerate builds its args)

@@ -290,7 +290,10 @@ def restore(accelerator, opening: Opening, owners: dict) -> None:
     except Exception as error:  # weights-only loading refuses pickled objects; a damaged file lands here too
         raise UserError(f"{state_dir} cannot be loaded safely (weights-only): {str(error).splitlines()[0][:200]}") from None
     restore_rank_buffers(accelerator, owners, state_dir)
-    accelerator.print(f"resuming {opening.run_name} at epoch {opening.state.epoch}, step {opening.state.step}")
+    state, epochs = opening.state, opening.cfg.train.max_epochs
+    where = (f"the validation of epoch {state.epoch}/{epochs} first" if state.validation_owed
+             else f"in epoch {state.epoch + 1}/{epochs}")
+    accelerator.print(f"resuming {opening.run_name} at step {state.step}, {where}")
 
 
 def pick_previews(info, val_rows: list[int], positives: int = 4, negatives: int = 2) -> list[int]:

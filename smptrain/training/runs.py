@@ -265,7 +265,8 @@ def require_same_data(run_dir: Path, info) -> None:
 
 # Keys a resumed run may change with --set; anything else would make the continuation a different experiment.
 RESUMABLE = {"data.dir", "train.max_epochs", "train.early_stopping_patience", "train.val_every_n_epochs", "data.num_workers",
-             "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val"}
+             "data.in_memory", "data.memory_device", "data.reader", "log.log_every_n_steps", "log.preview_every_n_val",
+             "log.progress"}
 
 
 def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
