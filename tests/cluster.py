@@ -130,28 +130,6 @@ class Slurm:
                 found[int(fields["ArrayTaskId"])] = fields
         return found
 
-    def start_probe(self) -> None:
-        """slurmctld checks time limits and sends `--signal` warnings on a 30 s cadence of its own. A job whose
-        warning is due at once tells when the checks happen (`next_check`); started in the background, it is read
-        when a test needs it."""
-        script = self.root / "probe.sh"
-        script.write_text("#!/bin/bash\n#SBATCH --time=1 --signal=TERM@59 --cpus-per-task=1\n"
-                          "srun python3 -c \"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: "
-                          "(print(time.time(), flush=True), sys.exit(0))); time.sleep(70)\"\n")
-        self.probe = self.sbatch(script, "-o", str(self.root / "probe.out"), cwd=self.root)
-
-    def next_check(self) -> float:
-        """The wall-clock time of slurmctld's next time-limit check (from the probe's warning)."""
-        out = self.root / "probe.out"
-
-        def warned() -> float | None:  # the line the probe printed (slurmstepd prints a banner beside it)
-            lines = out.read_text().split() if out.is_file() else []
-            return next((float(word) for word in lines if re.fullmatch(r"\d+\.\d+", word)), None)
-
-        self._wait(lambda: warned() is not None, "the probe's warning", 90)
-        check = warned()
-        return check + 30 * (int((time.time() - check) // 30) + 1)
-
     def wait(self, predicate, what: str, timeout: float = 300) -> None:
         self._wait(predicate, what, timeout)
 
