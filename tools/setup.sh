@@ -6,6 +6,6 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,onnx,trackers,docs,postgres]' 2>&1 | grep -v "is ignored: it is neither" || true
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev,onnx,trackers,docs,postgres,imagery]' 2>&1 | grep -v "is ignored: it is neither" || true
 .venv/bin/python -c "import smptrain, segmentation_models_pytorch, accelerate, zarr" \
   || { echo "setup failed: smptrain does not import" >&2; exit 1; }

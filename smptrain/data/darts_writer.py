@@ -39,6 +39,7 @@ class DatasetBuilder:
         self.tmp = self.root.with_name(f".{self.root.name}.building")
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.rows: list[dict] = []
+        self.files: dict[str, str] = {}  # more text files the dataset holds (an imported held-out list)
         bands, patch = list(description["bands"]), int(description["patch_size"])
         with writing(self.tmp, cleanup=self.abandon):
             if append:
@@ -85,6 +86,8 @@ class DatasetBuilder:
             frame = pd.DataFrame(self.rows, index=pd.RangeIndex(len(self.rows)))
             write_geoparquet(frame, self.tmp / METADATA, self.crs)
             (self.tmp / DESCRIPTION).write_text(darts_table(self.description))
+            for name, text in self.files.items():
+                (self.tmp / name).write_text(text)
             replaced = self.root.with_name(f".{self.root.name}.replaced")
             shutil.rmtree(replaced, ignore_errors=True)
             if self.root.exists():
@@ -109,6 +112,9 @@ class DatasetBuilder:
                 raise UserError(f"{self.root / DESCRIPTION} has {key} = {existing.get(key)!r}, but these images give "
                                 f"{ours!r}; appending needs the same, or import into another directory")
         link_tree(self.root / ARRAYS, self.tmp / ARRAYS)
+        for other in self.root.iterdir():  # what else the dataset holds comes along (a held-out list)
+            if other.is_file() and other.name not in (METADATA, DESCRIPTION):
+                shutil.copy2(other, self.tmp / other.name)
         frame = pd.read_parquet(self.root / METADATA)
         crs = geo_crs(self.root / METADATA)
         if crs != self.crs:

@@ -13,6 +13,7 @@ Usage: `smptrain-demo-data DIR [--patches N] [--patch-size P] [--seed S]`.
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -123,4 +124,53 @@ def make_demo(out: str | Path, patches: int = 192, patch_size: int = 64, seed: i
     (tmp / "config.toml").write_text("\n".join(lines))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    return out
+
+
+def make_imagery(out: str | Path, scenes: int = 8, seed: int = 0) -> Path:
+    """Imagery as a researcher holds it, for `smptrain-import`: GeoTIFF scenes of mixed sizes in
+    `scenes/REGION/scene_NN.tif` (blue, green, red and nir as float32 surface reflectance, the band names in the
+    file, UTM zone 8N at 3 m, a no-data strip along an edge of some), the slumps' outlines in `outlines.gpkg` (WGS 84, as outlines are
+    often kept), the same as hand-drawn masks `masks/scene_NN.png` (0 and 255), and `heldout.txt` naming the scenes
+    of the last region. Needs the imagery extra."""
+    import pyogrio
+    import rasterio
+    import shapely
+    from rasterio.features import shapes
+    from rasterio.transform import from_origin
+    from rasterio.warp import transform_geom
+
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    outlines, heldout = [], []
+    for index in range(scenes):
+        region = index * len(REGIONS) // scenes
+        height, width = (int(v) for v in rng.integers(100, 180, 2))
+        x, y, _ = make_patch(rng, max(height, width), region)
+        x, y = x[:4, :height, :width], y[:height, :width]
+        raw = (x * 0.6 - 0.1).astype(np.float32)  # reflectance in DARTS' valid range of these bands, [-0.1, 0.5]
+        if index % 3 == 1:
+            raw[:, :, :6] = -9999  # no data along the west edge
+        transform = from_origin(500_000 + 10_000 * index, 7_600_000, 3.0, 3.0)
+        folder = out / "scenes" / REGIONS[region].split()[0].lower()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"scene_{index:02d}"
+        with rasterio.open(folder / f"{name}.tif", "w", driver="GTiff", width=width, height=height, count=4,
+                           dtype="float32", crs="EPSG:32608", transform=transform, nodata=-9999) as scene:
+            scene.write(raw)
+            scene.descriptions = BANDS[:4]
+        positive = (y == POSITIVE).astype(np.uint8)
+        with warnings.catch_warnings():  # a PNG has no georeference, as hand-drawn masks have none
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(out / "masks" / f"{name}.png", "w", driver="PNG", width=width, height=height, count=1,
+                               dtype="uint8") as mask:
+                mask.write(positive * 255, 1)
+        for geometry, _ in shapes(positive, mask=positive > 0, transform=transform):
+            outlines.append(shapely.geometry.shape(transform_geom("EPSG:32608", "EPSG:4326", geometry)))
+        if region == len(REGIONS) - 1:
+            heldout.append(name)
+    pyogrio.raw.write(str(out / "outlines.gpkg"), np.array([shapely.to_wkb(g) for g in outlines], dtype=object), [],
+                      fields=[], driver="GPKG", geometry_type="Polygon", crs="EPSG:4326")
+    (out / "heldout.txt").write_text("".join(f"{name}\n" for name in heldout))
     return out

@@ -18,6 +18,7 @@ Every impossible request (unknown region or sample id, fraction outside (0, 1), 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -28,9 +29,30 @@ RANDOM_SPLIT_SEED = 42  # the user's guide: "the seed is always 42"
 FOLD_SEED = 42  # DARTS' random_state for the shuffled fold generators
 
 
-def split_test(metadata: pd.DataFrame, method: str, by) -> tuple[pd.Index, pd.Index]:
-    """Return (train+val index labels, test index labels) for a test-split method."""
-    by = list(by or ())
+def listed(by, root=None) -> list:
+    """`data.split_by` with every `@FILE` entry replaced by the values the file lists, one per line (`#` starts a
+    comment): a held-out set a dataset already has (`smptrain-import --heldout` writes `heldout.txt`) without listing
+    every id in the configuration. A relative FILE is read from the dataset directory."""
+    values = []
+    for entry in list(by or ()):
+        if not (isinstance(entry, str) and entry.startswith("@")):
+            values.append(entry)
+            continue
+        path = Path(entry[1:])
+        path = path if path.is_absolute() or root is None else Path(root) / path
+        try:
+            text = path.read_text()
+        except OSError as error:
+            raise UserError(f"data.split_by lists {entry!r}, but {path} cannot be read: {error.strerror or error}") from None
+        found = [line.split("#")[0].strip() for line in text.splitlines()]
+        values.extend(value for value in found if value)
+    return values
+
+
+def split_test(metadata: pd.DataFrame, method: str, by, root=None) -> tuple[pd.Index, pd.Index]:
+    """Return (train+val index labels, test index labels) for a test-split method (`root`: the dataset directory,
+    where `@FILE` entries of `by` are read)."""
+    by = listed(by, root)
     if method == "none":
         return metadata.index, metadata.index
     if method == "random":
@@ -105,7 +127,7 @@ def split_fold(metadata: pd.DataFrame, method: str, total_folds: int, fold: int,
 
 def make_splits(metadata: pd.DataFrame, data_cfg, seed: int) -> dict[str, list[int]]:
     """The split manifest {"train", "val", "test"}: sorted zarr row numbers."""
-    trainval, test = split_test(metadata, data_cfg.split_method, data_cfg.split_by)
+    trainval, test = split_test(metadata, data_cfg.split_method, data_cfg.split_by, data_cfg.dir)
     train, val = split_fold(metadata.loc[trainval], data_cfg.fold_method, data_cfg.total_folds, data_cfg.fold, seed)
     subsample = getattr(data_cfg, "subsample", 0)
     if subsample:

@@ -24,6 +24,7 @@ import torch
 
 from smptrain.core.errors import UserError
 from smptrain.core.storage import replacing
+from smptrain.data.grid import patch_origins
 from smptrain.evaluation.tta import averaged
 from smptrain.model.network import described_model
 
@@ -53,12 +54,6 @@ def normalise(raw: np.ndarray | torch.Tensor, bands: dict) -> torch.Tensor:
     if x.shape[-3] != len(factors):
         raise UserError(f"the tile has {x.shape[-3]} bands but the model expects {len(factors)}: {bands['bands']}")
     return (x * factors + offsets).clamp(0, 1)
-
-
-def patch_origins(size: int, patch_size: int, overlap: int) -> list[int]:
-    """Top-left coordinates along one axis; the last patch is moved inward so it ends at the border."""
-    step = patch_size - overlap
-    return [min(start, size - patch_size) for start in range(0, size - overlap, step)]
 
 
 def soft_margin(patch_size: int, overlap: int) -> torch.Tensor:
@@ -163,13 +158,7 @@ def predict_file(model_path: str | Path, tile: str | Path, out: str | Path, *, o
     above `threshold`. By default what the DARTS pipeline computes from the file: no TTA, threshold 0.5; `stored`
     takes the TTA and threshold smptrain-convert stored in it. The patch size defaults to the training one, capped
     to the tile."""
-    device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
-    model, config = onnx_model(model_path) if onnx else load_converted(model_path, device)
-    extra = (config.get("smptrain") or {}) if stored else {}
-    tta = tta or extra.get("tta") or "none"
-    threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
-    if not 0 < threshold < 1:
-        raise UserError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
+    model, config, device, tta, threshold = open_model(model_path, onnx, tta, threshold, stored)
     try:
         raw = np.load(tile, allow_pickle=False)
     except (OSError, ValueError) as error:
@@ -188,6 +177,19 @@ def predict_file(model_path: str | Path, tile: str | Path, out: str | Path, *, o
             np.save(handle, values)
     return Predicted(Path(out), tuple(values.shape), binarize, threshold, tta, patch_size,
                      float((probs > threshold).float().mean()))
+
+
+def open_model(model_path, onnx: bool, tta: str | None, threshold: float | None, stored: bool):
+    """(model, config, device, TTA, threshold) of a converted file (or an ONNX file): by default what the DARTS
+    pipeline computes (no TTA, 0.5); `stored`: the TTA and threshold smptrain-convert stored in the file."""
+    device = "cuda" if torch.cuda.is_available() and not onnx else "cpu"
+    model, config = onnx_model(model_path) if onnx else load_converted(model_path, device)
+    extra = (config.get("smptrain") or {}) if stored else {}
+    tta = tta or extra.get("tta") or "none"
+    threshold = threshold if threshold is not None else float(extra.get("threshold") or 0.5)
+    if not 0 < threshold < 1:
+        raise UserError(f"--threshold must be between 0 and 1 (exclusive), got {threshold}")
+    return model, config, device, tta, threshold
 
 
 def onnx_model(path):
