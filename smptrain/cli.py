@@ -19,13 +19,28 @@ from smptrain.core.storage import REASONS, free_space, human
 def config_options(command):
     """Add --config, --set and --debug to a click command."""
     command = click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")(command)
-    command = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+    command = click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", callback=_overrides,
                            help="Override one config value, e.g. --set train.lr=3e-4 or DARTS' --set learning-rate=3e-4 "
                                 "(repeatable).")(command)
     command = click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
                            help="TOML config file: smptrain's sections (see configs/base.toml) and/or a DARTS "
                                 "[darts] table.")(command)
     return command
+
+
+def _overrides(ctx, param, values):
+    """`--set train.lr 1e-3` (a space for the =) would reach click as a stray argument and end in its usage text:
+    said here instead, in the project's one line, with what was meant."""
+    for item in values:
+        if "=" not in item:
+            argv = sys.argv[1:]
+            at = next((i for i in range(len(argv) - 1) if argv[i] == "--set" and argv[i + 1] == item), None)
+            value = argv[at + 2] if at is not None and at + 2 < len(argv) and not argv[at + 2].startswith("-") else None
+            meant = f"--set {item}={value}" if value is not None else f"--set {item}=VALUE"
+            print(f"error: --set {item!r} must look like section.key=value: write {meant} (no space around the =)",
+                  file=sys.stderr, flush=True)
+            leave(2)
+    return values
 
 
 def read_options(config_path, overrides, debug: bool, base: dict | None = None, base_source: str = "") -> Loaded:

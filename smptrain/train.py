@@ -20,7 +20,6 @@ if __name__ == "__main__":  # `python -m smptrain.train`: a signal while torch a
 
 import math  # noqa: E402 (the signals first)
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
@@ -30,7 +29,6 @@ from smptrain.config import Config  # noqa: E402
 from smptrain.core.failpoints import failpoint  # noqa: E402
 from smptrain.core.progress import configure as configure_progress  # noqa: E402
 from smptrain.core.progress import progress  # noqa: E402
-from smptrain.core.processes import is_main_process  # noqa: E402
 from smptrain.core.runtime import end_processes  # noqa: E402
 from smptrain.core.storage import WriteFailed  # noqa: E402
 from smptrain.data.augment import augment, augment_generator  # noqa: E402
@@ -38,29 +36,18 @@ from smptrain.evaluation import plots  # noqa: E402
 from smptrain.evaluation.breakdown import validation_regions  # noqa: E402
 from smptrain.evaluation.evaluate import evaluate, sample_figure, write_curves  # noqa: E402
 from smptrain.model.network import segmentation_logits  # noqa: E402
-from smptrain.training.checkpoint import MONITOR, checkpoint_name, raise_pending  # noqa: E402
+from smptrain.training.checkpoint import MONITOR, checkpoint_name  # noqa: E402
 from smptrain.training.collectives import average_buffers, keep_window, reduce_window, stop_agreed  # noqa: E402
 from smptrain.training.divergence import TrainingStopped, Window, diverged, gradient_norm  # noqa: E402
-from smptrain.training.layout import BEST, CURVES_PLOT, LAST, PREVIEWS, SCHEDULE_PLOT, checkpoint_link, checkpoints_dir  # noqa: E402
-from smptrain.training.prepare import Run, finish_trackers_left_open, set_up  # noqa: E402
-from smptrain.training.runs import Opening, begin, requested, tidy  # noqa: E402
+from smptrain.training.layout import CURVES_PLOT, PREVIEWS, SCHEDULE_PLOT  # noqa: E402
+from smptrain.training.ending import (RunResult, already_finished, discard_if_nothing_saved, end,  # noqa: E402
+                                      stop_interrupted, summarise)
+from smptrain.training.prepare import Run, set_up  # noqa: E402
+from smptrain.training.runs import begin, requested  # noqa: E402
 from smptrain.training.schedule import describe as describe_schedule  # noqa: E402
-from smptrain.training.schedule import learning_rate, planned, warmup_of  # noqa: E402
+from smptrain.training.schedule import changed_on_resume, learning_rate, planned, warmup_of  # noqa: E402
 
 MAX_SKIPPED_FP16_STEPS = 25  # consecutive fp16 overflow skips before we call the loss diverged
-
-
-@dataclass
-class RunResult:
-    """How a run ended: what the CLI, cross-validation and tuning read."""
-
-    status: str  # finished | early-stopped | pruned | interrupted | diverged
-    run_dir: Path | None  # None when a new run was interrupted before its first step (nothing was kept)
-    best: dict = field(default_factory=dict)  # metrics of the best validation ({} before the first)
-    last: dict = field(default_factory=dict)  # metrics of the last validation
-    epochs: int = 0
-    steps: int = 0
-    message: str = ""  # why it stopped early
 
 
 def train(cfg: Config, resume: Path | None = None, on_validation: Callable[[int, dict], bool] | None = None,
@@ -224,11 +211,17 @@ def encoder(run: Run) -> torch.nn.Module:
 def write_schedule(run: Run) -> None:
     """The schedule said in one line, and (main process) `RUN_DIR/schedule.png`, the learning rate of every step the
     run takes (also on resume)."""
-    train, per_epoch = run.cfg.train, run.batches.steps_per_epoch
+    train, per_epoch, step = run.cfg.train, run.batches.steps_per_epoch, run.state.step
     run.accelerator.print(describe_schedule(train, per_epoch))
+    change = changed_on_resume(run.followed, train, step, per_epoch)
+    if change:
+        run.accelerator.print(change)
     if not run.accelerator.is_main_process:
         return
-    steps, rates = planned(train, per_epoch, points=4000)  # enough for the figure, quick for any run length
+    # enough points for the figure and quick for any run length; as followed, where a resume changed the schedule
+    run.followed = run.followed if change else None  # drawn as followed from here on, by curves.png too
+    run.resumed_at = step
+    steps, rates = planned(train, per_epoch, points=4000, before=run.followed, resumed_at=step)
     warmup = f", {warmup_of(train, per_epoch)} warmup steps" if warmup_of(train, per_epoch) else ""
     try:
         plots.learning_rate(steps, rates, per_epoch, run.run_dir / SCHEDULE_PLOT,
@@ -279,14 +272,17 @@ def validate_and_keep(run: Run, epoch: int) -> None:
     every = cfg.log.preview_every_n_val
     if accelerator.is_main_process:  # before the checkpoint: a kill between the two makes the resumed run validate,
         try:  # and draw, again
+            followed = planned(cfg.train, run.batches.steps_per_epoch, points=2000, until=state.step - 1,
+                               before=run.followed, resumed_at=run.resumed_at)
             plots.training_curves(run.recorder.records(), run.run_dir / CURVES_PLOT,
-                                  f"{run.keeper.describe['run_name']}: step {state.step}")
+                                  f"{run.keeper.describe['run_name']}: step {state.step}", schedule=followed)
             if every and (state.validations == 1 or state.validations % every == 0):
                 write_previews(run, evaluation)
         except WriteFailed as error:  # main process only: raised on every rank at the next checkpoint or the end
             run.recorder.failure = run.recorder.failure or error
     state.validation_owed = False
     run.keeper.save(run.model, epoch, metrics, name, run.recorder.failure)
+    summarise(run, "running")
     if state.early_stopped:
         accelerator.print(f"early stopping: {MONITOR} has not improved for {state.bad_validations} validation(s)"
                           if math.isfinite(value) else f"stopping: {MONITOR} is {value}")
@@ -304,65 +300,6 @@ def write_previews(run: Run, evaluation) -> None:
             f"{label}: validation preview", run.cfg.train.channels_last)
     for key, path in figures.items():
         run.recorder.image(f"val/{key}", path, run.state.step)
-
-
-def already_finished(opening: Opening) -> RunResult:
-    """A resumed run with nothing left to do (a requeued job whose run had finished): nothing is written, unless a
-    kill after the last checkpoint left something to tidy or trackers to close. Another dataset than the run's is
-    still refused, as it would be for a run with epochs left."""
-    from smptrain.data.darts import open_dataset
-
-    opening.require_data(open_dataset(opening.cfg.data.dir, opening.cfg.data.band_normalisation))
-    state = opening.state
-    if is_main_process():
-        tidy(opening)  # what a kill after its last checkpoint left; nothing, for a tidy run
-    finish_trackers_left_open(opening)
-    if is_main_process():
-        print(f"{opening.run_dir}: the run has already finished ({state.epoch} epoch(s), {state.step} step(s), "
-              f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}); nothing to do "
-              f"(raise train.max_epochs to train it further)", flush=True)
-    return RunResult("early-stopped" if state.early_stopped else "finished", opening.run_dir, opening.best,
-                     opening.last, state.epoch, state.step, "already finished")
-
-
-def stop_interrupted(run: Run, epoch: int, saved: bool = False) -> RunResult:
-    """Ctrl-C / SIGTERM: write `last` at the current step (mid-epoch if need be; `saved`: the validation just done
-    wrote it) and close the trackers."""
-    if not saved:
-        run.keeper.save_interrupted(run.model, epoch, run.recorder.failure)
-    run.recorder.finish()
-    return RunResult("interrupted", run.run_dir, run.best, run.last, run.state.epoch, run.state.step,
-                     f"stopped at step {run.state.step} (epoch {epoch + 1}/{run.cfg.train.max_epochs}); saved "
-                     f"{checkpoint_link(run.run_dir, LAST)}")
-
-
-def discard_if_nothing_saved(run: Run | None) -> None:
-    """Remove a new run's directory when it stopped before writing any checkpoint: it holds nothing to resume,
-    and leaving it would make the corrected re-run fail ("already exists") and --resume fail too."""
-    if run is None or run.stop.undo is None or checkpoint_link(run.run_dir, LAST).exists():
-        return
-    run.recorder.finish()
-    run.stop.undo()
-    run.stop.undo = None
-
-
-def end(run: Run | None, status: str, message: str = "") -> RunResult:
-    """Close the trackers and say how the run ended."""
-    if run is None:
-        raise TrainingStopped(message)
-    state = run.state
-    raise_pending(run.accelerator, run.recorder.failure)  # a figure or record the disk refused since the last save
-    if status != "diverged":
-        run.recorder.summary({"best/" + MONITOR: state.best, "steps": state.step, "epochs": state.epoch})
-    run.recorder.finish()
-    if status in ("finished", "early-stopped", "pruned"):
-        best = run.keeper.best_name
-        run.accelerator.print(
-            f"{'finished' if status != 'pruned' else message} after {state.epoch} epoch(s), {state.step} step(s); "
-            f"best {MONITOR} = {state.best if state.best is None else round(state.best, 4)}"
-            f"{f' ({best})' if best else ''}\ncheckpoints: {checkpoints_dir(run.run_dir)} ({LAST}, {BEST})\n"
-            f"run directory: {run.run_dir}")
-    return RunResult(status, run.run_dir, run.best, run.last, state.epoch, state.step, message)
 
 
 def train_from_options(config_path: str | None, overrides=(), resume: str | None = None, *, debug: bool = False,

@@ -54,6 +54,20 @@ def test_the_error_catalogue_and_the_api_are_generated(site):
         assert f'id="{name}"' in api, name
 
 
+def test_every_sentence_of_the_catalogue_reads_in_words(site):
+    """Troubleshooting's generated rows: every placeholder a word (a file name, the choices, or what it stands for in
+    capitals), none of them Python; beside each, what to do: its own advice, or where the fix for its kind is."""
+    page = (site / "troubleshooting" / "index.html").read_text()
+    placeholders = [html.unescape(re.sub(r"<[^>]+>", "", p)) for p in re.findall(r"<i>(.*?)</i>", page, re.S)]
+    assert len(placeholders) > 200
+    code = re.compile(r"[()\[\]'\"={}]|\bif\b|\.join|\bself\b|\bcfg\b")
+    assert [p for p in placeholders if code.search(p)] == []
+    assert "<i>DATASET/data.zarr</i>" in page
+    rows = re.findall(r"<tr>\s*<td>(.*?)</td>\s*<td>(.*?)</td>", page, re.S)
+    without = [sentence for sentence, fix in rows if fix.strip() in ("–", "")]
+    assert len(rows) > 200 and len(without) <= len(rows) // 50, without  # what to do, beside (nearly) every one
+
+
 def test_the_readme_is_the_front_door_and_links_only_to_pages_that_exist():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 200

@@ -128,9 +128,10 @@ def test_label_values_outside_0_1_2(base, tmp_path):
 
     root = variant(base, tmp_path, lambda r: rewrite_array(r, "y", seven))
     assert_clear_error(inspect(tiny_config(tmp_path, root)), "outside {0, 1, 2}", "zarr rows [2]")
-    assert_clear_error(train(tiny_config(tmp_path, root)), "outside {0, 1, 2}")
+    assert_clear_error(train(tiny_config(tmp_path, root)), "y holds the value(s) 7, outside {0 background, 1 positive, "
+                       "2 ignored}", "smptrain-inspect lists every such patch")
     streamed = tiny_config(tmp_path, root, name="streamed.toml", data={"in_memory": False, "num_workers": 1})
-    assert_clear_error(train(streamed), "outside {0, 1, 2}", "zarr rows")
+    assert_clear_error(train(streamed), "outside {0 background, 1 positive, 2 ignored}", "zarr rows 2")
     # the run met the bad patch before any checkpoint: nothing is left to block the corrected re-run
     assert not list((tmp_path / "artifacts").glob("*/config.toml"))
 

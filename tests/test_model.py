@@ -38,8 +38,10 @@ def test_model_returns_logits_and_checks_patch_size():
         build_model("Unet", "resnet18", 5, "weights/missing.safetensors")
     with pytest.raises(UserError, match=r"nor weights smp has for resnet18 \(imagenet, ssl, swsl\)"):
         build_model("Unet", "resnet18", 5, "imagenet21k")
-    with pytest.raises(UserError, match="cannot be built"):
+    with pytest.raises(UserError, match="'no-such-encoder' is not an encoder smp or timm knows"):
         build_model("Unet", "no-such-encoder", 5)
+    with pytest.raises(UserError, match="cannot be built"):
+        build_model("NoSuchArch", "resnet18", 5)
 
 
 def test_local_encoder_weights_are_loaded_and_adapted(tmp_path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: set up the environment, lint (ruff, configured in pyproject.toml), then run the whole suite on
-# CPU (332 tests: 8-9 minutes on 2 AVX-512 cores, alone, 2026-12-05; AVX2-only cores are slower: 268 tests
-# took about 26 minutes there before commands forked from a pre-imported interpreter).
+# CPU (379 tests: 11:19 on 2 AVX-512 cores, alone, 2026-12-07, about 4 minutes of one worker a real SLURM's waits;
+# AVX2-only cores are slower: 268 tests took about 26 minutes there before commands forked from a pre-imported
+# interpreter).
 # One pytest worker per core (pytest-xdist); a test file stays on one worker, so module fixtures are built once and
 # the multi-process tests (test_distributed.py) never run two launches at once.
 set -euo pipefail

@@ -31,6 +31,7 @@ class Loaded:
     darts: Reading = field(default_factory=Reading)
     source: str = "the defaults"
     from_recipe: tuple[str, ...] = ()  # the keys train.recipe filled in (section.key)
+    given: tuple[str, ...] = ()  # the keys the file, its [darts] table or --set gave (section.key, hyphens as _)
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = (), base: dict | None = None,
@@ -75,8 +76,9 @@ def read_config(path: str | Path | None, overrides: typing.Sequence[str] = (), b
         if not isinstance(raw[section], dict):
             raise UserError(f"[{section}] in {source} must be a table")
         raw[section][name] = value
+    given = tuple(f"{s}.{k.replace('-', '_')}" for s, values in raw.items() if isinstance(values, dict) for k in values)
     raw, from_recipe = with_recipe(raw, source)
-    return Loaded(from_dict(raw, source), darts, source, tuple(from_recipe))
+    return Loaded(from_dict(raw, source), darts, source, tuple(from_recipe), given)
 
 
 def _check_one(section: str, name: str, value, source: str) -> None:

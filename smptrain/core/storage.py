@@ -167,3 +167,9 @@ def write_text(path, text: str) -> None:
     """Write a whole text file through `replacing`."""
     with replacing(path) as tmp:
         tmp.write_text(text)
+
+
+def move(path, target) -> None:
+    """Put a whole file under another name (one rename; the folder made): a file kept aside, not rewritten."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    os.replace(path, target)

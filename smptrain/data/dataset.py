@@ -28,13 +28,21 @@ def check_values(x: np.ndarray, y: np.ndarray, rows, source: str) -> None:
     """Fail on labels outside {0, 1, 2} or non-finite inputs, naming the affected zarr rows."""
     bad_y = np.asarray(rows)[(y > IGNORE).reshape(len(y), -1).any(1)]
     if len(bad_y):
-        raise UserError(f"{source}: y holds values outside {{0, 1, 2}} in {len(bad_y)} patch(es), zarr rows {listed(bad_y)}")
+        raise UserError(label_sentence(source, np.unique(y[y > IGNORE]), bad_y))
     bad_x = np.asarray(rows)[~np.isfinite(x).reshape(len(x), -1).all(1)]
     if len(bad_x):
         raise UserError(
             f"{source}: x holds NaN or inf in {len(bad_x)} patch(es) of this batch, zarr rows {listed(bad_x)}; "
             f"DARTS data must be finite (run smptrain-inspect to count all affected patches)"
         )
+
+
+def label_sentence(source, values, rows) -> str:
+    """The sentence for labels outside {0, 1, 2}: the values found, where, and how to find every such patch."""
+    shown = ", ".join(str(int(v)) for v in list(values)[:5]) + (" ..." if len(values) > 5 else "")
+    return (f"{source}: y holds the value(s) {shown}, outside {{0 background, 1 positive, 2 ignored}}, in {len(rows)} "
+            f"patch(es), zarr rows {listed(rows)}; smptrain-inspect lists every such patch of the dataset "
+            f"(a mask of 0 and 255 needs 255 mapped to 1, as smptrain-import does)")
 
 
 def listed(rows) -> str:

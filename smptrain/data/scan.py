@@ -16,7 +16,7 @@ from smptrain.core.errors import UserError
 from smptrain.core.progress import progress
 from smptrain.core.labels import IGNORE, POSITIVE
 from smptrain.data.darts import ARRAYS, METADATA
-from smptrain.data.dataset import listed, open_reader
+from smptrain.data.dataset import label_sentence, listed, open_reader
 
 MISSING_CHUNKS = ("a chunk file missing from a copy of the dataset reads as zeros (zarr writes no chunk that holds "
                   f"only the fill value), so check that {ARRAYS} was copied whole")
@@ -79,15 +79,22 @@ def mismatch_sentence(found: dict[str, list[int]], source) -> str | None:
 
 
 def check_labels(info, rows, accept: bool, block: int = 256) -> dict[str, list[int]]:
-    """The start of training: the labels of `rows` against their `empty` flags (labels only are read). A
-    contradiction is a UserError unless `accept` (data.accept_empty_mismatch); returns what was found."""
+    """The start of training: the labels of `rows`, read alone, before the first step: values outside {0, 1, 2}
+    are a UserError naming them, and so (unless `accept`, data.accept_empty_mismatch) is a contradiction with their
+    `empty` flags; returns what was found."""
     reader = open_reader(info)
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    has_positive = {}
+    has_positive, bad_rows, bad_values = {}, [], set()
     for start in range(0, len(rows), block):
         part = rows[start:start + block]
-        has_positive.update(zip(part.tolist(), (reader.read_labels(part) == POSITIVE).reshape(len(part), -1).any(1)
-                                .tolist()))
+        labels = reader.read_labels(part).reshape(len(part), -1)
+        has_positive.update(zip(part.tolist(), (labels == POSITIVE).any(1).tolist()))
+        outside = (labels > IGNORE).any(1)
+        if outside.any():
+            bad_rows += part[outside].tolist()
+            bad_values.update(np.unique(labels[labels > IGNORE]).tolist())
+    if bad_rows:
+        raise UserError(label_sentence(info.root / ARRAYS, sorted(bad_values), bad_rows))
     found = mismatches(info, has_positive)
     text = mismatch_sentence(found, info.root / ARRAYS)
     if text and not accept:

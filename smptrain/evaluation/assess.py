@@ -12,6 +12,7 @@ at that threshold beside those at 0.5.
 
 from __future__ import annotations
 
+import datetime
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from smptrain.config import to_dict
 from smptrain.core.errors import UserError
 from smptrain.core.progress import configure as configure_progress
 from smptrain.core.runtime import choose_precision, start_accelerator
-from smptrain.core.storage import write_text
+from smptrain.core.storage import move, write_text
 from smptrain.data.darts import open_dataset
 from smptrain.data.dataset import PatchDataset
 from smptrain.data.feed import evaluation_feed
@@ -35,9 +36,11 @@ from smptrain.evaluation.breakdown import by_group, format_rows, write_csv
 from smptrain.evaluation.evaluate import Extras, best_and_worst, evaluate, format_table, sample_figure, write_curves
 from smptrain.model.losses import loss_from_config
 from smptrain.model.network import described_model
-from smptrain.training.layout import BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, run_of
+from smptrain.training.layout import (BEST, LAST, SPLITS, TEST, TEST_METRICS, THRESHOLD, WEIGHTS, checkpoints_dir, now,
+                                      run_of)
 from smptrain.training.loading import load_weights, read_meta, resolve
 from smptrain.training.runs import find_data, is_same_data
+from smptrain.training.summary import update_summary
 from smptrain.training.tracking import clean_number
 
 TEST_PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # what --precision accepts
@@ -108,7 +111,7 @@ def assess_checkpoint(run_dir: Path, checkpoint: str = BEST, *, tta: str = "none
 
     metrics = {**evaluation.metrics, **(evaluation.tta.metrics if evaluation.tta is not None else {})}
     if accelerator.is_main_process:
-        report(tested, dataset, evaluation, metrics, choice, json_out, figures_dir)
+        report(tested, dataset, evaluation, metrics, choice, json_out, figures_dir, tta)
     accelerator.wait_for_everyone()
     return metrics
 
@@ -186,7 +189,7 @@ def run_splits(run_dir: Path, cfg, meta: dict, info, names) -> tuple[dict, str]:
 
 
 def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | None, json_out: str | None,
-           figures_dir: str | None) -> None:
+           figures_dir: str | None, tta: str = "none") -> None:
     """Main process: the metrics file, tables per region and sample, figures, the terminal report, wandb."""
     run_dir = tested.run_dir
     out_json = Path(json_out) if json_out else run_dir / TEST / TEST_METRICS
@@ -204,7 +207,7 @@ def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | No
     result = {
         "checkpoint": str(tested.checkpoint_dir), "checkpoint_epoch": tested.meta.get("epoch"),
         "checkpoint_step": tested.meta.get("step"), "split": tested.split_source, "test_patches": len(dataset),
-        "precision": PRECISION_NAMES[tested.precision],
+        "precision": PRECISION_NAMES[tested.precision], "tta": tta, "tested": now(),
         "metrics": {k: clean_number(v) for k, v in metrics.items()},
         "threshold": {k: v for k, v in choice.items() if k not in ("histogram", "without_tta")} if choice else None,
         "reliability": {"pixels": calibration["pixels"].tolist(),
@@ -216,11 +219,32 @@ def report(tested: Tested, dataset, evaluation, metrics: dict, choice: dict | No
         threshold_file = run_dir / TEST / THRESHOLD
         write_text(threshold_file, json.dumps(choice, indent=2) + "\n")
         result["threshold"]["file"] = str(threshold_file)
+    kept = keep_earlier(out_json)
     write_text(out_json, json.dumps(result, indent=2) + "\n")
+    update_summary(run_dir, test={key: result[key] for key in ("checkpoint", "split", "precision", "tta", "tested")}
+                   | {"file": str(out_json), "metrics": {k: v for k, v in result["metrics"].items()
+                                                         if k.count("/") == 1}})
     print_report(tested, dataset, evaluation, metrics, choice, tables)
-    click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}")
+    click.echo(f"wrote {out_json}; figures and by_region.csv, by_sample_id.csv in {figures_dir}"
+               + (f"; the earlier results are kept as {kept}" if kept else ""))
     if (tracked := trackers_of_run(tested)) is not None:
         send_to_trackers(tested, tracked, metrics, figures, tables)
+
+
+def keep_earlier(path: Path) -> Path | None:
+    """A test's metrics file already there (another checkpoint, TTA or split, or the same again) is kept, not
+    replaced without a word: moved to `earlier/` beside it, named by when it was tested."""
+    if not path.is_file():
+        return None
+    try:
+        when = json.loads(path.read_text()).get("tested")
+    except ValueError:
+        when = None
+    stamp = (when or datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat(
+        timespec="seconds")).replace(":", "").replace("+0000", "Z")
+    kept = path.parent / "earlier" / f"{path.stem}-{stamp}{path.suffix}"
+    move(path, kept)
+    return kept
 
 
 def write_figures(tested: Tested, dataset, evaluation, figures_dir: Path, label: str) -> dict:

@@ -25,6 +25,7 @@ import click
 from smptrain.config import dotted_keys
 from smptrain.core.errors import UserError
 from smptrain.training.layout import CONFIG, IDENTITY, LAST, META, METRICS, TEST, TEST_METRICS, checkpoint_link
+from smptrain.training.summary import read_summary
 
 LOWER_IS_BETTER = ("loss", "HammingDistance", "ExpectedCalibrationError")
 NOT_COMPARED = ("log.run_name",)  # differs by construction
@@ -67,16 +68,18 @@ def read_run(run_dir: Path, metric: str) -> dict:
                 curve.append((int(record["step"]), float(record[metric])))
     lower = metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
     best = (min if lower else max)(curve, key=lambda point: point[1]) if curve else (None, math.nan)
+    summary = read_summary(run_dir)  # the latest test and the wall time of every session, where training kept one
     test_file = run_dir / TEST / TEST_METRICS
     try:
-        test = json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {}
+        test = (summary.get("test") or {}).get("metrics") or (
+            json.loads(test_file.read_text()).get("metrics", {}) if test_file.is_file() else {})
     except ValueError:
         raise UserError(f"{test_file} is not JSON; run smptrain-test {run_dir} again") from None
     test_key = "test/" + metric.split("/", 1)[-1]
     return {"run": identity.get("run_name", run_dir.name), "dir": run_dir, "config": config, "curve": curve,
             "best": best[1], "best_step": best[0], "last": curve[-1][1] if curve else math.nan,
             "test": test.get(test_key) if test.get(test_key) is not None else math.nan, "test_key": test_key,
-            "steps": steps, "seconds": wall_time(run_dir, identity)}
+            "steps": steps, "seconds": summary.get("wall_time_s") or wall_time(run_dir, identity)}
 
 
 def wall_time(run_dir: Path, identity: dict) -> float | int:

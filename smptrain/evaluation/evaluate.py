@@ -184,6 +184,12 @@ def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = 
     precision, recall = precision[drawn], recall[drawn]
     m = evaluation.metrics
     prefix_title = f"{prefix}: {label}" if label else prefix
+    operating = [(tp / max(tp + fn, 1), tp / max(tp + fp, 1), f"threshold 0.5: precision {tp / max(tp + fp, 1):.3f}, "
+                  f"recall {tp / max(tp + fn, 1):.3f}")]
+    chosen = f"{prefix}_at_threshold"
+    if f"{chosen}/Recall" in m and f"{chosen}/Precision" in m:  # smptrain-test --threshold: that one too
+        operating.append((m[f"{chosen}/Recall"], m[f"{chosen}/Precision"], f"the chosen threshold: precision "
+                          f"{m[f'{chosen}/Precision']:.3f}, recall {m[f'{chosen}/Recall']:.3f}"))
     return {
         "cmx": plots.confusion_matrix(tn, fp, fn, tp, out_dir / f"confusion_matrix{tag}.png",
                                       f"{prefix_title}\nconfusion matrix (normalised by label)"),
@@ -192,7 +198,7 @@ def write_curves(evaluation: Evaluation, out_dir: Path, prefix: str, tag: str = 
                            diagonal=True),
         "prc": plots.curve(recall, precision, out_dir / f"precision_recall{tag}.png",
                            f"{prefix_title}\nprecision-recall (20 thresholds)", ("recall", "precision"),
-                           ("AP", m[f"{prefix}/AveragePrecision"])),
+                           ("AP", m[f"{prefix}/AveragePrecision"]), marks=operating),
     }
 
 

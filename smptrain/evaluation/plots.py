@@ -34,14 +34,20 @@ def composite(x: np.ndarray, bands) -> np.ndarray:
     return np.clip((rgb - low) / max(high - low, 1e-6), 0, 1) ** (1 / 1.4)
 
 
+IGNORED_COLOUR = (1.0, 0.8, 0.0)  # amber: no grey of the image can pass for it
+
+
 def error_overlay(image: np.ndarray, prob: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The image in its own colours, with true positives, false positives and false negatives painted over it and
+    the ignored pixels hatched in amber (every other pixel, so the image still shows through)."""
     pred, target = prob > 0.5, y == POSITIVE
-    out = image * 0.55
+    out = image.copy()
     colours = {(1, 1): (0.1, 0.9, 0.1), (1, 0): (0.95, 0.1, 0.1), (0, 1): (0.1, 0.4, 1.0)}
     for (p, t), colour in colours.items():
         mask = (pred == bool(p)) & (target == bool(t)) & (y != IGNORE)
         out[mask] = colour
-    out[y == IGNORE] = (0.6, 0.6, 0.6)
+    rows, cols = np.indices(y.shape)
+    out[(y == IGNORE) & ((rows + cols) % 3 == 0)] = IGNORED_COLOUR
     return out
 
 
@@ -69,7 +75,7 @@ def sample_grid(xs, ys, probs, bands, titles, path: Path, heading: str) -> Path:
         axes[i, 0].set_ylabel(titles[i], fontsize=8)
     legend = [Patch(color=colour, label=name) for name, colour in
               (("true positive", (0.1, 0.9, 0.1)), ("false positive", (0.95, 0.1, 0.1)),
-               ("false negative", (0.1, 0.4, 1.0)), ("ignored (label 2)", (0.6, 0.6, 0.6)))]
+               ("false negative", (0.1, 0.4, 1.0)), ("ignored (label 2, hatched)", IGNORED_COLOUR))]
     fig.legend(handles=legend, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(heading, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -96,11 +102,16 @@ def confusion_matrix(tn: int, fp: int, fn: int, tp: int, path: Path, heading: st
     return _save(fig, path)
 
 
-def curve(x, y, path: Path, heading: str, axes: tuple[str, str], score: tuple[str, float], diagonal: bool = False) -> Path:
-    """A curve in the unit square (ROC, precision-recall); `axes` = (x label, y label), `score` = (name, value)."""
+def curve(x, y, path: Path, heading: str, axes: tuple[str, str], score: tuple[str, float], diagonal: bool = False,
+          marks=()) -> Path:
+    """A curve in the unit square (ROC, precision-recall); `axes` = (x label, y label), `score` = (name, value);
+    `marks`: (x, y, label) points on it, such as the operating threshold."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     ax.plot(x, y, marker=".", lw=1.5, label=f"{score[0]} = {score[1]:.4f}")
+    for (mark_x, mark_y, name), style in zip(marks, ("*", "D")):
+        ax.plot([mark_x], [mark_y], style, ms=12 if style == "*" else 7, color="gold" if style == "*" else "C3",
+                markeredgecolor="black", zorder=5, label=name)
     if diagonal:
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
     ax.set_xlim(-0.02, 1.02)
@@ -174,23 +185,34 @@ def cv_metrics(rows: list[dict], metrics: list[str], path: Path, heading: str) -
 
 
 def recipes(rows: list[dict], metrics: list[str], path: Path, heading: str) -> Path:
-    """One panel per metric: each recipe's runs (one dot per seed) and their mean +- sample standard deviation,
-    recipes in the order of `rows`."""
+    """One panel per metric: each recipe's runs, one marker per seed (the same seed's runs joined across recipes, so
+    pairs can be followed; the legend names the seeds), and each recipe's mean +- sample standard deviation."""
+    import textwrap
+
     plt = _pyplot()
     names = list(dict.fromkeys(row["recipe"] for row in rows))
-    fig, axes = plt.subplots(1, len(metrics), figsize=((0.8 * len(names) + 1.5) * len(metrics), 4.2), squeeze=False)
+    seeds = list(dict.fromkeys(row["seed"] for row in rows))
+    width = max(3.2, 0.9 * len(names) + 1.8)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(width * len(metrics), 4.6), squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        for k, seed in enumerate(seeds):
+            points = [(i, row[metric]) for i, name in enumerate(names) for row in rows
+                      if row["recipe"] == name and row["seed"] == seed]
+            if points:
+                ax.plot(*zip(*points), marker="os^vD<>p"[k % 8], ls="-", lw=0.8, ms=5, alpha=0.75, color=f"C{k % 10}",
+                        label=f"seed {seed}")
         for i, name in enumerate(names):
             values = np.array([row[metric] for row in rows if row["recipe"] == name], float)
-            ax.plot(np.full(len(values), i) + np.linspace(-0.12, 0.12, len(values)), values, "o", color="0.6",
-                    markersize=4)
             spread = values.std(ddof=1) if len(values) > 1 else 0.0
-            ax.errorbar([i + 0.3], [values.mean()], yerr=[spread], fmt="s", color="C0", capsize=4, markersize=5)
+            ax.errorbar([i + 0.22], [values.mean()], yerr=[spread], fmt="s", color="black", capsize=4, markersize=6,
+                        label="mean +- sample std" if i == 0 else None)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-        ax.set_title(f"{metric} (dots: seeds; square: mean +- sample std)", fontsize=9)
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_xlim(-0.5, len(names) - 0.3)
+        ax.set_title(metric, fontsize=9)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(heading, fontsize=10)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle("\n".join(textwrap.wrap(heading, width=int(width * len(metrics) * 11))), fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -323,9 +345,12 @@ def runs_over_steps(curves: dict[str, list[tuple[int, float]]], metric: str, pat
     return _save(fig, path)
 
 
-def training_curves(records: list[dict], path: Path, heading: str, monitor: str = "val/JaccardIndex") -> Path:
-    """A run's progress from its metrics.jsonl records (`RUN_DIR/curves.png`): the train loss, the validation
-    metrics (the best `monitor` marked) and the learning rate, each against the optimizer step."""
+def training_curves(records: list[dict], path: Path, heading: str, monitor: str = "val/JaccardIndex",
+                    schedule: tuple[list[int], list[float]] | None = None) -> Path:
+    """A run's progress from its metrics.jsonl records (`RUN_DIR/curves.png`): the train loss (on a log scale, where
+    its later epochs would otherwise be a flat line at 0), the validation metrics (the best `monitor` marked) and
+    the learning rate of every step so far (`schedule`, the rates followed; else the logged ones), each against the
+    optimizer step."""
     plt = _pyplot()
     fig, (loss_ax, val_ax, lr_ax) = plt.subplots(3, 1, figsize=(7.5, 8.2), sharex=True)
     train = [r for r in records if "train/loss" in r]
@@ -335,6 +360,9 @@ def training_curves(records: list[dict], path: Path, heading: str, monitor: str 
     if val and "val/loss" in val[0]:
         loss_ax.plot([r["step"] for r in val], [r["val/loss"] for r in val], "o-", lw=1.2, ms=3, label="val/loss")
     loss_ax.set_ylabel("loss")
+    positive = [r["train/loss"] for r in train if isinstance(r.get("train/loss"), (int, float)) and r["train/loss"] > 0]
+    if positive and len(positive) == len(train):
+        loss_ax.set_yscale("log")
     loss_ax.legend(fontsize=8)
     for key in (monitor, "val/F1Score", "val/Recall", "val/Precision"):
         points = [(r["step"], r[key]) for r in val if isinstance(r.get(key), (int, float))]
@@ -348,9 +376,10 @@ def training_curves(records: list[dict], path: Path, heading: str, monitor: str 
     val_ax.set_ylabel("validation")
     val_ax.set_ylim(0, 1.02)
     val_ax.legend(fontsize=8, loc="lower right")
-    rates = [(r["step"], r["learning_rate"]) for r in records if "learning_rate" in r]
+    rates = list(zip(*schedule)) if schedule else [(r["step"], r["learning_rate"]) for r in records
+                                                   if "learning_rate" in r]
     if rates:
-        lr_ax.plot(*zip(*sorted(rates)), lw=1.2, color="C3")
+        lr_ax.plot(*zip(*sorted(rates)), lw=1.2, color="C3", drawstyle="steps-post")
     lr_ax.set_ylabel("learning rate")
     lr_ax.set_xlabel("optimizer step")
     for ax in (loss_ax, val_ax, lr_ax):

@@ -198,12 +198,11 @@ def to_onnx(model: dict, bands: dict, state: dict, extra: dict, out_dir: Path, o
             dataset: str | None, dynamic: bool = False) -> Path:
     """`DIR/NAME_YYYY-MM-DD.onnx` (see smptrain.export.onnx); the input bands are the run's dataset's when it is
     reachable, else the model's."""
+    from smptrain.data.darts import DESCRIPTION, open_dataset
     from smptrain.export.onnx import export_onnx
 
     input_bands = list(bands["bands"])
-    if dataset and Path(dataset, "config.toml").is_file():
-        from smptrain.data.darts import open_dataset
-
+    if dataset and Path(dataset, DESCRIPTION).is_file():
         try:
             input_bands = list(open_dataset(dataset).bands)
         except UserError:

@@ -98,6 +98,7 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
     (`encoder_weights` = the path of a .safetensors or .pth file)."""
     import segmentation_models_pytorch as smp
 
+    check_encoder_name(arch, encoder)
     local = Path(encoder_weights).expanduser() if is_weights_file(encoder_weights) else None
     if local is not None and not local.is_file():
         raise UserError(f"model.encoder_weights = {encoder_weights!r}: no such file (give 'none', a weights name "
@@ -113,6 +114,31 @@ def build_model(arch: str, encoder: str, in_channels: int, encoder_weights: str 
     if local is not None:
         load_encoder_weights(model, local, encoder, in_channels)
     return model
+
+
+def check_encoder_name(arch: str, encoder: str) -> None:
+    """An encoder name neither smp nor timm (`tu-NAME`) knows is one short sentence with the closest names, not the
+    library's list of hundreds."""
+    import difflib
+
+    import segmentation_models_pytorch as smp
+
+    if encoder.startswith("tu-"):
+        import timm
+
+        model = encoder[3:].partition(".")[0]
+        if timm.is_model(model):
+            return
+        known = [f"tu-{name}" for name in timm.list_models()]
+    else:
+        known = list(smp.encoders.get_encoder_names())
+        if encoder in known:
+            return
+    close = difflib.get_close_matches(encoder, known, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else "smp's encoders are listed by " \
+        "segmentation_models_pytorch.encoders.get_encoder_names(), timm's as tu-NAME"
+    raise CannotBuild(f"model.encoder = {encoder!r} is not an encoder smp or timm knows (for model.arch = {arch!r}); "
+                      f"{hint}")
 
 
 def download_weights(encoder: str, weights: str) -> str:

@@ -101,6 +101,10 @@ def compare(config_path: str | None, overrides, plan: Comparison, out_dir: Path,
         finally:
             held.release()
         on_main(lambda: record(out_dir, row), out_dir / ROWS / f"{run_name}.json")
+        tested = f", test IoU {row['test/JaccardIndex']:.4f}" if row.get("test/JaccardIndex") is not None else ""
+        done = sum(r.get("status") in DONE for name, r in {**rows, run_name: row}.items())
+        say(f"recipes {out_dir.name}: {run_name} {row['status']}{tested} ({row['duration_s']:.0f} s); {done} of "
+            f"{len(plan.slots)} run(s) of the comparison done")
         if row["status"] == "interrupted":
             status = "interrupted"
             break

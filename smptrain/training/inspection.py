@@ -110,7 +110,7 @@ def report_splits(info, cfg, loaded: Loaded, splits: dict, say) -> None:
         say(f"{describe_schedule(cfg.train, per_epoch)} (one process: under accelerate launch, an epoch has 1/N of "
             f"these steps on N processes)")
     if cfg.data.fold_method != "none":
-        trainval, _ = split_test(info.metadata, cfg.data.split_method, cfg.data.split_by)
+        trainval, _ = split_test(info.metadata, cfg.data.split_method, cfg.data.split_by, cfg.data.dir)
         part = info.metadata.loc[trainval]
         say(f"all {cfg.data.total_folds} folds ({cfg.data.fold_method}):")
         for fold in range(cfg.data.total_folds):

@@ -1,6 +1,7 @@
 """The names inside a run directory, and where a run's checkpoints are; imports nothing of smptrain.
 
-    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  schedule.png  curves.png  previews/  [.trackers-open]
+    RUN_DIR/config.toml  splits.json  run.json  metrics.jsonl  summary.json  schedule.png  curves.png  previews/
+    RUN_DIR/.trackers-open   (while a session writes to the trackers)
     RUN_DIR/test/{metrics.json, threshold.json}
     RUN_DIR/checkpoints/NAME/{model.safetensors, meta.json, state/}   checkpoints/last -> NAME, checkpoints/best -> NAME
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 # Every name inside a run directory; other modules ask for them here.
 CONFIG, SPLITS, IDENTITY, METRICS = "config.toml", "splits.json", "run.json", "metrics.jsonl"
+SUMMARY = "summary.json"  # the run at a glance, kept current by training and smptrain-test (training.summary)
 CHECKPOINTS, PREVIEWS, TEST = "checkpoints", "previews", "test"
 SCHEDULE_PLOT = "schedule.png"  # the planned learning rate (smptrain.training.schedule)
 CURVES_PLOT = "curves.png"  # train loss, validation metrics and learning rate so far, redrawn at each validation
@@ -43,3 +45,18 @@ def run_of(checkpoint_dir: Path) -> Path:
 
 def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def runs_beside(path: Path) -> str:
+    """For a run directory that does not exist: the closest runs beside it, or those there are (a phrase)."""
+    import difflib
+
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    runs = sorted(p.name for p in parent.iterdir() if (p / CONFIG).is_file()) if parent.is_dir() else []
+    if not runs:
+        return f"{parent} holds no run directory" if parent.is_dir() else f"{parent} does not exist either"
+    close = difflib.get_close_matches(path.name, runs, n=2, cutoff=0.5)
+    if close:
+        return f"did you mean {' or '.join(str(parent / c) for c in close)}?"
+    return f"the runs in {parent}: {', '.join(runs[:8])}{' ...' if len(runs) > 8 else ''}"

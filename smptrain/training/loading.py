@@ -11,14 +11,14 @@ import torch
 
 from smptrain.core.errors import UserError
 from smptrain.training.checkpoint import RANK_BUFFERS, float_buffers
-from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, WEIGHTS, checkpoints_dir
+from smptrain.training.layout import BEST, CONFIG, IDENTITY, LAST, META, WEIGHTS, checkpoints_dir, runs_beside
 
 
 def resolve(path: str | Path, which: str = BEST) -> Path:
     """A checkpoint directory from a run directory (+ best/last) or a checkpoint directory."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
+        raise UserError(f"{path} does not exist (a run directory or a checkpoint directory); {runs_beside(path)}")
     if (path / META).is_file() and (path / WEIGHTS).is_file():
         return path
     root = checkpoints_dir(path)
@@ -70,7 +70,12 @@ def load_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (OSError, SafetensorError) as error:
-        raise UserError(f"{path} is not a readable safetensors file: {error}") from None
+        others = sorted(p.name for p in Path(checkpoint).parent.iterdir()
+                        if p.is_dir() and not p.is_symlink() and p.name != Path(checkpoint).resolve().name
+                        and (p / WEIGHTS).is_file()) if Path(checkpoint).parent.is_dir() else []
+        instead = (f"; use another checkpoint of the run: --checkpoint last, or one of {', '.join(others[:4])} in "
+                   f"{Path(checkpoint).parent}" if others else "; use another checkpoint (--checkpoint last)")
+        raise UserError(f"{path} is not a readable safetensors file (damaged or cut short: {error}){instead}") from None
 
 
 def warm_start(model: torch.nn.Module, source: str, trust_pickle: bool = False) -> None:

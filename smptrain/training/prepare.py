@@ -36,6 +36,7 @@ from smptrain.training.layout import LAST, STATE, TRACKERS_OPEN, checkpoint_link
 from smptrain.training.loading import restore_rank_buffers, warm_start
 from smptrain.training.runs import Opening, open_run, remover
 from smptrain.training.signals import StopSignal
+from smptrain.training.summary import SessionClock
 from smptrain.training.tracking import Recorder, tracked_run
 
 if TYPE_CHECKING:
@@ -69,6 +70,9 @@ class Run:
     last: dict = field(default_factory=dict)
     skipped_in_row: int = 0  # fp16 steps the grad scaler skipped in a row, and in all
     skipped_total: int = 0
+    clock: SessionClock | None = None  # the wall time of every session of the run, for summary.json
+    followed: object | None = None  # a resumed run's TrainConfig until now (its schedule may change here)
+    resumed_at: int = 0  # the step this session began at
 
 
 def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Run:
@@ -88,6 +92,11 @@ def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Ru
     bands = info.band_meta(band_indices)  # a band without normalisation is refused here
     loss_fn = loss_from_config(cfg.train)
     splits = opening.splits or make_splits(info.metadata, cfg.data, cfg.train.seed)
+    fold = f"fold {cfg.data.fold + 1} of {cfg.data.total_folds} ({cfg.data.fold_method})" \
+        if cfg.data.fold_method != "none" else "no folds"
+    accelerator.print(f"data: {info.root}, {len(info.metadata)} patches of {info.patch_size} x {info.patch_size}, "
+                      f"{len(band_indices)} band(s); train {len(splits['train'])}, validation {len(splits['val'])}, "
+                      f"test {len(splits['test'])} (test split: {cfg.data.split_method}; {fold})")
     check_labels(info, sorted(set(splits["train"]) | set(splits["val"])), cfg.data.accept_empty_mismatch)
     model, optimizer, ema = build_for_training(cfg, accelerator, precision, len(band_indices), info.patch_size,
                                                trust_pickle, opening.resumed)
@@ -116,7 +125,7 @@ def set_up(opening: Opening, stop: StopSignal, trust_pickle: bool = False) -> Ru
               stop=stop, guard=NonFiniteGuard(optimizer, accelerator.device) if precision != "fp16" else None,
               previews=pick_previews(info, splits["val"]),
               val_regions=info.metadata.loc[val_set.rows, "region"].astype(str).tolist(),
-              best=opening.best, last=opening.last)
+              best=opening.best, last=opening.last, clock=SessionClock(opening.run_dir), followed=opening.followed)
     accelerator.print(f"loss: {run.loss_fn.describe()}")
     return run
 

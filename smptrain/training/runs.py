@@ -98,6 +98,7 @@ class Opening:
     last: dict = field(default_factory=dict)
     world_size: int | None = None  # the processes a resumed run used
     records: int | None = None  # bytes of metrics.jsonl at `last` (None: a checkpoint older than this record)
+    followed: object | None = None  # the TrainConfig the run followed until `last` (its schedule), when resumed
 
     @property
     def finished(self) -> bool:
@@ -127,7 +128,18 @@ def begin(cfg: Config, resume: Path | None) -> Opening:
         state.early_stopped = False  # the patience was raised on resume
     best = read_meta(checkpoint_link(resume, BEST)).get("metrics", {}) if has_checkpoint(resume, BEST) else {}
     return Opening(cfg, {}, True, resume, meta["run_name"], meta["run_id"], json.loads((resume / SPLITS).read_text()),
-                   state, best, meta.get("metrics") or {}, meta.get("world_size"), meta.get("metrics_bytes"))
+                   state, best, meta.get("metrics") or {}, meta.get("world_size"), meta.get("metrics_bytes"),
+                   followed_schedule(meta))
+
+
+def followed_schedule(meta: dict):
+    """The TrainConfig a checkpoint was trained under (None for one whose configuration cannot be read back)."""
+    from smptrain.config import from_dict
+
+    try:
+        return from_dict({"train": meta["config"]["train"]}, "the checkpoint's meta.json", choices=False).train
+    except (KeyError, UserError):
+        return None
 
 
 def open_run(accelerator, opening: Opening, splits: dict, info) -> Opening:
@@ -273,8 +285,6 @@ def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
     """`--resume auto`: (cfg, None) to start the run `{log.artifact_dir}/{log.run_name}`, or (its configuration with
     this one's resumable keys, its directory) to continue it. A directory that never got a checkpoint is started
     over; one whose configuration differs outside RESUMABLE is refused, naming the first such key."""
-    from smptrain.config import load_config, to_dict
-
     if cfg is None:
         raise UserError("--resume auto needs --config (the run it starts the first time)")
     if not cfg.log.run_name:
@@ -288,13 +298,20 @@ def start_or_continue(cfg: Config | None) -> tuple[Config, Path | None]:
         if is_main_process():  # the other ranks decide the same, from the same files
             remove_run_dir(run_dir)
         return cfg, None
+    return continued(run_dir, cfg, "--resume auto")
+
+
+def continued(run_dir: Path, cfg: Config, how: str) -> tuple[Config, Path]:
+    """(the run's configuration with `cfg`'s RESUMABLE keys, its directory): `cfg` must describe the same run."""
+    from smptrain.config import load_config, to_dict
+
     stored, given = to_dict(load_config(run_dir / CONFIG)), to_dict(absolute_paths(cfg)[0])
     for section, values in stored.items():
         for key, value in values.items():
             name = f"{section}.{key}"
             if name not in RESUMABLE and name not in ("log.artifact_dir", "log.run_name") and given[section][key] != value:
                 raise UserError(f"{run_dir} holds a run with {name} = {value!r}, but this configuration says "
-                                f"{given[section][key]!r}; --resume auto continues only the same run (these may "
+                                f"{given[section][key]!r}; {how} continues only the same run (these may "
                                 f"change: {', '.join(sorted(RESUMABLE))})")
     changes = {name: given[name.split(".")[0]][name.split(".")[1]] for name in RESUMABLE}
     return replace(load_config(run_dir / CONFIG), **changes), run_dir
@@ -304,19 +321,26 @@ def requested(config_path: str | None, overrides=(), resume: str | None = None,
               debug: bool = False) -> tuple[Config, Path | None]:
     """(configuration, run directory to continue or None) for the training command's options: `--config` and
     `--set` start a run; `--resume DIR` continues DIR with its own config.toml (`--set` may change the RESUMABLE
-    keys); `--resume auto` starts or continues the run `log.run_name` names."""
+    keys), or with the `--config` it was started with (the same run, the RESUMABLE keys aside: adding `--resume` to
+    the original command works); `--resume auto` starts or continues the run `log.run_name` names."""
     from smptrain.cli import read_options, require_config
+    from smptrain.training.layout import runs_beside
 
     if resume == "auto":
         return start_or_continue(read_options(config_path, overrides, debug).config if config_path else None)
     if resume is None:
-        return read_options(require_config(config_path, "to start a run"), overrides, debug).config, None
+        loaded = read_options(require_config(config_path, "to start a run"), overrides, debug)
+        if "data.dir" not in loaded.given and is_main_process():  # a my.toml that forgot it trains on the demo data
+            print(f"note: {loaded.source} sets no data.dir: training on the default, {loaded.config.data.dir}",
+                  flush=True)
+        return loaded.config, None
     resume = Path(resume)
-    if config_path:
-        raise UserError("--resume takes the run's own config.toml; drop --config (use --set for "
-                        f"{', '.join(sorted(RESUMABLE))})")
+    if not resume.is_dir():
+        raise UserError(f"--resume {resume}: there is no such run directory; {runs_beside(resume)}")
     if not (resume / CONFIG).is_file():
-        raise UserError(f"{resume} is not a run directory (no config.toml)")
+        raise UserError(f"--resume {resume} is not a run directory (it has no {CONFIG}); {runs_beside(resume)}")
+    if config_path:
+        return continued(resume, read_options(config_path, overrides, debug).config, f"--resume {resume}")
     changed = [o.partition("=")[0].strip() for o in overrides if o.partition("=")[0].strip() not in RESUMABLE]
     if changed:
         raise UserError(f"--set {changed[0]} cannot change on resume; only {', '.join(sorted(RESUMABLE))} can")

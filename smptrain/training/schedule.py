@@ -35,13 +35,39 @@ def learning_rate(train, step: int, epoch: int, steps_per_epoch: int) -> float:
     return train.lr * 0.5 * (1.0 + math.cos(math.pi * progress)) * ramp
 
 
-def planned(train, steps_per_epoch: int, points: int | None = None) -> tuple[list[int], list[float]]:
+def planned(train, steps_per_epoch: int, points: int | None = None, before=None, resumed_at: int = 0,
+            until: int | None = None) -> tuple[list[int], list[float]]:
     """The optimizer steps of the run and their rates (drawn as `RUN_DIR/schedule.png`): every step, or about
-    `points` evenly spaced ones plus the end of the warmup and the last step (a long run has millions)."""
+    `points` evenly spaced ones plus every epoch's first and last (where an exponential schedule steps), the end of
+    the warmup and the last step (a long run has millions). `before`: the TrainConfig a resumed run followed until
+    `resumed_at`, when its schedule changed there; `until`: only the steps up to that one (those done so far)."""
     total = train.max_epochs * steps_per_epoch
     stride = max(1, total // points) if points else 1
-    steps = sorted({*range(0, total, stride), max(min(warmup_of(train, steps_per_epoch), total) - 1, 0), total - 1})
-    return steps, [learning_rate(train, s, s // steps_per_epoch, steps_per_epoch) for s in steps]
+    epochs = [s for e in range(train.max_epochs) for s in (e * steps_per_epoch, (e + 1) * steps_per_epoch - 1)]
+    steps = sorted({*range(0, total, stride), *epochs, max(min(warmup_of(train, steps_per_epoch), total) - 1, 0),
+                    total - 1, *([resumed_at - 1, resumed_at] if before is not None and 0 < resumed_at < total else [])})
+    if until is not None:
+        steps = [s for s in steps if s <= until]
+    return steps, [learning_rate(before if before is not None and s < resumed_at else train, s, s // steps_per_epoch,
+                                 steps_per_epoch) for s in steps]
+
+
+def changed_on_resume(before, train, step: int, steps_per_epoch: int) -> str | None:
+    """A sentence when resuming with other settings (a raised train.max_epochs under a cosine schedule, a warmup)
+    moves the learning rate of the step the run continues from; None when it does not."""
+    if before is None:
+        return None
+    epoch = step // steps_per_epoch
+    was, now = (learning_rate(t, step, epoch, steps_per_epoch) for t in (before, train))
+    if math.isclose(was, now, rel_tol=1e-9):
+        return None
+    keys = [key for key in ("max_epochs", "cosine_epochs", "warmup_steps", "warmup_epochs", "lr", "gamma")
+            if getattr(before, key) != getattr(train, key)]
+    changes = ", ".join(f"train.{k} {getattr(before, k)} -> {getattr(train, k)}" for k in keys) or "the settings"
+    keep = (f"; to train on along the old one, set train.cosine_epochs = {before.cosine_epochs or before.max_epochs}"
+            if train.schedule == "cosine" and "max_epochs" in keys and not train.cosine_epochs else "")
+    return (f"note: resumed with {changes}: the {train.schedule} schedule changes at step {step}, where the learning "
+            f"rate goes from {was:.3g} to {now:.3g} (schedule.png draws the rates followed){keep}")
 
 
 def describe(train, steps_per_epoch: int) -> str:
