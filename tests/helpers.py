@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 from zygote import Zygote
 
+from smptrain.config.dump import toml_value
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -68,19 +70,10 @@ def launch_two(args: list[str], timeout: float = 600, precision: str = "no", **e
 
 
 def write_toml(path: Path, sections: dict) -> Path:
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
     lines = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
-        lines += [f"{k} = {value(v)}" for k, v in values.items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from smptrain.core.errors import UserError
+from smptrain.config.dump import toml_value
 from smptrain.core.storage import writing
 from smptrain.data.darts import ARRAYS, DESCRIPTION, METADATA, read_description
 
@@ -169,13 +170,4 @@ def geo_crs(path: Path) -> dict | None:
 
 def darts_table(description: dict) -> str:
     """config.toml's `[darts]` table, as DARTS' builder writes it (strings, numbers, lists of them)."""
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(value(item) for item in v) + "]"
-        return repr(v)
-
-    return "[darts]\n" + "".join(f"{key} = {value(v)}\n" for key, v in description.items() if v is not None)
+    return "[darts]\n" + "".join(f"{key} = {toml_value(v)}\n" for key, v in description.items() if v is not None)
