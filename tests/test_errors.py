@@ -127,7 +127,8 @@ def test_label_values_outside_0_1_2(base, tmp_path):
         return y
 
     root = variant(base, tmp_path, lambda r: rewrite_array(r, "y", seven))
-    assert_clear_error(inspect(tiny_config(tmp_path, root)), "outside {0, 1, 2}", "zarr rows [2]")
+    assert_clear_error(inspect(tiny_config(tmp_path, root)), "outside {0 background, 1 positive, 2 ignored}",
+                       "zarr rows [2]")
     assert_clear_error(train(tiny_config(tmp_path, root)), "y holds the value(s) 7, outside {0 background, 1 positive, "
                        "2 ignored}", "smptrain-inspect lists every such patch")
     streamed = tiny_config(tmp_path, root, name="streamed.toml", data={"in_memory": False, "num_workers": 1})

@@ -75,8 +75,8 @@ def report_values(info, cfg, say) -> list[str]:
     problems = []
     if found["bad_labels"]:
         values = ", ".join(str(v) for v in found["bad_values"][:10])
-        problems.append(f"{len(found['bad_labels'])} patch(es) have labels outside {{0, 1, 2}} (values {values}; zarr "
-                        f"rows {found['bad_labels'][:10]})")
+        problems.append(f"{len(found['bad_labels'])} patch(es) have labels outside {{0 background, 1 positive, "
+                        f"2 ignored}} (values {values}; zarr rows {found['bad_labels'][:10]})")
     if found["non_finite"]:
         problems.append(f"{len(found['non_finite'])} patch(es) hold NaN or inf in x (zarr rows {found['non_finite'][:10]})")
     if found["out_of_range"]:
