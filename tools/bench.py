@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -199,6 +200,8 @@ def main(data, patches, patch_size, batch_size, encoders, steps, epochs, workers
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision, why = choose_precision(mixed_precision)
     tmp = Path(tempfile.mkdtemp(prefix="smptrain-bench-"))
+    # the generated data and the runs' directories go when the command ends, also on an error
+    click.get_current_context().call_on_close(lambda: shutil.rmtree(tmp, ignore_errors=True))
     root = Path(data) if data else make_demo(tmp / "data", patches, patch_size, seed=0)
     info = open_dataset(root)
     rows = sorted(int(r) for r in info.metadata.index)
