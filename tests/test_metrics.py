@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 import torch
-from torchmetrics.classification import (
+pytest.importorskip("torchmetrics", reason="the reference implementation (the dev extra): pip install torchmetrics")
+
+from torchmetrics.classification import (  # noqa: E402
     BinaryAccuracy,
     BinaryAUROC,
     BinaryAveragePrecision,
@@ -14,7 +16,7 @@ from torchmetrics.classification import (
     BinarySpecificity,
 )
 
-from smptrain.evaluation import metrics as M
+from smptrain.evaluation import metrics as M  # noqa: E402
 
 REFERENCE = {
     "Accuracy": BinaryAccuracy, "Precision": BinaryPrecision, "Specificity": BinarySpecificity,

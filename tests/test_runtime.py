@@ -14,7 +14,11 @@ from smptrain.data.dataset import PatchDataset
 from smptrain.data.feed import DeviceFeed, PrefetchFeed, feed
 from smptrain.training.divergence import NonFiniteGuard
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def CUDA(test):
+    """A test for a CUDA GPU: skipped without one, and marked `cuda`, which the GPU check selects (-k cuda)."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 fma\n"
 SAPPHIRE = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -356,6 +360,7 @@ def test_a_prefetch_feed_keeps_one_stream_and_flat_reserved_memory_over_epochs(d
     assert reserved[-1] == reserved[2], reserved
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_a_feed_on_the_second_gpu_creates_no_context_on_the_first(demo_dir):
     """What rank 1 of a 2-GPU run does: patches streamed to cuda:1 by the prefetch thread, then evaluated."""

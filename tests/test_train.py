@@ -277,6 +277,7 @@ def test_sigterm_to_the_whole_job_with_workers_saves_and_stops(demo_dir, tmp_pat
     assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["step"] >= 12
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_deterministic_resume_is_bitwise_exact_on_cuda(demo_dir, tmp_path, precision):
